@@ -1,0 +1,133 @@
+"""The safetensors container, without torch: dtype table, header building and strict parsing.
+
+Layout (the public safetensors format): an 8-byte little-endian header length ``N``, ``N`` bytes
+of JSON header (padded with spaces to a multiple of 8), then the tensor bytes. The header maps
+each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the data
+section, plus an optional ``"__metadata__"`` map of strings. safeckpt writes tensors in a fixed
+order (largest element size first, then by name) so every tensor is aligned to its element size
+and the same state always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import limits
+from .documents import load_json
+from .errors import CheckpointCorruptedError
+
+__all__ = ["DTYPE_SIZES", "TensorInfo", "build_header", "parse_header"]
+
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+"""Every dtype the format stores, with its element size in bytes (little-endian)."""
+
+METADATA_KEY = "__metadata__"
+_HEADER_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in an archive; ``begin``/``end`` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def build_header(
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None
+) -> tuple[bytes, list[TensorInfo]]:
+    """Header bytes (length prefix included) for tensors given as (name, dtype, shape), in order.
+
+    Returns the bytes and each tensor's absolute position in the file.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header[METADATA_KEY] = dict(sorted(metadata.items()))
+    offset = 0
+    spans = []
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        spans.append((name, dtype, shape, offset, offset + nbytes))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(len(text) + 8) % _HEADER_ALIGN)
+    start = 8 + len(text)
+    infos = [TensorInfo(n, d, s, start + b, start + e) for n, d, s, b, e in spans]
+    return struct.pack("<Q", len(text)) + text, infos
+
+
+def parse_header(
+    data: bytes | bytearray | memoryview, *, source: str
+) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Validate an archive's header against its total size; returns tensors and metadata.
+
+    Every check a hostile file could exploit happens here: header length, JSON validity,
+    dtype names, shape sizes, and offsets that must tile the data section exactly.
+    """
+
+    def fail(what: str) -> CheckpointCorruptedError:
+        return CheckpointCorruptedError(
+            f"{source}: invalid safetensors archive: {what}; the file is damaged or truncated"
+        )
+
+    total = len(data)
+    if total < 8:
+        raise fail(f"file is {total} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", data, 0)
+    if n > limits.MAX_SAFETENSORS_HEADER_BYTES:
+        raise fail(f"header length {n} exceeds {limits.MAX_SAFETENSORS_HEADER_BYTES} bytes")
+    if 8 + n > total:
+        raise fail(f"header length {n} runs past the end of the {total}-byte file")
+    header = load_json(bytes(data[8 : 8 + n]), source=source)
+    if not isinstance(header, dict):
+        raise fail("header is not a JSON object")
+    metadata = header.pop(METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("__metadata__ must map strings to strings")
+    if len(header) > limits.MAX_TENSORS_PER_FILE:
+        raise fail(f"{len(header)} tensors exceed the limit of {limits.MAX_TENSORS_PER_FILE}")
+    start, infos = 8 + n, []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise fail(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise fail(f"tensor {name!r} has unsupported dtype {dtype!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > limits.MAX_TENSOR_NDIM
+            or not all(_is_size(d) for d in shape)
+        ):
+            raise fail(f"tensor {name!r} has an invalid shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
+            raise fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise fail(
+                f"tensor {name!r} spans {end - begin} bytes but shape {shape} of {dtype} "
+                f"needs {math.prod(shape) * DTYPE_SIZES[dtype]}"
+            )
+        infos.append(TensorInfo(name, dtype, tuple(shape), start + begin, start + end))
+    position = start
+    for info in sorted(infos, key=lambda i: (i.begin, i.end)):
+        if info.begin != position:
+            raise fail(f"tensor {info.name!r} does not start where the previous one ends")
+        position = info.end
+    if position != total:
+        raise fail(f"tensor data ends at byte {position} but the file has {total} bytes")
+    return infos, metadata
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63

@@ -1,0 +1,57 @@
+"""The one exception hierarchy safeckpt raises, and its one warning.
+
+Every error derives from :class:`CheckpointError` and also from the built-in exception a
+caller would naturally catch (``FileNotFoundError``, ``ValueError``, ``TypeError``,
+``OSError``), so ``except FileNotFoundError`` keeps working for code that predates safeckpt.
+Messages name the file or key, what was expected, what was found, and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointCorruptedError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointFallbackWarning",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "UnsupportedFormatError",
+    "UnsupportedValueError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by safeckpt."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint, or a file its manifest lists, does not exist."""
+
+
+class CheckpointCorruptedError(CheckpointError, ValueError):
+    """A file failed verification or parsing: wrong size or hash, truncated, malformed."""
+
+
+class UnsupportedFormatError(CheckpointCorruptedError):
+    """The manifest declares a format or major version this reader does not implement."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A valid checkpoint does not fit the model, optimizer or other object it is loaded into."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint for this step already exists and ``overwrite`` was not requested."""
+
+
+class UnsupportedValueError(CheckpointError, TypeError):
+    """A value in the state to save has a type the format cannot store."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing or committing a checkpoint failed; earlier checkpoints are untouched."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint did not verify and an older one was used instead."""

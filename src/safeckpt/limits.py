@@ -1,0 +1,32 @@
+"""Bounds every reader enforces before trusting a checkpoint's bytes.
+
+They exist so that a hostile or damaged checkpoint fails fast with a
+:class:`~safeckpt.errors.CheckpointCorruptedError` instead of exhausting memory or time.
+``spec/FORMAT.md`` lists the same numbers; a reader in another language should use them too.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+"""``manifest.json`` larger than this is rejected before it is parsed."""
+
+MAX_FILES = 4096
+"""Most files one manifest may list."""
+
+MAX_FILE_NAME_LENGTH = 128
+FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""Allowed names of files inside a checkpoint folder: no separators, no leading dot."""
+
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+"""Same bound as the safetensors library itself."""
+
+MAX_TENSORS_PER_FILE = 1_000_000
+MAX_TENSOR_NDIM = 64
+
+MAX_DOCUMENT_BYTES = 512 * 1024 * 1024
+"""Largest msgpack or JSON document (structure, config, vocabulary) a reader accepts."""
+
+MAX_NESTING_DEPTH = 64
+"""Deepest nesting of containers in a msgpack structure or JSON document."""

@@ -1,0 +1,257 @@
+"""``load_checkpoint``: locate -> parse manifest -> read and verify every file -> parse the
+verified bytes -> unflatten -> check against the targets -> restore into them.
+
+Nothing is deserialized until every file the manifest lists has been read and its size and
+SHA-256 checked, and what is parsed is the very buffer that was hashed. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import limits
+from .commit import list_checkpoints, parse_step
+from .documents import load_json, load_msgpack
+from .errors import CheckpointCorruptedError, CheckpointMismatchError, CheckpointNotFoundError
+from .fileio import read_bounded, read_verified
+from .manifest import MANIFEST_NAME, Manifest
+from .rng import restore_rng as restore_rng_state
+from .state import ALIASES_KEY, check_model, check_optimizer
+from .tensors import tensors_from_buffer
+from .tree import decode_document
+
+__all__ = ["Checkpoint", "load_checkpoint", "locate_checkpoint", "read_checkpoint_files"]
+
+_MISSING_RNG = (
+    "it was saved with rng=False (or by a tool that does not capture RNG state); pass "
+    "restore_rng=False to load it anyway, knowing the resumed run will not repeat the original's "
+    "random draws"
+)
+
+
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint holds, as returned by :func:`load_checkpoint`."""
+
+    path: Path
+    step: int
+    config: object | None
+    vocab: object | None
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: object | None
+    extra: dict[str, object] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)
+    manifest: Manifest | None = None
+    scheduler_state: object | None = None
+    rng_state: object | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint(path={str(self.path)!r}, step={self.step}, "
+            f"tensors={len(self.model_state)}, optimizer={self.optimizer_state is not None})"
+        )
+
+
+def locate_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Resolve a checkpoint folder, its ``manifest.json``, or a root of checkpoints (newest)."""
+    path = Path(path)
+    if path.name == MANIFEST_NAME and path.is_file():
+        return path.parent
+    if (path / MANIFEST_NAME).exists():
+        return path
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if found:
+            return found[-1][1]
+        if parse_step(path.name) is not None:
+            raise CheckpointNotFoundError(
+                f"{path / MANIFEST_NAME}: missing; the checkpoint was never committed (its save "
+                "was interrupted) — load an earlier checkpoint"
+            )
+        raise CheckpointNotFoundError(
+            f"{path}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* folders)"
+        )
+    raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
+
+
+def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifest, dict[str, bytearray]]:
+    """Parse the manifest, then read every listed file and check size and hash, in parallel.
+
+    Returns only once all files verified: a single bad file fails the whole load before any
+    of them is parsed.
+    """
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{folder}: checkpoint does not exist; check the path") from None
+    except NotADirectoryError:
+        raise CheckpointNotFoundError(f"{folder}: is not a checkpoint folder") from None
+    try:
+        raw = read_bounded(
+            dir_fd,
+            MANIFEST_NAME,
+            limit=limits.MAX_MANIFEST_BYTES,
+            source=str(folder / MANIFEST_NAME),
+            missing="missing; the checkpoint was never committed, load an earlier one",
+        )
+        manifest = Manifest.from_json_bytes(bytes(raw), source=str(folder / MANIFEST_NAME))
+        if manifest.file("model.safetensors") is None:
+            raise CheckpointCorruptedError(
+                f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
+            )
+        workers = min(len(manifest.files), os.cpu_count() or 1) or 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-read") as pool:
+            futures = {
+                e.name: pool.submit(read_verified, dir_fd, e, source=str(folder / e.name), verify=verify)
+                for e in manifest.files
+            }
+            buffers = {name: f.result() for name, f in futures.items()}
+    finally:
+        os.close(dir_fd)
+    return manifest, buffers
+
+
+def _decode_tree(name: str, buffers: dict[str, bytearray], folder: Path, device: str | torch.device) -> object | None:
+    doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
+    if doc_name not in buffers and archive_name not in buffers:
+        return None
+    for needed in (doc_name, archive_name):
+        if needed not in buffers:
+            raise CheckpointCorruptedError(
+                f"{folder / MANIFEST_NAME}: lists {name} state without {needed}; the checkpoint is invalid"
+            )
+    tensors, _ = tensors_from_buffer(buffers[archive_name], source=str(folder / archive_name), device=device)
+    document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
+
+    def resolve(tensor_name: str) -> torch.Tensor:
+        if tensor_name not in tensors:
+            raise CheckpointCorruptedError(
+                f"{folder / doc_name}: refers to tensor {tensor_name!r}, absent from {archive_name}"
+            )
+        return tensors[tensor_name]
+
+    return decode_document(document, source=str(folder / doc_name), resolve_tensor=resolve)
+
+
+def _model_state(buffers: dict[str, bytearray], folder: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    source = str(folder / "model.safetensors")
+    tensors, metadata = tensors_from_buffer(buffers["model.safetensors"], source=source, device=device)
+    aliases = load_json(metadata[ALIASES_KEY].encode(), source=source) if ALIASES_KEY in metadata else {}
+    if not isinstance(aliases, dict) or not all(
+        isinstance(v, str) and v in tensors and k not in tensors for k, v in aliases.items()
+    ):
+        raise CheckpointCorruptedError(f"{source}: invalid {ALIASES_KEY} metadata; the file is damaged")
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: object | None = None,
+    extra: Mapping[str, object] | None = None,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+    verify: bool = True,
+    restore_rng: bool | Mapping[str, object] = True,
+) -> Checkpoint:
+    """Verify a checkpoint, restore it into the given objects, and return all it holds.
+
+    Args:
+        path: a checkpoint folder, its ``manifest.json``, or a root holding ``step-*`` folders
+            (the newest committed one is loaded).
+        model: module to load the weights into (tied weights stay tied).
+        optimizer: optimizer to load the state into; must be built over the same parameters.
+        scheduler: LR scheduler, ``GradScaler`` or other object with ``load_state_dict``.
+        extra: objects with ``load_state_dict`` (or generators) to restore in place, by name.
+        map_location: device for the returned tensors.
+        strict: require the model's keys, shapes and dtypes to match exactly.
+        verify: check every file's SHA-256 (sizes are always checked).
+        restore_rng: restore the captured RNG state (default); a mapping of names to
+            generators restores those too. Raises if the checkpoint has no RNG state.
+
+    Returns:
+        A :class:`Checkpoint` with step, config, vocab and all state trees.
+
+    Raises:
+        CheckpointNotFoundError: the checkpoint or one of its files is missing.
+        CheckpointCorruptedError: a file failed verification or parsing.
+        CheckpointMismatchError: the state does not fit ``model`` / ``optimizer`` / ``scheduler``.
+
+    Example:
+        >>> ckpt = load_checkpoint("checkpoints", model=model, optimizer=opt)  # doctest: +SKIP
+        >>> ckpt.step  # doctest: +SKIP
+        100
+    """
+    folder = locate_checkpoint(path)
+    manifest, buffers = read_checkpoint_files(folder, verify=verify)
+    device = map_location
+    model_state = _model_state(buffers, folder, device)
+    trees = {name: _decode_tree(name, buffers, folder, device) for name in ("optimizer", "scheduler", "rng", "extra")}
+    config = load_json(bytes(buffers["config.json"]), source=str(folder / "config.json")) if "config.json" in buffers else None
+    vocab = load_json(bytes(buffers["vocab.json"]), source=str(folder / "vocab.json")) if "vocab.json" in buffers else None
+    del buffers
+    extra_state = trees["extra"] if isinstance(trees["extra"], dict) else {}
+
+    # Check every target before copying into any of them.
+    if model is not None:
+        check_model(model, model_state, strict=strict, source=str(folder))
+    if optimizer is not None:
+        if trees["optimizer"] is None:
+            raise CheckpointMismatchError(f"{folder}: has no optimizer state; load without optimizer=")
+        check_optimizer(optimizer, trees["optimizer"], source=str(folder))
+    if scheduler is not None and trees["scheduler"] is None:
+        raise CheckpointMismatchError(f"{folder}: has no scheduler state; load without scheduler=")
+    for name in extra or {}:
+        if name not in extra_state:
+            raise CheckpointMismatchError(
+                f"{folder}: has no extra state {name!r} (saved: {sorted(map(str, extra_state))})"
+            )
+    if restore_rng is not False and trees["rng"] is None:
+        raise CheckpointMismatchError(f"{folder}: has no RNG state: {_MISSING_RNG}")
+
+    if model is not None:
+        model.load_state_dict(model_state, strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(trees["optimizer"])  # type: ignore[arg-type]
+    if scheduler is not None:
+        scheduler.load_state_dict(trees["scheduler"])  # type: ignore[attr-defined]
+    for name, target in (extra or {}).items():
+        _restore_in_place(target, extra_state[name], f"{folder}: extra[{name!r}]")
+    if restore_rng is not False:
+        restore_rng_state(
+            trees["rng"], restore_rng if isinstance(restore_rng, Mapping) else None, source=str(folder)
+        )
+    return Checkpoint(
+        path=folder,
+        step=manifest.step,
+        config=config,
+        vocab=vocab,
+        model_state=model_state,
+        optimizer_state=trees["optimizer"],
+        extra=extra_state,  # type: ignore[arg-type]
+        metadata=dict(manifest.metadata),
+        manifest=manifest,
+        scheduler_state=trees["scheduler"],
+        rng_state=trees["rng"],
+    )
+
+
+def _restore_in_place(target: object, state: object, label: str) -> None:
+    load = getattr(target, "load_state_dict", None)
+    if callable(load):
+        load(state)
+    else:
+        raise CheckpointMismatchError(
+            f"{label}: cannot restore into {type(target).__qualname__}; pass objects with "
+            "load_state_dict(), or read the value from Checkpoint.extra"
+        )

@@ -1,0 +1,176 @@
+"""The manifest: the format's table of contents and its commit marker.
+
+``manifest.json`` is written last. It names the format and version, the training step, and
+every file of the checkpoint with its size and SHA-256. Parsing is strict and lives
+here alone; serialisation is deterministic (sorted files, fixed key order).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TypeGuard, Union
+
+from . import limits
+from .errors import CheckpointCorruptedError, UnsupportedFormatError
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "Manifest"]
+
+FORMAT_NAME = "safeckpt"
+FORMAT_VERSION = (1, 0)
+MANIFEST_NAME = "manifest.json"
+
+JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint, as the manifest records it."""
+
+    name: str
+    """File name inside the checkpoint folder (matches ``limits.FILE_NAME_PATTERN``)."""
+    size: int
+    """Exact size in bytes."""
+    sha256: str
+    """Lower-case hex SHA-256 of the whole file."""
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Parsed ``manifest.json``."""
+
+    step: int
+    """Training step the checkpoint was taken at."""
+    files: tuple[FileEntry, ...]
+    """Every file of the checkpoint except the manifest itself, sorted by name."""
+    created: str = ""
+    """UTC creation time, ISO 8601 (documented to vary between otherwise identical saves)."""
+    producer: dict[str, str] = field(default_factory=dict)
+    """Versions of the software that wrote it (``safeckpt``, ``torch``, ``python``)."""
+    metadata: dict[str, JSONValue] = field(default_factory=dict)
+    """User metadata passed to ``save_checkpoint(metadata=...)``."""
+    format_version: tuple[int, int] = FORMAT_VERSION
+    """(major, minor) of the format the checkpoint was written in."""
+
+    def file(self, name: str) -> FileEntry | None:
+        """The entry named ``name``, or None."""
+        for entry in self.files:
+            if entry.name == name:
+                return entry
+        return None
+
+    def to_json_bytes(self) -> bytes:
+        """Deterministic UTF-8 JSON encoding."""
+        doc: dict[str, JSONValue] = {
+            "format": FORMAT_NAME,
+            "format_version": f"{self.format_version[0]}.{self.format_version[1]}",
+            "step": self.step,
+            "created": self.created,
+            "producer": dict(sorted(self.producer.items())),
+            "metadata": self.metadata,
+            "files": {e.name: e.to_json() for e in sorted(self.files, key=lambda e: e.name)},
+        }
+        return (json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, *, source: str) -> Manifest:
+        """Parse and validate; ``source`` names the file in error messages."""
+        from .documents import load_json
+
+        if len(data) > limits.MAX_MANIFEST_BYTES:
+            raise CheckpointCorruptedError(
+                f"{source}: manifest is {len(data)} bytes, over the limit of "
+                f"{limits.MAX_MANIFEST_BYTES}; this is not a safeckpt manifest"
+            )
+        doc = load_json(data, source=source)
+        return _parse(doc, source)
+
+
+def _fail(source: str, what: str) -> CheckpointCorruptedError:
+    return CheckpointCorruptedError(
+        f"{source}: invalid manifest: {what}. The checkpoint is damaged or was not written by "
+        "safeckpt; load an earlier checkpoint."
+    )
+
+
+def _parse(doc: JSONValue, source: str) -> Manifest:
+    if not isinstance(doc, dict):
+        raise _fail(source, f"expected a JSON object, found {type(doc).__name__}")
+    if doc.get("format") != FORMAT_NAME:
+        raise UnsupportedFormatError(
+            f"{source}: 'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}; "
+            "this file is not a safeckpt manifest"
+        )
+    version = doc.get("format_version")
+    match = re.fullmatch(r"(\d{1,6})\.(\d{1,6})", version) if isinstance(version, str) else None
+    if match is None:
+        raise _fail(source, f"'format_version' is {version!r}, expected 'MAJOR.MINOR'")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major != FORMAT_VERSION[0]:
+        raise UnsupportedFormatError(
+            f"{source}: format version {major}.{minor} is not supported by this reader "
+            f"(it reads {FORMAT_VERSION[0]}.x); upgrade safeckpt to load this checkpoint"
+        )
+    step = doc.get("step")
+    if not _is_int(step) or step < 0:
+        raise _fail(source, f"'step' is {step!r}, expected a non-negative integer")
+    created = doc.get("created", "")
+    if not isinstance(created, str):
+        raise _fail(source, "'created' must be a string")
+    producer = doc.get("producer", {})
+    if not isinstance(producer, dict) or not all(isinstance(v, str) for v in producer.values()):
+        raise _fail(source, "'producer' must be an object of strings")
+    metadata = doc.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise _fail(source, "'metadata' must be an object")
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        raise _fail(source, "'files' must be an object mapping file names to entries")
+    if len(files) > limits.MAX_FILES:
+        raise _fail(source, f"lists {len(files)} files, more than the limit of {limits.MAX_FILES}")
+    entries = tuple(_parse_entry(name, e, source) for name, e in sorted(files.items()))
+    return Manifest(
+        step=step,
+        files=entries,
+        created=created,
+        producer={str(k): v for k, v in producer.items() if isinstance(v, str)},
+        metadata=metadata,
+        format_version=(major, minor),
+    )
+
+
+def _parse_entry(name: str, entry: JSONValue, source: str) -> FileEntry:
+    check_file_name(name, source=source)
+    if not isinstance(entry, dict):
+        raise _fail(source, f"entry for {name!r} must be an object")
+    size, digest = entry.get("size"), entry.get("sha256")
+    if not _is_int(size) or size < 0:
+        raise _fail(source, f"'size' of {name!r} is {size!r}, expected a non-negative integer")
+    if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+        raise _fail(source, f"'sha256' of {name!r} must be 64 lower-case hex digits")
+    return FileEntry(name, size, digest)
+
+
+def check_file_name(name: str, *, source: str) -> None:
+    """Reject any name that could escape the checkpoint folder or is not one we write."""
+    if (
+        not isinstance(name, str)
+        or len(name) > limits.MAX_FILE_NAME_LENGTH
+        or not limits.FILE_NAME_PATTERN.fullmatch(name)
+        or name == MANIFEST_NAME
+    ):
+        raise _fail(
+            source,
+            f"file name {name!r} is not allowed (names must match "
+            f"{limits.FILE_NAME_PATTERN.pattern}: no paths, no '..', no leading dot)",
+        )
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

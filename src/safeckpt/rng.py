@@ -1,0 +1,106 @@
+"""Capture and restore of random-number-generator state, so a resumed run draws the same numbers.
+
+Captured by default: Python's ``random``, NumPy's global generator (when NumPy is imported),
+torch's CPU generator and every CUDA device's generator (when CUDA is initialised or available),
+plus any ``torch.Generator`` or ``numpy.random.Generator`` the user names. Everything becomes a
+plain state tree (tensors, ints, strings), stored through the same flattener as optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from .errors import CheckpointMismatchError
+
+__all__ = ["capture_rng", "restore_rng"]
+
+Generator = object  # torch.Generator | numpy.random.Generator; numpy stays optional
+
+
+def _numpy_state_to_json(state: object) -> str:
+    def plain(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        return value
+
+    return json.dumps(plain(state))
+
+
+def _capture_generator(name: str, gen: object) -> dict[str, object]:
+    if isinstance(gen, torch.Generator):
+        return {"kind": "torch", "device": str(gen.device), "state": gen.get_state()}
+    bit_generator = getattr(gen, "bit_generator", None)
+    if bit_generator is not None and hasattr(bit_generator, "state"):
+        return {"kind": "numpy", "state": _numpy_state_to_json(bit_generator.state)}
+    raise TypeError(
+        f"rng[{name!r}]: {type(gen).__qualname__} is not a torch.Generator or "
+        "numpy.random.Generator; pass only generators in rng="
+    )
+
+
+def capture_rng(generators: Mapping[str, Generator] | None = None) -> dict[str, object]:
+    """The state of every global generator and of ``generators``, as a state tree."""
+    state: dict[str, object] = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+    }
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    state["generators"] = {k: _capture_generator(k, g) for k, g in (generators or {}).items()}
+    return state
+
+
+def restore_rng(
+    state: object, generators: Mapping[str, Generator] | None = None, *, source: str
+) -> None:
+    """Put every generator back to the captured state; ``source`` names the checkpoint."""
+    if not isinstance(state, dict) or "python" not in state or "torch" not in state:
+        raise CheckpointMismatchError(f"{source}: RNG state is malformed; it cannot be restored")
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    cuda = state.get("cuda", [])
+    if cuda:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available != len(cuda):
+            warnings.warn(
+                f"{source}: checkpoint has RNG state for {len(cuda)} CUDA device(s), this process "
+                f"has {available}; restoring {min(available, len(cuda))}, so GPU randomness will "
+                "differ from the original run",
+                stacklevel=3,
+            )
+        for index in range(min(available, len(cuda))):
+            torch.cuda.set_rng_state(cuda[index], index)
+    saved = state.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name not in saved:
+            raise CheckpointMismatchError(
+                f"{source}: no RNG state for generator {name!r} (saved: {sorted(saved)}); "
+                "pass the same names to rng= when saving and restore_rng= when loading"
+            )
+        entry = saved[name]
+        if isinstance(gen, torch.Generator):
+            if entry.get("kind") != "torch":
+                raise CheckpointMismatchError(f"{source}: generator {name!r} was not a torch.Generator")
+            gen.set_state(entry["state"])
+        else:
+            if entry.get("kind") != "numpy":
+                raise CheckpointMismatchError(f"{source}: generator {name!r} was not a numpy Generator")
+            gen.bit_generator.state = json.loads(entry["state"])  # type: ignore[attr-defined]

@@ -1,0 +1,249 @@
+"""``save_checkpoint``: user objects -> state trees -> archives and documents -> manifest -> commit.
+
+All validation and encoding happens in :func:`plan_checkpoint`, before the first byte is written,
+so an unsupported value never leaves anything on disk. :func:`write_checkpoint` streams the
+planned files into a temporary folder, hashing as it writes, and commits it (see
+:mod:`safeckpt.commit`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ._version import __version__
+from .commit import PendingCheckpoint, step_dirname, write_error
+from .documents import dump_json, dump_msgpack
+from .errors import CheckpointExistsError, UnsupportedValueError
+from .fileio import write_file
+from .manifest import MANIFEST_NAME, Manifest
+from .rng import capture_rng
+from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
+from .tensors import TensorArchive, archive_parts
+from .tree import encode_document
+
+__all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint"]
+
+TREES = ("optimizer", "scheduler", "rng", "extra")
+"""State trees stored as ``<name>.safetensors`` + ``<name>.msgpack``, in this order."""
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass
+class CheckpointPlan:
+    """Everything to write, validated and encoded; tensors still live in the caller's memory."""
+
+    step: int
+    metadata: dict[str, object]
+    archives: dict[str, tuple[TensorArchive, dict[str, str] | None]] = field(default_factory=dict)
+    documents: dict[str, bytes] = field(default_factory=dict)
+
+    def snapshot(self) -> None:
+        """Copy every tensor so the caller may keep training while the files are written."""
+        for archive, _ in self.archives.values():
+            archive.snapshot()
+
+    def files(self) -> Iterable[tuple[str, Callable[[], Iterable[Buffer]]]]:
+        for name, (archive, meta) in self.archives.items():
+            yield f"{name}.safetensors", lambda a=archive, m=meta: archive_parts(a.tensors, m)
+        for name, data in self.documents.items():
+            yield name, lambda d=data: (d,)
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UnsupportedValueError(f"step: expected a non-negative int, got {step!r}")
+    return step
+
+
+def plan_checkpoint(
+    model: object,
+    optimizer: object | None,
+    config: object | None,
+    vocab: object | None,
+    step: int,
+    *,
+    scheduler: object | None = None,
+    extra: Mapping[str, object] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    rng: bool | Mapping[str, object] = True,
+) -> CheckpointPlan:
+    """Validate and encode everything :func:`save_checkpoint` will write; writes nothing."""
+    plan = CheckpointPlan(step=_check_step(step), metadata={})
+    if metadata is not None:
+        plan.metadata = dict(_as_json_object(metadata, "metadata"))
+    archive, aliases = model_archive(model)  # type: ignore[arg-type]
+    plan.archives["model"] = (
+        archive,
+        {"format": "pt", **({ALIASES_KEY: json.dumps(aliases, sort_keys=True, separators=(",", ":"))} if aliases else {})},
+    )
+    if extra is not None and not isinstance(extra, Mapping):
+        raise UnsupportedValueError(f"extra: expected a mapping of names to state, got {type(extra).__qualname__}")
+    trees: dict[str, object] = {
+        "optimizer": None if optimizer is None else state_of(optimizer, "optimizer"),
+        "scheduler": None if scheduler is None else state_of(scheduler, "scheduler"),
+        "rng": None,
+        "extra": None if extra is None else {k: state_of(v, f"extra[{k!r}]") for k, v in extra.items()},
+    }
+    if rng:
+        try:
+            trees["rng"] = capture_rng(rng if isinstance(rng, Mapping) else None)
+        except TypeError as exc:
+            raise UnsupportedValueError(str(exc)) from None
+    for name in TREES:
+        if trees[name] is None:
+            continue
+        archive = TensorArchive(name)
+        document = encode_document(
+            trees[name],
+            name=name,
+            is_tensor=lambda v: isinstance(v, torch.Tensor),
+            add_tensor=archive.add,
+        )
+        plan.archives[name] = (archive, None)
+        plan.documents[f"{name}.msgpack"] = dump_msgpack(document)
+    if config is not None:
+        plan.documents["config.json"] = dump_json(config_to_json(config), source="config")
+    if vocab is not None:
+        plan.documents["vocab.json"] = dump_json(vocab_to_json(vocab), source="vocab")
+    return plan
+
+
+def _as_json_object(value: Mapping[str, object], label: str) -> dict[str, object]:
+    from .state import _json_plain
+
+    plain = _json_plain(value, (), label)
+    assert isinstance(plain, dict)
+    return plain
+
+
+def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the planned files and commit them as ``directory/step-NNNNNNNN``; returns that path."""
+    directory = Path(directory)
+    if not overwrite and (directory / step_dirname(plan.step) / MANIFEST_NAME).exists():
+        raise CheckpointExistsError(
+            f"{directory / step_dirname(plan.step)}: a checkpoint for step {plan.step} already "
+            "exists; pass overwrite=True to replace it or save under another step"
+        )
+    with PendingCheckpoint(directory, plan.step) as pending:
+        name = ""
+        try:
+            entries = []
+            for name, parts in plan.files():
+                entries.append(write_file(pending.dir_fd, name, parts()))
+            manifest = Manifest(
+                step=plan.step,
+                files=tuple(entries),
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                producer={
+                    "safeckpt": __version__,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
+                metadata=plan.metadata,  # type: ignore[arg-type]
+            )
+            name = MANIFEST_NAME
+            write_file(pending.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))
+        except OSError as exc:
+            raise write_error(exc, pending.path / name, f"write {name}") from exc
+        return pending.commit(overwrite=overwrite)
+
+
+class PendingSave:
+    """A save running in the background; :meth:`wait` returns its path or raises its error."""
+
+    def __init__(self, plan: CheckpointPlan, directory: str | os.PathLike[str], *, overwrite: bool) -> None:
+        self.step = plan.step
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(plan, directory, overwrite), name=f"safeckpt-save-{plan.step}"
+        )
+        self._thread.start()
+
+    def _run(self, plan: CheckpointPlan, directory: str | os.PathLike[str], overwrite: bool) -> None:
+        try:
+            self._result = write_checkpoint(plan, directory, overwrite=overwrite)
+        except BaseException as exc:  # handed to the caller in wait()
+            self._error = exc
+
+    def done(self) -> bool:
+        """True once the save has committed or failed."""
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> Path:
+        """Block until committed; returns the checkpoint path or raises the save's error."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"checkpoint for step {self.step} is still being written")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "writing"
+        return f"PendingSave(step={self.step}, {state})"
+
+
+def save_checkpoint(
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | Mapping[str, object] | None,
+    config: object | None,
+    vocab: object | None,
+    step: int,
+    *,
+    directory: str | os.PathLike[str] = "checkpoints",
+    scheduler: object | None = None,
+    extra: Mapping[str, object] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    rng: bool | Mapping[str, object] = True,
+    overwrite: bool = False,
+    async_: bool = False,
+) -> Path:
+    """Save the complete training state as one verified checkpoint folder.
+
+    Args:
+        model: an ``nn.Module`` or its state dict; tied weights are stored once and stay tied.
+        optimizer: an ``Optimizer``, its state dict, or None.
+        config: training configuration (dict, dataclass or ``argparse.Namespace``) or None.
+        vocab: a list of tokens, a token->id dict, or None.
+        step: the training step (non-negative int); names the folder ``step-NNNNNNNN``.
+        directory: root folder of the run's checkpoints, created if missing.
+        scheduler: an LR scheduler, ``GradScaler`` or any object with ``state_dict()``.
+        extra: named additional state: nested containers of tensors and plain values, or
+            objects with ``state_dict()``.
+        metadata: JSON-compatible values recorded in ``manifest.json``.
+        rng: capture Python, NumPy, torch CPU and CUDA generators (default); a mapping of
+            names to ``torch.Generator`` / ``numpy.random.Generator`` captures those too.
+        overwrite: replace an existing checkpoint for ``step`` instead of raising
+            :class:`CheckpointExistsError`.
+        async_: return a :class:`PendingSave` at once, after copying the state, and write in the
+            background; its ``wait()`` returns the path.
+
+    Returns:
+        The committed checkpoint folder (or a :class:`PendingSave` with ``async_=True``).
+
+    Example:
+        >>> path = save_checkpoint(model, opt, {"lr": 3e-4}, ["a", "b"], 100)  # doctest: +SKIP
+        >>> path.name  # doctest: +SKIP
+        'step-00000100'
+    """
+    plan = plan_checkpoint(
+        model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
+    )
+    if async_:
+        plan.snapshot()
+        return PendingSave(plan, directory, overwrite=overwrite)  # type: ignore[return-value]
+    return write_checkpoint(plan, directory, overwrite=overwrite)
+
+

@@ -1,0 +1,185 @@
+"""User objects <-> state trees: what gets saved from a model, optimizer, config, vocabulary or
+any stateful object, and how a loaded state is checked against, then copied into, live objects.
+
+Checks run for every target before anything is copied, so a mismatch never leaves a model
+half-restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+
+import torch
+
+from .errors import CheckpointMismatchError, UnsupportedValueError
+from .tensors import TensorArchive
+from .tree import key_path
+
+__all__ = [
+    "check_model",
+    "check_optimizer",
+    "config_to_json",
+    "model_archive",
+    "state_of",
+    "vocab_to_json",
+]
+
+ALIASES_KEY = "safeckpt.aliases"
+"""safetensors ``__metadata__`` key holding a JSON map ``{alias: stored name}`` of tied tensors."""
+
+
+def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[TensorArchive, dict[str, str]]:
+    """Collect a model's state dict; tied tensors are stored once and their aliases returned."""
+    if isinstance(model, torch.nn.Module):
+        state: Mapping[str, object] = model.state_dict()
+    elif isinstance(model, Mapping):
+        state = model
+    else:
+        raise UnsupportedValueError(
+            f"model: expected a torch.nn.Module or a state dict, got {type(model).__qualname__}"
+        )
+    archive, aliases = TensorArchive("model"), {}
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise UnsupportedValueError(
+                f"model[{name!r}]: model state must map str to tensors, found "
+                f"{type(tensor).__qualname__} (move non-tensor module state into extra=)"
+            )
+        stored = archive.add_named(name, tensor)
+        if stored != name:
+            aliases[name] = stored
+    return archive, aliases
+
+
+def state_of(obj: object, label: str) -> object:
+    """The state tree of ``obj``: its ``state_dict()`` if it has one, else ``obj`` itself."""
+    state_dict = getattr(obj, "state_dict", None)
+    if callable(state_dict) and not isinstance(obj, Mapping):
+        return state_dict()
+    return obj
+
+
+def _json_plain(value: object, path: tuple[object, ...], label: str) -> object:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnsupportedValueError(
+                f"{label}{key_path(path)}: {value} cannot be stored in JSON; use None or a string"
+            )
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_plain(v, (*path, i), label) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UnsupportedValueError(
+                    f"{label}{key_path(path)}: key {k!r} is a {type(k).__name__}; JSON keys must be str"
+                )
+            out[k] = _json_plain(v, (*path, k), label)
+        return out
+    raise UnsupportedValueError(
+        f"{label}{key_path(path)}: value of type {type(value).__qualname__} cannot be stored in "
+        "JSON; convert it to str, int, float, bool, None, list or dict"
+    )
+
+
+def config_to_json(config: object) -> object:
+    """A dict, dataclass or argparse Namespace as a JSON-compatible dict (tuples become lists)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    elif isinstance(config, argparse.Namespace):
+        config = vars(config)
+    if not isinstance(config, Mapping):
+        raise UnsupportedValueError(
+            f"config: expected a dict, dataclass or argparse.Namespace, got {type(config).__qualname__}"
+        )
+    return _json_plain(config, (), "config")
+
+
+def vocab_to_json(vocab: object) -> object:
+    """A token list or a token->id dict, as JSON."""
+    if not isinstance(vocab, (list, tuple, Mapping)):
+        raise UnsupportedValueError(
+            f"vocab: expected a list of tokens or a dict, got {type(vocab).__qualname__}"
+        )
+    return _json_plain(vocab, (), "vocab")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def check_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool, source: str) -> None:
+    """Raise :class:`CheckpointMismatchError` listing every key, shape or dtype that does not fit."""
+    expected = model.state_dict()
+    problems = []
+    if strict:
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    for key, tensor in state.items():
+        target = expected.get(key)
+        if target is None:
+            continue
+        if target.shape != tensor.shape or (strict and target.dtype != tensor.dtype):
+            problems.append(f"{key}: checkpoint has {_describe(tensor)}, model has {_describe(target)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source}: checkpoint does not fit {type(model).__qualname__}: "
+            + "; ".join(problems)
+            + ". Build the model with the configuration it was saved with"
+            + (", or pass strict=False to load the keys that match" if strict else "")
+        )
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, source: str) -> None:
+    """Raise :class:`CheckpointMismatchError` if ``state`` was not saved from a like optimizer."""
+    def fail(what: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"{source}: optimizer state does not fit {type(optimizer).__qualname__}: {what}. "
+            "Create the optimizer over the same parameters, in the same groups, as when saving"
+        )
+
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+        raise fail("it has no param_groups")
+    saved, current = state["param_groups"], optimizer.param_groups
+    if len(saved) != len(current):
+        raise fail(f"checkpoint has {len(saved)} parameter groups, optimizer has {len(current)}")
+    params: list[torch.Tensor] = []
+    for index, (s, c) in enumerate(zip(saved, current)):
+        count = len(s.get("params", [])) if isinstance(s, dict) else -1
+        if count != len(c["params"]):
+            raise fail(f"group {index} has {count} parameters in the checkpoint, {len(c['params'])} here")
+        params.extend(c["params"])
+    ids = [pid for g in saved for pid in g["params"]]
+    for pid, pstate in (state.get("state") or {}).items():
+        if pid not in ids:
+            raise fail(f"state for unknown parameter id {pid!r}")
+        param = params[ids.index(pid)]
+        for name in _PARAM_SHAPED.intersection(pstate if isinstance(pstate, dict) else ()):
+            value = pstate[name]
+            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise fail(
+                    f"{name} of parameter {pid} has shape {tuple(value.shape)}, "
+                    f"the parameter has {tuple(param.shape)}"
+                )
+
+
+_PARAM_SHAPED = frozenset(
+    "exp_avg exp_avg_sq max_exp_avg_sq momentum_buffer square_avg acc_delta sum exp_inf ax "
+    "prev step_size grad_avg".split()
+)
+"""Per-parameter buffers of torch.optim optimizers that always have the parameter's shape."""

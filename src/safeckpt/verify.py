@@ -1,0 +1,24 @@
+"""``verify_checkpoint``: prove a checkpoint is complete and uncorrupted without restoring it."""
+
+from __future__ import annotations
+
+import os
+
+from .loader import locate_checkpoint, read_checkpoint_files
+from .manifest import Manifest
+
+__all__ = ["verify_checkpoint"]
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
+    """Check every file's size and SHA-256 against the manifest; returns the manifest.
+
+    Raises :class:`~safeckpt.errors.CheckpointNotFoundError` or
+    :class:`~safeckpt.errors.CheckpointCorruptedError` naming the first bad file.
+
+    Example:
+        >>> safeckpt.verify_checkpoint("checkpoints/step-00000100").step  # doctest: +SKIP
+        100
+    """
+    manifest, _ = read_checkpoint_files(locate_checkpoint(path), verify=True)
+    return manifest
