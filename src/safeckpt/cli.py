@@ -1,0 +1,98 @@
+"""The ``safeckpt`` command line: verify, inspect, and run the demo.
+
+Exit status: 0 on success, 1 when a checkpoint fails verification or cannot be loaded, 2 on
+bad usage (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import CheckpointError
+
+__all__ = ["main"]
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_checkpoint
+
+    for path in args.paths:
+        manifest = verify_checkpoint(path)
+        total = sum(e.size for e in manifest.files)
+        print(f"OK {path}: step {manifest.step}, {len(manifest.files)} files, {total} bytes verified")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .archive import parse_header
+    from .loader import locate_checkpoint, read_checkpoint_files
+
+    folder = locate_checkpoint(args.path)
+    manifest, buffers = read_checkpoint_files(folder, verify=not args.no_verify)
+    report: dict[str, object] = {
+        "path": str(folder),
+        "step": manifest.step,
+        "format_version": "{}.{}".format(*manifest.format_version),
+        "created": manifest.created,
+        "producer": manifest.producer,
+        "metadata": manifest.metadata,
+        "files": {},
+    }
+    files: dict[str, object] = {}
+    for entry in manifest.files:
+        info: dict[str, object] = {"size": entry.size, "sha256": entry.sha256}
+        if entry.name.endswith(".safetensors"):
+            tensors, _ = parse_header(buffers[entry.name], source=str(folder / entry.name))
+            info["tensors"] = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in tensors}
+        files[entry.name] = info
+    report["files"] = files
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{folder}  step {manifest.step}  format {report['format_version']}  created {manifest.created}")
+    for name, info in files.items():
+        assert isinstance(info, dict)
+        print(f"  {name:<24} {info['size']:>14,} bytes  sha256 {str(info['sha256'])[:16]}…")
+        for tname, t in info.get("tensors", {}).items():
+            print(f"      {tname:<40} {t['dtype']:<8} {t['shape']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeckpt", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("verify", help="check every file's size and SHA-256 against the manifest")
+    p.add_argument("paths", nargs="+", help="checkpoint folders, manifest.json files or checkpoint roots")
+    p.set_defaults(func=_verify)
+    p = sub.add_parser("inspect", help="show the manifest and every stored tensor")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check")
+    p.set_defaults(func=_inspect)
+    p = sub.add_parser("demo", help="train, kill, resume and compare a small language model", add_help=False)
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CheckpointError as exc:
+        print(f"safeckpt: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
