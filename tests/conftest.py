@@ -1,0 +1,72 @@
+"""Shared fixtures: a small model, a trained optimizer, and a saved checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import safeckpt
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> MLP -> output head tied to the embedding (no dropout: deterministic)."""
+
+    def __init__(self, vocab: int = 17, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.hidden = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.tanh(self.hidden(self.embed(tokens)))))
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, *, seed: int = 0) -> list[float]:
+    """A few real optimisation steps on fixed random batches; returns the losses."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 17, (4, 6), generator=gen)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits = model(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 17), tokens[:, 1:].reshape(-1))
+            loss.backward()
+            return loss
+
+        loss = optimizer.step(closure)
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.fixture
+def model() -> TinyLM:
+    torch.manual_seed(0)
+    return TinyLM()
+
+
+@pytest.fixture
+def optimizer(model: TinyLM) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 3)
+    return opt
+
+
+@pytest.fixture
+def saved(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> Path:
+    """A committed checkpoint at step 3 with config, vocab and extra state."""
+    return safeckpt.save_checkpoint(
+        model,
+        optimizer,
+        {"lr": 1e-2, "layers": 1, "name": "tiny"},
+        [chr(97 + i) for i in range(17)],
+        3,
+        directory=tmp_path / "checkpoints",
+        extra={"loader": {"epoch": 1, "offset": 12}},
+    )
