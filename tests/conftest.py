@@ -41,7 +41,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps:
             return loss
 
         loss = optimizer.step(closure)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

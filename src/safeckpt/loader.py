@@ -127,6 +127,10 @@ def _decode_tree(name: str, buffers: dict[str, bytearray], folder: Path, device:
                 f"{folder / MANIFEST_NAME}: lists {name} state without {needed}; the checkpoint is invalid"
             )
     tensors, _ = tensors_from_buffer(buffers[archive_name], source=str(folder / archive_name), device=device)
+    # Views into the read buffer are only 8-byte aligned; torch's vectorised reductions sum in a
+    # different order on such memory than on its own 64-byte aligned allocations, so optimizer
+    # state left as views would make a resumed run drift in the last bits. Own, aligned copies.
+    tensors = {k: t.clone() if t.device.type == "cpu" else t for k, t in tensors.items()}
     document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
 
     def resolve(tensor_name: str) -> torch.Tensor:

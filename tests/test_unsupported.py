@@ -1,0 +1,57 @@
+"""Values the format cannot store are refused before anything is written, naming where they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import safeckpt
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    "extra, where, what",
+    [
+        ({"fn": lambda x: x}, "extra['fn']", "function"),
+        ({"obj": [1, Opaque()]}, "extra['obj'][1]", "Opaque"),
+        ({"sparse": torch.eye(3).to_sparse()}, "extra['sparse']", "to_dense"),
+        ({"q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)}, "extra['q']", "quantized"),
+        ({"set": {1, 2}}, "extra['set']", "set"),
+        ({"d": {(1, 2): 3}}, "extra['d']", "keys must be str or int"),
+        ({"big": 2**70}, "extra['big']", "64 bits"),
+        ({"meta": torch.empty(2, device="meta")}, "extra['meta']", "meta"),
+    ],
+    ids=["lambda", "object", "sparse", "quantized", "set", "tuple-key", "bigint", "meta"],
+)
+def test_unsupported_value_names_key_path_and_writes_nothing(
+    tmp_path: Path, extra: dict[str, object], where: str, what: str
+) -> None:
+    with pytest.raises(safeckpt.UnsupportedValueError) as info:
+        safeckpt.save_checkpoint({"w": torch.ones(1)}, None, None, None, 1, directory=tmp_path, extra=extra)
+    assert isinstance(info.value, TypeError)
+    assert where in str(info.value) and what in str(info.value)
+    assert not tmp_path.exists() or not any(p.name.startswith("step-") for p in tmp_path.iterdir())
+    assert not tmp_path.exists() or not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_non_json_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(safeckpt.UnsupportedValueError, match=r"config\['dtype'\].*dtype"):
+        safeckpt.save_checkpoint({"w": torch.ones(1)}, None, {"dtype": torch.float32}, None, 1, directory=tmp_path)
+    with pytest.raises(safeckpt.UnsupportedValueError, match=r"config\['lr'\].*nan"):
+        safeckpt.save_checkpoint({"w": torch.ones(1)}, None, {"lr": float("nan")}, None, 1, directory=tmp_path)
+
+
+@pytest.mark.parametrize("step", [-1, 1.5, True, "3"])
+def test_bad_step_is_refused(tmp_path: Path, step: object) -> None:
+    with pytest.raises(safeckpt.UnsupportedValueError, match="step"):
+        safeckpt.save_checkpoint({"w": torch.ones(1)}, None, None, None, step, directory=tmp_path)  # type: ignore[arg-type]
+
+
+def test_non_tensor_model_state_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(safeckpt.UnsupportedValueError, match=r"model\['x'\].*extra="):
+        safeckpt.save_checkpoint({"x": 3}, None, None, None, 1, directory=tmp_path)
