@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLM
 
 import safeckpt
+from conftest import TinyLM
 from safeckpt import archive, documents, tree
 
 FILES = ["model.safetensors", "optimizer.safetensors", "optimizer.msgpack", "config.json", "vocab.json",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLM, train_steps
 
 import safeckpt
+from conftest import TinyLM, train_steps
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "SGD-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
@@ -44,7 +44,7 @@ def test_optimizer_round_trips_and_continues_identically(tmp_path: Path, name: s
     fresh_opt = OPTIMIZERS[name](fresh.parameters())
     safeckpt.load_checkpoint(tmp_path, model=fresh, optimizer=fresh_opt)
     assert train_steps(fresh, fresh_opt, 3, seed=2) == expected
-    for (key, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (key, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), key
 
 

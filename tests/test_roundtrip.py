@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLM
 
 import safeckpt
+from conftest import TinyLM
 
 DTYPES = [
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
@@ -40,7 +40,7 @@ def _assert_same(a: object, b: object) -> None:
             _assert_same(a[key], b[key])
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _assert_same(x, y)
     else:
         assert a == b or (a != a and b != b)  # NaN equals NaN here

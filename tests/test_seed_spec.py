@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLM, train_steps
 from safetensors.torch import load_file
 
 import safeckpt
+from conftest import TinyLM, train_steps
 
 CONFIG = {"lr": 1e-2, "batch_size": 4, "model": {"dim": 8, "vocab": 17}}
 VOCAB = [chr(97 + i) for i in range(17)]
@@ -54,7 +54,7 @@ def test_checkpoint_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode
 def test_load_restores_model_state(saved: Path, model: TinyLM) -> None:
     fresh, _ = _fresh()
     safeckpt.load_checkpoint(saved, model=fresh)
-    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
         assert a.dtype == b.dtype
 
@@ -109,14 +109,14 @@ def test_resume_produces_identical_loss_progression(tmp_path: Path) -> None:
     uninterrupted = [train_steps(model, opt, 1, seed=step)[0] for step in range(8)]
     resumed, resumed_model, _ = _resume_run(tmp_path, total=8, stop=5)
     assert resumed == uninterrupted  # exact on CPU
-    for (name, a), (_, b) in zip(model.state_dict().items(), resumed_model.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
 def test_resume_restores_complete_state(saved: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> None:
     fresh_model, fresh_opt = _fresh()
     ckpt = safeckpt.load_checkpoint(saved, model=fresh_model, optimizer=fresh_opt)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True))
     assert fresh_opt.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
     assert (ckpt.config, ckpt.vocab, ckpt.step) == ({"lr": 1e-2, "layers": 1, "name": "tiny"}, [chr(97 + i) for i in range(17)], 3)
 

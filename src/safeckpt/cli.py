@@ -41,7 +41,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "metadata": manifest.metadata,
         "files": {},
     }
-    files: dict[str, object] = {}
+    files: dict[str, dict[str, object]] = {}
     for entry in manifest.files:
         info: dict[str, object] = {"size": entry.size, "sha256": entry.sha256}
         if entry.name.endswith(".safetensors"):
@@ -54,9 +54,10 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{folder}  step {manifest.step}  format {report['format_version']}  created {manifest.created}")
     for name, info in files.items():
-        assert isinstance(info, dict)
         print(f"  {name:<24} {info['size']:>14,} bytes  sha256 {str(info['sha256'])[:16]}…")
-        for tname, t in info.get("tensors", {}).items():
+        tensors_info = info.get("tensors", {})
+        assert isinstance(tensors_info, dict)
+        for tname, t in tensors_info.items():
             print(f"      {tname:<40} {t['dtype']:<8} {t['shape']}")
     return 0
 

@@ -242,7 +242,7 @@ def load_checkpoint(
         vocab=vocab,
         model_state=model_state,
         optimizer_state=trees["optimizer"],
-        extra=extra_state,  # type: ignore[arg-type]
+        extra=extra_state,
         metadata=dict(manifest.metadata),
         manifest=manifest,
         scheduler_state=trees["scheduler"],

@@ -21,7 +21,7 @@ FORMAT_NAME = "safeckpt"
 FORMAT_VERSION = (1, 0)
 MANIFEST_NAME = "manifest.json"
 
-JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
+JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]  # noqa: UP007
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -99,7 +99,7 @@ def _fail(source: str, what: str) -> CheckpointCorruptedError:
     )
 
 
-def _parse(doc: JSONValue, source: str) -> Manifest:
+def _parse(doc: object, source: str) -> Manifest:
     if not isinstance(doc, dict):
         raise _fail(source, f"expected a JSON object, found {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,11 +52,12 @@ class CheckpointPlan:
         for archive, _ in self.archives.values():
             archive.snapshot()
 
-    def files(self) -> Iterable[tuple[str, Callable[[], Iterable[Buffer]]]]:
+    def files(self) -> Iterator[tuple[str, Iterable[Buffer]]]:
+        """Each file's name and its content as a lazy sequence of buffers, in writing order."""
         for name, (archive, meta) in self.archives.items():
-            yield f"{name}.safetensors", lambda a=archive, m=meta: archive_parts(a.tensors, m)
+            yield f"{name}.safetensors", archive_parts(archive.tensors, meta)
         for name, data in self.documents.items():
-            yield name, lambda d=data: (d,)
+            yield name, (data,)
 
 
 def _check_step(step: object) -> int:
@@ -139,7 +140,7 @@ def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *,
         try:
             entries = []
             for name, parts in plan.files():
-                entries.append(write_file(pending.dir_fd, name, parts()))
+                entries.append(write_file(pending.dir_fd, name, parts))
             manifest = Manifest(
                 step=plan.step,
                 files=tuple(entries),

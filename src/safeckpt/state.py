@@ -159,7 +159,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, source: 
     if len(saved) != len(current):
         raise fail(f"checkpoint has {len(saved)} parameter groups, optimizer has {len(current)}")
     params: list[torch.Tensor] = []
-    for index, (s, c) in enumerate(zip(saved, current)):
+    for index, (s, c) in enumerate(zip(saved, current, strict=True)):
         count = len(s.get("params", [])) if isinstance(s, dict) else -1
         if count != len(c["params"]):
             raise fail(f"group {index} has {count} parameters in the checkpoint, {len(c['params'])} here")
