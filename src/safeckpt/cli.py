@@ -1,4 +1,4 @@
-"""The ``safeckpt`` command line: verify, inspect, and run the demo.
+"""The ``safeckpt`` command line: verify, inspect, convert from/to torch.save, run the demo.
 
 Exit status: 0 on success, 1 when a checkpoint fails verification or cannot be loaded, 2 on
 bad usage (argparse's convention).
@@ -62,6 +62,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import import_torch_checkpoint
+
+    path = import_torch_checkpoint(args.source, args.directory, step=args.step, overwrite=args.overwrite)
+    print(f"wrote {path} (read {args.source} with torch.load(weights_only=True))")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .convert import export_torch_checkpoint
+
+    print(f"wrote {export_torch_checkpoint(args.checkpoint, args.target)}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -79,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("convert", help="import a torch.save .pt file (read with weights_only=True)")
+    p.add_argument("source", help="legacy .pt/.pth/.bin file")
+    p.add_argument("directory", help="checkpoint root to write step-NNNNNNNN into")
+    p.add_argument("--step", type=int, default=None, help="step to record (default: the file's own)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_convert)
+    p = sub.add_parser("export", help="write a checkpoint as one torch.save file")
+    p.add_argument("checkpoint")
+    p.add_argument("target")
+    p.set_defaults(func=_export)
     p = sub.add_parser("demo", help="train, kill, resume and compare a small language model", add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)
