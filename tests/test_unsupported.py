@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ class Opaque:
         ({"fn": lambda x: x}, "extra['fn']", "function"),
         ({"obj": [1, Opaque()]}, "extra['obj'][1]", "Opaque"),
         ({"sparse": torch.eye(3).to_sparse()}, "extra['sparse']", "to_dense"),
-        ({"q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)}, "extra['q']", "quantized"),
+        ({"q": "quantized"}, "extra['q']", "quantized"),
         ({"set": {1, 2}}, "extra['set']", "set"),
         ({"d": {(1, 2): 3}}, "extra['d']", "keys must be str or int"),
         ({"big": 2**70}, "extra['big']", "64 bits"),
@@ -31,6 +32,10 @@ class Opaque:
 def test_unsupported_value_names_key_path_and_writes_nothing(
     tmp_path: Path, extra: dict[str, object], where: str, what: str
 ) -> None:
+    if extra.get("q") == "quantized":  # built here: creating it warns (deprecated API)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            extra = {"q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)}
     with pytest.raises(safeckpt.UnsupportedValueError) as info:
         safeckpt.save_checkpoint({"w": torch.ones(1)}, None, None, None, 1, directory=tmp_path, extra=extra)
     assert isinstance(info.value, TypeError)
