@@ -9,6 +9,7 @@ non-string map keys and msgpack extension types are rejected, and every failure 
 from __future__ import annotations
 
 import json
+import math
 from typing import NoReturn
 
 import msgpack
@@ -42,15 +43,26 @@ def _reject_constant(source: str):  # type: ignore[no-untyped-def]
     return hook
 
 
-def _check_depth(value: object, source: str, depth: int = 0) -> None:
-    if depth > limits.MAX_NESTING_DEPTH:
-        raise _corrupt(source, f"nesting deeper than {limits.MAX_NESTING_DEPTH} levels")
+def _finite_float(source: str):  # type: ignore[no-untyped-def]
+    # json.loads turns 1e400 into inf: refuse it like the NaN/Infinity literals.
+    def hook(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _corrupt(source, f"number {text[:40]} is outside the float64 range")
+        return value
+
+    return hook
+
+
+def _check_depth(value: object, source: str, depth: int = 0, limit: int = limits.MAX_NESTING_DEPTH) -> None:
+    if depth > limit:
+        raise _corrupt(source, f"nesting deeper than {limit} levels")
     if isinstance(value, dict):
         for item in value.values():
-            _check_depth(item, source, depth + 1)
+            _check_depth(item, source, depth + 1, limit)
     elif isinstance(value, list):
         for item in value:
-            _check_depth(item, source, depth + 1)
+            _check_depth(item, source, depth + 1, limit)
 
 
 def load_json(data: bytes, *, source: str) -> object:
@@ -63,6 +75,7 @@ def load_json(data: bytes, *, source: str) -> object:
             text,
             object_pairs_hook=_no_duplicates(source),
             parse_constant=_reject_constant(source),
+            parse_float=_finite_float(source),
         )
     except CheckpointCorruptedError:
         raise
@@ -109,5 +122,5 @@ def load_msgpack(data: bytes, *, source: str) -> object:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise _corrupt(source, f"invalid msgpack ({type(exc).__name__}: {exc})") from None
-    _check_depth(value, source)
+    _check_depth(value, source, limit=limits.MAX_MSGPACK_DEPTH)
     return value

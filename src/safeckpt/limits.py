@@ -29,4 +29,10 @@ MAX_DOCUMENT_BYTES = 512 * 1024 * 1024
 """Largest msgpack or JSON document (structure, config, vocabulary) a reader accepts."""
 
 MAX_NESTING_DEPTH = 64
-"""Deepest nesting of containers in a msgpack structure or JSON document."""
+"""Deepest nesting of containers in a JSON document, and of containers (list, tuple, dict) in a
+decoded structure tree."""
+
+MAX_MSGPACK_DEPTH = 3 * MAX_NESTING_DEPTH + 2
+"""Deepest raw nesting of msgpack maps and arrays in a structure document. Each tree level costs
+up to three raw levels (a dict is a tag map, an array and a ``[key, value]`` pair), so a tree
+``MAX_NESTING_DEPTH`` deep, which the writer allows, stays within this bound."""

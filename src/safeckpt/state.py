@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import limits
 from .errors import CheckpointMismatchError, UnsupportedValueError
 from .tensors import TensorArchive
 from .tree import key_path
@@ -64,6 +65,13 @@ def state_of(obj: object, label: str) -> object:
 
 
 def _json_plain(value: object, path: tuple[object, ...], label: str) -> object:
+    # Readers refuse JSON nested deeper than MAX_NESTING_DEPTH; metadata sits one level down in
+    # manifest.json, hence the -1, so that whatever saves also loads.
+    if len(path) > limits.MAX_NESTING_DEPTH - 1:
+        raise UnsupportedValueError(
+            f"{label}{key_path(path)}: nested deeper than {limits.MAX_NESTING_DEPTH - 1} levels; "
+            "flatten it"
+        )
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):

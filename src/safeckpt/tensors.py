@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .archive import DTYPE_SIZES, build_header, parse_header
+from .archive import DTYPE_SIZES, METADATA_KEY, build_header, parse_header
 from .errors import UnsupportedValueError
 from .tree import key_path
 
@@ -76,7 +76,7 @@ class TensorArchive:
             return self._names[identity]
         name = ".".join(str(p) for p in path) or "tensor"
         base, n = name, 1
-        while name in self.tensors:
+        while name in self.tensors or name == METADATA_KEY:  # safetensors reserves __metadata__
             name, n = f"{base}~{n}", n + 1
         self.tensors[name] = tensor
         self._names[identity] = name
@@ -86,6 +86,11 @@ class TensorArchive:
         """Register a tensor under a fixed name (a model state-dict key); returns the stored name
         (another key's name when ``tensor`` aliases a tensor already registered)."""
         self.check(tensor, f"[{name!r}]")
+        if name == METADATA_KEY:
+            raise UnsupportedValueError(
+                f"{self.label}[{name!r}]: the name {METADATA_KEY} is reserved by the safetensors "
+                "format for its metadata; rename this key"
+            )
         identity = _identity(tensor)
         if identity in self._names:
             return self._names[identity]

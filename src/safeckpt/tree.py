@@ -138,7 +138,7 @@ def decode_document(
         raise CheckpointCorruptedError(
             f"{source}: expected a map with keys 'version' and 'root'; the file is damaged"
         )
-    if document["version"] != TREE_VERSION:
+    if type(document["version"]) is not int or document["version"] != TREE_VERSION:
         raise CheckpointCorruptedError(
             f"{source}: structure version {document['version']!r} is not supported "
             f"(expected {TREE_VERSION}); upgrade safeckpt"
