@@ -10,6 +10,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__ as __version__
 from .errors import CheckpointCorruptedError as CheckpointCorruptedError
 from .errors import CheckpointError as CheckpointError
@@ -20,11 +23,38 @@ from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import CheckpointWriteError as CheckpointWriteError
 from .errors import UnsupportedFormatError as UnsupportedFormatError
 from .errors import UnsupportedValueError as UnsupportedValueError
-from .loader import Checkpoint as Checkpoint
-from .loader import load_checkpoint as load_checkpoint
-from .saver import PendingSave as PendingSave
-from .saver import save_checkpoint as save_checkpoint
-from .verify import verify_checkpoint as verify_checkpoint
+
+# The API below loads on first use, so that `import safeckpt` stays light and never imports torch
+# by itself (`safeckpt.numpy` and `verify_checkpoint` work without it). To export another name
+# from a module that imports torch, add it here (name -> module) and to __all__.
+_LAZY = {
+    "Checkpoint": ".loader",
+    "load_checkpoint": ".loader",
+    "PendingSave": ".saver",
+    "save_checkpoint": ".saver",
+    "verify_checkpoint": ".verify",
+}
+
+if TYPE_CHECKING:
+    from .loader import Checkpoint as Checkpoint
+    from .loader import load_checkpoint as load_checkpoint
+    from .saver import PendingSave as PendingSave
+    from .saver import save_checkpoint as save_checkpoint
+    from .verify import verify_checkpoint as verify_checkpoint
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safeckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "Checkpoint",

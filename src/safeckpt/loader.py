@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import limits
-from .commit import list_checkpoints, parse_step
 from .documents import load_json, load_msgpack
-from .errors import CheckpointCorruptedError, CheckpointMismatchError, CheckpointNotFoundError
-from .fileio import read_bounded, read_verified
+from .errors import CheckpointCorruptedError, CheckpointMismatchError
 from .manifest import MANIFEST_NAME, Manifest
+from .reading import locate_checkpoint, read_checkpoint_files
 from .rng import restore_rng as restore_rng_state
 from .state import ALIASES_KEY, check_model, check_optimizer
 from .tensors import tensors_from_buffer
@@ -56,65 +53,6 @@ class Checkpoint:
             f"Checkpoint(path={str(self.path)!r}, step={self.step}, "
             f"tensors={len(self.model_state)}, optimizer={self.optimizer_state is not None})"
         )
-
-
-def locate_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """Resolve a checkpoint folder, its ``manifest.json``, or a root of checkpoints (newest)."""
-    path = Path(path)
-    if path.name == MANIFEST_NAME and path.is_file():
-        return path.parent
-    if (path / MANIFEST_NAME).exists():
-        return path
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if found:
-            return found[-1][1]
-        if parse_step(path.name) is not None:
-            raise CheckpointNotFoundError(
-                f"{path / MANIFEST_NAME}: missing; the checkpoint was never committed (its save "
-                "was interrupted) — load an earlier checkpoint"
-            )
-        raise CheckpointNotFoundError(
-            f"{path}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* folders)"
-        )
-    raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
-
-
-def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifest, dict[str, bytearray]]:
-    """Parse the manifest, then read every listed file and check size and hash, in parallel.
-
-    Returns only once all files verified: a single bad file fails the whole load before any
-    of them is parsed.
-    """
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{folder}: checkpoint does not exist; check the path") from None
-    except NotADirectoryError:
-        raise CheckpointNotFoundError(f"{folder}: is not a checkpoint folder") from None
-    try:
-        raw = read_bounded(
-            dir_fd,
-            MANIFEST_NAME,
-            limit=limits.MAX_MANIFEST_BYTES,
-            source=str(folder / MANIFEST_NAME),
-            missing="missing; the checkpoint was never committed, load an earlier one",
-        )
-        manifest = Manifest.from_json_bytes(bytes(raw), source=str(folder / MANIFEST_NAME))
-        if manifest.file("model.safetensors") is None:
-            raise CheckpointCorruptedError(
-                f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
-            )
-        workers = min(len(manifest.files), os.cpu_count() or 1) or 1
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-read") as pool:
-            futures = {
-                e.name: pool.submit(read_verified, dir_fd, e, source=str(folder / e.name), verify=verify)
-                for e in manifest.files
-            }
-            buffers = {name: f.result() for name, f in futures.items()}
-    finally:
-        os.close(dir_fd)
-    return manifest, buffers
 
 
 def _decode_tree(name: str, buffers: dict[str, bytearray], folder: Path, device: str | torch.device) -> object | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .loader import locate_checkpoint, read_checkpoint_files
 from .manifest import Manifest
+from .reading import locate_checkpoint, read_checkpoint_files
 
 __all__ = ["verify_checkpoint"]
 
