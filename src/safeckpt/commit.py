@@ -2,34 +2,44 @@
 
 Saving step ``S`` into root folder ``R``:
 
-1. Take ``R``'s lock (``flock`` on ``R/LOCK_NAME``), remove temporary folders left by writers that
-   have died (a live writer holds a lock on its own temporary folder, so it is never touched),
-   restore or remove leftovers of interrupted overwrites, create a fresh uniquely named
-   ``R/TMP_PREFIX...`` folder and lock it; release ``R``'s lock.
-2. Write every file into the temporary folder, fsyncing each.
+1. Create ``R`` if needed (and fsync its parent). Take ``R``'s lock (``flock`` on
+   ``R/LOCK_NAME``); remove temporary folders left by writers that have died (a live writer holds
+   an ``flock`` on its own temporary folder, so it is never touched); put back a checkpoint an
+   interrupted overwrite had moved aside; create a fresh, uniquely named ``R/TMP_PREFIX...``
+   folder and lock it. Release ``R``'s lock.
+2. Write every file into the temporary folder and fsync each one.
 3. Write ``MANIFEST_NAME`` last and fsync it, then fsync the temporary folder.
-4. Take ``R``'s lock again. If ``R/step-S`` exists, fail (or, with ``overwrite``, rename it to
-   ``R/TRASH_PREFIX...``). Rename the temporary folder to ``R/step-S`` and fsync ``R``.
-   Release the lock, then delete the trash.
-5. Only now may older checkpoints be pruned (:func:`remove_checkpoint` renames before deleting,
-   so a half-deleted folder is never mistaken for a checkpoint).
+4. Take ``R``'s lock again and rename the temporary folder to ``R/step-S``, never replacing an
+   existing checkpoint (``renameat2(RENAME_NOREPLACE)``; ``CheckpointExistsError`` if ``step-S``
+   exists). With ``overwrite=True`` an existing ``step-S`` is swapped out in one atomic
+   ``renameat2(RENAME_EXCHANGE)``; where the kernel or file system lacks it, the old folder is
+   first renamed to ``R/TRASH_PREFIX...``, which step 1 of the next save puts back if the writer
+   dies before the new folder is in place. fsync ``R``. Release the lock; delete what was
+   replaced.
+5. Only now may older checkpoints be pruned: :func:`remove_checkpoint` renames a folder to a
+   hidden name and fsyncs ``R`` before deleting its files, so a half-deleted folder is never
+   mistaken for a checkpoint.
 
 Readers consider only folders named ``step-<digits>`` that contain ``MANIFEST_NAME``; temporary
 and trash folders start with a dot and are never loaded. A crash at any point therefore leaves
 either the old state or the new one visible, plus at most a hidden folder the next save cleans.
-Any failure removes the temporary folder and raises :class:`~safeckpt.errors.CheckpointWriteError`.
+Any ``OSError`` (ENOSPC, EIO, EFBIG, ...) removes the temporary folder and becomes a
+:class:`~safeckpt.errors.CheckpointWriteError` saying what failed; earlier checkpoints are never
+modified by a save that fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import CheckpointExistsError, CheckpointWriteError
@@ -51,9 +61,18 @@ __all__ = [
 STEP_PREFIX = "step-"
 STEP_DIGITS = 8
 TMP_PREFIX = ".tmp-"
+"""Temporary folders being written (or left by a writer that died)."""
 TRASH_PREFIX = ".trash-"
+"""Folders on their way out: ``.trash-step-S.<id>`` (moved aside by an overwrite, restored if the
+new folder never arrived) and ``.trash-deleted.<id>`` (pruned, only to be deleted)."""
 LOCK_NAME = ".safeckpt.lock"
-_STEP_NAME = re.compile(r"step-(\d{1,19})")
+"""Lock file in the root folder; held only briefly, around creating and renaming folders."""
+_DELETED = "deleted."
+_STEP_NAME = re.compile(r"step-([0-9]{1,19})")
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
 
 def step_dirname(step: int) -> str:
@@ -80,9 +99,53 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+@functools.cache
+def _libc_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None  # not glibc >= 2.28 / musl >= 1.2.5, or not Linux
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where libc, kernel or file system lack it.
+
+    Raises ``OSError`` for every other failure (``EEXIST`` when ``RENAME_NOREPLACE`` finds
+    ``dst``), like :func:`os.rename`.
+    """
+    function = _libc_renameat2()
+    if function is None:
+        return False
+    result = function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fsync_dir(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_root(root: Path) -> None:
+    if root.is_dir():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    _fsync_path(root.parent)  # the new root's own name must survive a power loss too
+
+
 @contextlib.contextmanager
 def _root_lock(root: Path) -> Iterator[None]:
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -91,27 +154,39 @@ def _root_lock(root: Path) -> Iterator[None]:
 
 
 def _clean_leftovers(root: Path) -> None:
-    """Remove temporary folders of dead writers; put back checkpoints an overwrite moved aside."""
-    for entry in os.scandir(root):
-        if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
+    """Remove temporary folders of dead writers; put back checkpoints an overwrite moved aside.
+
+    Called with the root lock held. Never raises: a leftover that cannot be removed now is
+    retried by the next save and is invisible to readers meanwhile.
+    """
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if not entry.is_dir(follow_symlinks=False):
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer holds it
-            else:
-                shutil.rmtree(entry.path, ignore_errors=True)
-            finally:
-                os.close(fd)
-        elif entry.name.startswith(TRASH_PREFIX) and entry.is_dir(follow_symlinks=False):
-            original = entry.name[len(TRASH_PREFIX) :].rsplit(".", 1)[0]
-            if parse_step(original) is not None and not os.path.exists(root / original):
-                os.rename(entry.path, root / original)
-            else:
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if entry.name.startswith(TMP_PREFIX):
+                _remove_if_unlocked(entry.path)
+            elif entry.name.startswith(TRASH_PREFIX):
+                original = entry.name[len(TRASH_PREFIX) :].rsplit(".", 1)[0]
+                if parse_step(original) is not None and not os.path.lexists(root / original):
+                    os.rename(entry.path, root / original)
+                    _fsync_path(root)
+                else:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _remove_if_unlocked(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # a live writer holds it
+    finally:
+        os.close(fd)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class PendingCheckpoint:
@@ -129,11 +204,11 @@ class PendingCheckpoint:
         self.committed = False
 
     def __repr__(self) -> str:
-        return f"PendingCheckpoint(step={self.step}, path={str(self.path)!r})"
+        return f"PendingCheckpoint(step={self.step}, path={str(self.path)!r}, committed={self.committed})"
 
     def __enter__(self) -> PendingCheckpoint:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            _make_root(self.root)
             with _root_lock(self.root):
                 _clean_leftovers(self.root)
                 os.mkdir(self.path, 0o755)
@@ -142,6 +217,9 @@ class PendingCheckpoint:
         except OSError as exc:
             self._discard()
             raise write_error(exc, self.root, "prepare the checkpoint folder") from exc
+        except BaseException:
+            self._discard()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -150,49 +228,89 @@ class PendingCheckpoint:
 
     def _discard(self) -> None:
         if self.dir_fd >= 0:
-            os.close(self.dir_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.dir_fd)
             self.dir_fd = -1
         shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self, *, overwrite: bool = False) -> Path:
-        """Make the folder durable and rename it to its final name; returns that path."""
-        trash = None
+        """Make the folder durable and rename it to its final name; returns that path.
+
+        Raises :class:`CheckpointExistsError` if the step exists and ``overwrite`` is False,
+        :class:`CheckpointWriteError` for any other failure (the folder is then removed by
+        ``__exit__`` unless it was already renamed into place).
+        """
+        replaced: Path | None = None
+        action = "sync the checkpoint folder"
         try:
             fsync_dir(self.dir_fd)
             with _root_lock(self.root):
-                if os.path.lexists(self.final):
-                    if not overwrite:
-                        raise CheckpointExistsError(
-                            f"{self.final}: a checkpoint for step {self.step} already exists; "
-                            "pass overwrite=True to replace it or save under another step"
-                        )
-                    trash = self.root / f"{TRASH_PREFIX}{self.final.name}.{uuid.uuid4().hex}"
-                    os.rename(self.final, trash)
-                os.rename(self.path, self.final)
+                action = "rename the checkpoint into place"
+                replaced = self._publish(overwrite)
                 self.committed = True
-                root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    fsync_dir(root_fd)
-                finally:
-                    os.close(root_fd)
+                action = "sync the parent folder after renaming the checkpoint into place (the new "
+                action += "checkpoint is visible but may not survive a power loss)"
+                _fsync_path(self.root)
+                if replaced is not None and replaced.name.startswith(TRASH_PREFIX):
+                    # Past this point it must never be restored: rename it to a deletion name.
+                    deleted = self.root / f"{TRASH_PREFIX}{_DELETED}{uuid.uuid4().hex}"
+                    with contextlib.suppress(OSError):
+                        os.rename(replaced, deleted)
+                        replaced = deleted
+        except CheckpointExistsError:
+            raise
         except OSError as exc:
-            if isinstance(exc, CheckpointExistsError):
-                raise
-            raise write_error(exc, self.final, "commit the checkpoint") from exc
+            raise write_error(exc, self.final, action) from exc
         finally:
-            os.close(self.dir_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.dir_fd)
             self.dir_fd = -1
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         return self.final
+
+    def _publish(self, overwrite: bool) -> Path | None:
+        """Rename the temporary folder to ``final`` (lock held); returns what it replaced."""
+        exists = os.path.lexists(self.final)
+        if exists and not overwrite:
+            raise self._exists_error()
+        if not exists:
+            try:
+                if not _renameat2(self.path, self.final, _RENAME_NOREPLACE):
+                    os.rename(self.path, self.final)  # lock held and checked: nothing can appear
+            except FileExistsError:
+                raise self._exists_error() from None
+            return None
+        if _renameat2(self.path, self.final, _RENAME_EXCHANGE):
+            return self.path  # now holds the replaced checkpoint, hidden under the temporary name
+        trash = self.root / f"{TRASH_PREFIX}{self.final.name}.{uuid.uuid4().hex}"
+        os.rename(self.final, trash)
+        try:
+            os.rename(self.path, self.final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rename(trash, self.final)  # put the old checkpoint straight back
+            raise
+        return trash
+
+    def _exists_error(self) -> CheckpointExistsError:
+        return CheckpointExistsError(
+            f"{self.final}: a checkpoint for step {self.step} already exists; "
+            "pass overwrite=True to replace it or save under another step"
+        )
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Delete a committed checkpoint so that no half-deleted folder is ever visible as one."""
+    """Delete a committed checkpoint so that no half-deleted folder is ever visible as one.
+
+    Example:
+        >>> remove_checkpoint("checkpoints/step-00000100")  # doctest: +SKIP
+    """
     path = Path(path)
-    hidden = path.parent / f"{TRASH_PREFIX}deleted.{uuid.uuid4().hex}"
+    hidden = path.parent / f"{TRASH_PREFIX}{_DELETED}{uuid.uuid4().hex}"
     with _root_lock(path.parent):
         os.rename(path, hidden)
+        _fsync_path(path.parent)
     shutil.rmtree(hidden, ignore_errors=True)
 
 
@@ -203,6 +321,7 @@ def write_error(exc: OSError, path: Path, action: str) -> CheckpointWriteError:
         errno.EDQUOT: "the disk quota is exhausted; free space or save elsewhere",
         errno.EFBIG: "the file-size limit was exceeded (ulimit -f); raise it",
         errno.EACCES: "permission denied; check the folder's permissions",
+        errno.EPERM: "operation not permitted; check the folder's permissions",
         errno.EROFS: "the file system is read-only; save elsewhere",
         errno.EIO: "an I/O error occurred; check the storage device",
     }.get(exc.errno or 0, "see the cause above")
