@@ -26,7 +26,19 @@ MAX_TENSORS_PER_FILE = 1_000_000
 MAX_TENSOR_NDIM = 64
 
 MAX_DOCUMENT_BYTES = 512 * 1024 * 1024
-"""Largest msgpack or JSON document (structure, config, vocabulary) a reader accepts."""
+"""Largest msgpack structure document a reader accepts (``bytes`` leaves may be large)."""
+
+MAX_JSON_BYTES = 64 * 1024 * 1024
+"""Largest ``config.json`` / ``vocab.json`` (and JSON inside metadata) a reader accepts. JSON
+grows up to ~20-fold when parsed into Python objects, hence a tighter bound than msgpack's."""
+
+MAX_DOCUMENT_ITEMS = 10_000_000
+"""Most list elements plus map entries in one msgpack or JSON document (counted while
+decoding; for JSON, every ``[`` and ``{`` counts as one). Bounds memory: one byte of msgpack can
+otherwise become a 64-byte Python dict."""
+
+MAX_STEP = 2**63 - 1
+"""Largest training step a manifest may record."""
 
 MAX_NESTING_DEPTH = 64
 """Deepest nesting of containers in a JSON document, and of containers (list, tuple, dict) in a

@@ -88,7 +88,7 @@ class Manifest:
                 f"{source}: manifest is {len(data)} bytes, over the limit of "
                 f"{limits.MAX_MANIFEST_BYTES}; this is not a safeckpt manifest"
             )
-        doc = load_json(data, source=source)
+        doc = load_json(data, source=source, limit=limits.MAX_MANIFEST_BYTES)
         return _parse(doc, source)
 
 
@@ -104,13 +104,13 @@ def _parse(doc: object, source: str) -> Manifest:
         raise _fail(source, f"expected a JSON object, found {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
         raise UnsupportedFormatError(
-            f"{source}: 'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}; "
+            f"{source}: 'format' is {_short(doc.get('format'))}, expected {FORMAT_NAME!r}; "
             "this file is not a safeckpt manifest"
         )
     version = doc.get("format_version")
-    match = re.fullmatch(r"(\d{1,6})\.(\d{1,6})", version) if isinstance(version, str) else None
+    match = re.fullmatch(r"([0-9]{1,6})\.([0-9]{1,6})", version) if isinstance(version, str) else None
     if match is None:
-        raise _fail(source, f"'format_version' is {version!r}, expected 'MAJOR.MINOR'")
+        raise _fail(source, f"'format_version' is {_short(version)}, expected 'MAJOR.MINOR'")
     major, minor = int(match.group(1)), int(match.group(2))
     if major != FORMAT_VERSION[0]:
         raise UnsupportedFormatError(
@@ -118,8 +118,8 @@ def _parse(doc: object, source: str) -> Manifest:
             f"(it reads {FORMAT_VERSION[0]}.x); upgrade safeckpt to load this checkpoint"
         )
     step = doc.get("step")
-    if not _is_int(step) or step < 0:
-        raise _fail(source, f"'step' is {step!r}, expected a non-negative integer")
+    if not _is_int(step) or not 0 <= step <= limits.MAX_STEP:
+        raise _fail(source, f"'step' is {_short(step)}, expected an integer from 0 to {limits.MAX_STEP}")
     created = doc.get("created", "")
     if not isinstance(created, str):
         raise _fail(source, "'created' must be a string")
@@ -150,8 +150,8 @@ def _parse_entry(name: str, entry: JSONValue, source: str) -> FileEntry:
     if not isinstance(entry, dict):
         raise _fail(source, f"entry for {name!r} must be an object")
     size, digest = entry.get("size"), entry.get("sha256")
-    if not _is_int(size) or size < 0:
-        raise _fail(source, f"'size' of {name!r} is {size!r}, expected a non-negative integer")
+    if not _is_int(size) or not 0 <= size < 2**63:
+        raise _fail(source, f"'size' of {name!r} is {_short(size)}, expected a non-negative 64-bit integer")
     if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
         raise _fail(source, f"'sha256' of {name!r} must be 64 lower-case hex digits")
     return FileEntry(name, size, digest)
@@ -167,9 +167,14 @@ def check_file_name(name: str, *, source: str) -> None:
     ):
         raise _fail(
             source,
-            f"file name {name!r} is not allowed (names must match "
+            f"file name {_short(name)} is not allowed (names must match "
             f"{limits.FILE_NAME_PATTERN.pattern}: no paths, no '..', no leading dot)",
         )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -33,7 +33,12 @@ T = TypeVar("T")
 
 def key_path(path: tuple[object, ...]) -> str:
     """Human-readable location of a value, e.g. ``optimizer['state'][0]['exp_avg']``."""
-    return "".join(f"[{p!r}]" for p in path) or "<root>"
+    return "".join(f"[{_short(p)}]" for p in path) or "<root>"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def encode_document(
@@ -127,12 +132,12 @@ def decode_document(
                     raise fail("dict entries must be [key, value] pairs", path)
                 key = pair[0]
                 if type(key) not in (str, int):
-                    raise fail(f"dict key {key!r} must be a str or int", path)
+                    raise fail(f"dict key {_short(key)} must be a str or int", path)
                 if key in out:
-                    raise fail(f"duplicate dict key {key!r}", path)
+                    raise fail(f"duplicate dict key {_short(key)}", path)
                 out[key] = decode(pair[1], (*path, key), depth + 1)
             return out
-        raise fail(f"unknown tag {tag!r}", path)
+        raise fail(f"unknown tag {_short(tag)}", path)
 
     if type(document) is not dict or set(document) != {"version", "root"}:
         raise CheckpointCorruptedError(
@@ -140,7 +145,7 @@ def decode_document(
         )
     if type(document["version"]) is not int or document["version"] != TREE_VERSION:
         raise CheckpointCorruptedError(
-            f"{source}: structure version {document['version']!r} is not supported "
+            f"{source}: structure version {_short(document['version'])} is not supported "
             f"(expected {TREE_VERSION}); upgrade safeckpt"
         )
     return decode(document["root"], (), 0)
