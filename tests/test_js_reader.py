@@ -1,0 +1,85 @@
+"""The JavaScript reader (spec/readers/js) reads a checkpoint the Python writer just saved."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import safeckpt
+import safeckpt.numpy
+
+JS = Path(__file__).resolve().parent.parent / "spec" / "readers" / "js"
+NODE = shutil.which("node")
+
+pytestmark = [
+    pytest.mark.skipif(NODE is None, reason="node is not installed (Node >= 18 runs the JavaScript reader)"),
+    pytest.mark.skipif(
+        not (JS / "node_modules" / "@msgpack" / "msgpack").is_dir(),
+        reason="JavaScript reader dependencies missing: run `npm ci --prefix spec/readers/js` (make test does)",
+    ),
+]
+
+
+def _cli(path: Path) -> subprocess.CompletedProcess[str]:
+    assert NODE is not None
+    return subprocess.run([NODE, str(JS / "cli.mjs"), str(path)], capture_output=True, text=True, timeout=120)
+
+
+def _python_listing(path: Path) -> list[dict[str, object]]:
+    """What the CLI must print for "tensors", computed by the numpy reader."""
+    rows: list[dict[str, object]] = []
+    for entry in safeckpt.verify_checkpoint(path).files:
+        if entry.name.endswith(".safetensors"):
+            arrays, _ = safeckpt.numpy.arrays_from_buffer(bytearray((path / entry.name).read_bytes()), source=entry.name)
+            rows += [
+                {"file": entry.name, "name": name, "dtype": next(k for k, d in safeckpt.numpy.NUMPY_DTYPES.items() if d == a.dtype),
+                 "shape": list(a.shape), "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+                for name, a in arrays.items()
+            ]
+    return rows
+
+
+def test_js_reader_reads_a_fresh_checkpoint(saved: Path) -> None:
+    run = _cli(saved.parent)  # the root: the reader must pick the newest step itself
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    ckpt = safeckpt.load_checkpoint(saved, restore_rng=False)
+    assert out["step"] == ckpt.step and out["config"] == ckpt.config and out["vocab"] == ckpt.vocab
+    assert out["tensors"] == _python_listing(saved)
+    files = {row["file"] for row in out["tensors"]}
+    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors"}  # extra.safetensors holds none
+    model_rows = {row["name"]: row for row in out["tensors"] if row["file"] == "model.safetensors"}
+    weight = ckpt.model_state["embed.weight"]
+    assert model_rows["embed.weight"]["sha256"] == hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+    assert "head.weight" not in model_rows  # tied: stored once
+
+
+def test_js_reader_reads_every_dtype(tmp_path: Path) -> None:
+    from safeckpt.tensors import TORCH_DTYPES
+
+    state = {name: torch.arange(4, dtype=torch.float32).to(dtype) for name, dtype in TORCH_DTYPES.items()}
+    path = safeckpt.save_checkpoint(state, None, {"big": 2**64 - 1, "x": 2.0}, None, 9, directory=tmp_path,
+                                    extra={"t": (torch.zeros(0), b"\x00", {3: float("nan")})})
+    run = _cli(path)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["config"] == {"big": 2**64 - 1, "x": 2.0} and type(out["config"]["x"]) is float
+    assert out["tensors"] == _python_listing(path)
+    assert {row["dtype"] for row in out["tensors"] if row["file"] == "model.safetensors"} == set(TORCH_DTYPES)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.msgpack", "config.json"])
+def test_js_reader_names_the_corrupt_file(saved: Path, name: str) -> None:
+    target = saved / name
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    run = _cli(saved)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith("error: CheckpointCorruptedError:") and name in run.stderr
