@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 
 __all__ = ["capture_rng", "restore_rng"]
 
@@ -65,7 +65,28 @@ def capture_rng(generators: Mapping[str, Generator] | None = None) -> dict[str, 
 def restore_rng(
     state: object, generators: Mapping[str, Generator] | None = None, *, source: str
 ) -> None:
-    """Put every generator back to the captured state; ``source`` names the checkpoint."""
+    """Put every generator back to the captured state; ``source`` names the checkpoint.
+
+    All or nothing: if any part of ``state`` is malformed, every generator is rolled back and
+    :class:`CheckpointCorruptedError` (or :class:`CheckpointMismatchError`) is raised.
+    """
+    previous = capture_rng(generators)
+    try:
+        _restore_unchecked(state, generators, source=source)
+    except Exception as exc:
+        _restore_unchecked(previous, generators, source=source)
+        if isinstance(exc, (CheckpointError, Warning)):  # a warning only when turned into an error
+            raise
+        # torch, random and numpy validate the states themselves, each with its own exception.
+        raise CheckpointCorruptedError(
+            f"{source}: RNG state is malformed ({type(exc).__name__}: {str(exc)[:200]}); the "
+            "checkpoint is damaged, or pass restore_rng=False to load it without the RNG state"
+        ) from None
+
+
+def _restore_unchecked(
+    state: object, generators: Mapping[str, Generator] | None = None, *, source: str
+) -> None:
     if not isinstance(state, dict) or "python" not in state or "torch" not in state:
         raise CheckpointMismatchError(f"{source}: RNG state is malformed; it cannot be restored")
     version, internal, gauss = state["python"]
@@ -84,7 +105,7 @@ def restore_rng(
                 f"{source}: checkpoint has RNG state for {len(cuda)} CUDA device(s), this process "
                 f"has {available}; restoring {min(available, len(cuda))}, so GPU randomness will "
                 "differ from the original run",
-                stacklevel=3,
+                stacklevel=4,
             )
         for index in range(min(available, len(cuda))):
             torch.cuda.set_rng_state(cuda[index], index)
