@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .documents import load_json, load_msgpack
-from .errors import CheckpointCorruptedError, CheckpointMismatchError
+from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 from .manifest import MANIFEST_NAME, Manifest
 from .reading import locate_checkpoint, read_checkpoint_files
 from .rng import restore_rng as restore_rng_state
@@ -164,9 +164,9 @@ def load_checkpoint(
     if model is not None:
         model.load_state_dict(model_state, strict=strict)
     if optimizer is not None:
-        optimizer.load_state_dict(trees["optimizer"])  # type: ignore[arg-type]
+        _restore_in_place(optimizer, trees["optimizer"], f"{folder}: optimizer")
     if scheduler is not None:
-        scheduler.load_state_dict(trees["scheduler"])  # type: ignore[attr-defined]
+        _restore_in_place(scheduler, trees["scheduler"], f"{folder}: scheduler")
     for name, target in (extra or {}).items():
         _restore_in_place(target, extra_state[name], f"{folder}: extra[{name!r}]")
     if restore_rng is not False:
@@ -191,7 +191,18 @@ def load_checkpoint(
 def _restore_in_place(target: object, state: object, label: str) -> None:
     load = getattr(target, "load_state_dict", None)
     if callable(load):
-        load(state)
+        try:
+            load(state)
+        except CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
+            # The checks before copying cannot know every key a torch optimizer or scheduler
+            # expects; a state that passes them and still does not fit must not escape as KeyError.
+            raise CheckpointMismatchError(
+                f"{label}: the saved state does not fit {type(target).__qualname__} "
+                f"({type(exc).__name__}: {str(exc)[:200]}); the checkpoint is damaged or was saved "
+                "from a different kind of object"
+            ) from exc
     else:
         raise CheckpointMismatchError(
             f"{label}: cannot restore into {type(target).__qualname__}; pass objects with "
