@@ -145,6 +145,11 @@ def _(folder: Path) -> None:
     _edit_manifest(folder, lambda m: m.update(step=-1))
 
 
+@case("manifest-step-too-large", "step is 2^63, beyond a signed 64-bit integer", CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_manifest(folder, lambda m: m.update(step=2**63))
+
+
 @case("manifest-uppercase-sha", "a sha256 in upper-case hex", CORRUPTED, "manifest.json")
 def _(folder: Path) -> None:
     _edit_manifest(folder, lambda m: m["files"]["config.json"].update(sha256=m["files"]["config.json"]["sha256"].upper()))  # type: ignore[index]
@@ -217,6 +222,20 @@ def _(folder: Path) -> None:
 def _(folder: Path) -> None:
     _model_with(folder, {"embed.weight": {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]},
                          "head.bias": {"dtype": "F128", "shape": [1], "data_offsets": [32, 48]}})
+
+
+@case("safetensors-bool-byte", "a BOOL tensor holds a byte other than 0 and 1", CORRUPTED, "model.safetensors")
+def _(folder: Path) -> None:
+    _model_with(folder, {"embed.weight": {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]},
+                         "head.bias": {"dtype": "BOOL", "shape": [16], "data_offsets": [32, 48]}},
+                _model_data(folder)[:32] + bytes([0, 1, 2, 0] * 4))
+
+
+@case("safetensors-stride-overflow", "an empty tensor whose shape overflows 64-bit strides", CORRUPTED, "model.safetensors")
+def _(folder: Path) -> None:
+    _model_with(folder, {"embed.weight": {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]},
+                         "head.bias": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]},
+                         "huge": {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [48, 48]}})
 
 
 @case("safetensors-bad-metadata", "a __metadata__ value is not a string", CORRUPTED, "model.safetensors")

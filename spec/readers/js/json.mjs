@@ -20,7 +20,7 @@ const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[
 const ESCAPES = { '"': '"', "\\": "\\", "/": "/", b: "\b", f: "\f", n: "\n", r: "\r", t: "\t" };
 
 /** Decode UTF-8 bytes and parse one JSON value; throws JsonError on any deviation. */
-export function parseJson(bytes, { typed = false, maxDepth = 64, maxItems = Infinity } = {}) {
+export function parseJson(bytes, { typed = false, maxDepth = 64, maxMembers = Infinity } = {}) {
   let text;
   try {
     text = STRICT_UTF8.decode(bytes);
@@ -28,7 +28,7 @@ export function parseJson(bytes, { typed = false, maxDepth = 64, maxItems = Infi
     throw new JsonError("not valid UTF-8");
   }
   let pos = 0;
-  let items = 0;
+  let members = 0;
 
   const fail = (what) => {
     throw new JsonError(`${what} at character ${pos}`);
@@ -41,7 +41,7 @@ export function parseJson(bytes, { typed = false, maxDepth = 64, maxItems = Infi
     }
   };
   const spend = () => {
-    if (++items > maxItems) fail(`more than ${maxItems} array elements and object members`);
+    if (++members > maxMembers) fail(`more than ${maxMembers} object members`);
   };
 
   const parseString = () => {
@@ -138,7 +138,6 @@ export function parseJson(bytes, { typed = false, maxDepth = 64, maxItems = Infi
         return arr;
       }
       for (;;) {
-        spend();
         arr.push(parseValue(depth + 1));
         skipSpace();
         if (text[pos] === ",") {

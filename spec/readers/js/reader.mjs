@@ -28,6 +28,9 @@ export const LIMITS = {
   MAX_TENSORS_PER_FILE: 1_000_000,
   MAX_TENSOR_NDIM: 64,
   MAX_DOCUMENT_BYTES: 512 * 1024 * 1024,
+  MAX_JSON_BYTES: 64 * 1024 * 1024,
+  MAX_DOCUMENT_ITEMS: 10_000_000,
+  MAX_STEP: 2n ** 63n - 1n,
   MAX_NESTING_DEPTH: 64,
   MAX_MSGPACK_DEPTH: 3 * 64 + 2,
 };
@@ -115,13 +118,7 @@ export function parseManifest(bytes, source) {
   const fail = (what) => {
     throw new CheckpointCorruptedError(`${source}: invalid manifest: ${what}`);
   };
-  let doc;
-  try {
-    doc = parseJson(bytes, { typed: true, maxDepth: LIMITS.MAX_NESTING_DEPTH });
-  } catch (error) {
-    if (error instanceof JsonError) fail(`invalid JSON (${error.message})`);
-    throw error;
-  }
+  const doc = jsonDocument(bytes, source, LIMITS.MAX_MANIFEST_BYTES);
   if (!isObject(doc)) fail("expected a JSON object");
   if (doc.format !== FORMAT_NAME) throw new UnsupportedFormatError(`${source}: 'format' is ${JSON.stringify(plain(doc.format) ?? null)}, expected "safeckpt"; not a safeckpt manifest`);
   const version = typeof doc.format_version === "string" ? /^([0-9]{1,6})\.([0-9]{1,6})$/.exec(doc.format_version) : null;
@@ -129,7 +126,7 @@ export function parseManifest(bytes, source) {
   const [major, minor] = [Number(version[1]), Number(version[2])];
   if (major !== FORMAT_MAJOR) throw new UnsupportedFormatError(`${source}: format version ${major}.${minor} is not supported by this reader (it reads ${FORMAT_MAJOR}.x)`);
   const { step, created = "", producer = {}, metadata = {}, files } = doc;
-  if (!isInt(step) || step < 0) fail("'step' must be a non-negative integer");
+  if (!isInt(step) || step < 0 || BigInt(step) > LIMITS.MAX_STEP) fail(`'step' must be an integer from 0 to ${LIMITS.MAX_STEP}`);
   if (typeof created !== "string") fail("'created' must be a string");
   if (!isObject(producer) || !Object.values(producer).every((v) => typeof v === "string")) fail("'producer' must be an object of strings");
   if (!isObject(metadata)) fail("'metadata' must be an object");
@@ -140,7 +137,7 @@ export function parseManifest(bytes, source) {
     if (!FILE_NAME.test(name) || name === MANIFEST_NAME) fail(`file name ${JSON.stringify(name)} is not allowed (no paths, no '..', no leading dot)`);
     const entry = files[name];
     if (!isObject(entry)) fail(`entry for ${JSON.stringify(name)} must be an object`);
-    if (!isInt(entry.size) || entry.size < 0) fail(`'size' of ${JSON.stringify(name)} must be a non-negative integer`);
+    if (!isInt(entry.size) || entry.size < 0 || BigInt(entry.size) > LIMITS.MAX_STEP) fail(`'size' of ${JSON.stringify(name)} must be a non-negative integer`);
     if (typeof entry.sha256 !== "string" || !SHA256_HEX.test(entry.sha256)) fail(`'sha256' of ${JSON.stringify(name)} must be 64 lower-case hex digits`);
     return { name, size: Number(entry.size), sha256: entry.sha256 };
   });
@@ -177,9 +174,17 @@ function archive(bytes, source) {
   });
 }
 
-function jsonDocument(bytes, source) {
+/** Strict JSON with the format's bounds: size, nesting, '[' + '{' count, object member count. */
+function jsonDocument(bytes, source, limit = LIMITS.MAX_JSON_BYTES) {
+  const fail = (what) => {
+    throw new CheckpointCorruptedError(`${source}: ${what}; the file is damaged or not a safeckpt file`);
+  };
+  if (bytes.byteLength > limit) fail(`JSON document of ${bytes.byteLength} bytes exceeds the limit of ${limit}`);
+  let containers = 0;
+  for (const b of bytes) if (b === 0x5b || b === 0x7b) containers++;
+  if (containers > LIMITS.MAX_DOCUMENT_ITEMS) fail(`${containers} JSON arrays and objects exceed ${LIMITS.MAX_DOCUMENT_ITEMS}`);
   try {
-    return parseJson(bytes, { typed: true, maxDepth: LIMITS.MAX_NESTING_DEPTH });
+    return parseJson(bytes, { typed: true, maxDepth: LIMITS.MAX_NESTING_DEPTH, maxMembers: LIMITS.MAX_DOCUMENT_ITEMS });
   } catch (error) {
     if (error instanceof JsonError) throw new CheckpointCorruptedError(`${source}: invalid JSON (${error.message})`);
     throw error;
@@ -292,7 +297,9 @@ export function readCheckpoint(target, { verify = true } = {}) {
     const byName = new Map(treeTensors.map((t) => [t.name, t]));
     const docSource = path.join(folder, docName);
     try {
-      documents[name] = decodeMsgpack(buffers.get(docName), { maxDepth: LIMITS.MAX_MSGPACK_DEPTH });
+      const bytes = buffers.get(docName);
+      if (bytes.byteLength > LIMITS.MAX_DOCUMENT_BYTES) throw new Error(`document of ${bytes.byteLength} bytes exceeds ${LIMITS.MAX_DOCUMENT_BYTES}`);
+      documents[name] = decodeMsgpack(bytes, { maxDepth: LIMITS.MAX_MSGPACK_DEPTH, maxItems: LIMITS.MAX_DOCUMENT_ITEMS });
     } catch (error) {
       if (error instanceof CheckpointCorruptedError) throw error;
       throw new CheckpointCorruptedError(`${docSource}: invalid msgpack (${error.message})`);

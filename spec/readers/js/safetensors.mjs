@@ -89,6 +89,9 @@ export function parseArchive(blob, { limits, fail }) {
     if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isSize)) {
       fail(`tensor ${JSON.stringify(name)} has invalid data_offsets`);
     }
+    if (shape.reduce((a, d) => a * (BigInt(d) > 1n ? BigInt(d) : 1n), 1n) * BigInt(DTYPES[dtype][0]) >= TWO_63) {
+      fail(`tensor ${JSON.stringify(name)} has a shape too large for 64-bit strides`); // even when empty
+    }
     const [begin, end] = offsets.map(BigInt);
     const needed = shape.reduce((a, d) => a * BigInt(d), 1n) * BigInt(DTYPES[dtype][0]);
     if (end - begin !== needed) {
@@ -103,6 +106,11 @@ export function parseArchive(blob, { limits, fail }) {
     position = info.end;
   }
   if (position !== BigInt(total)) fail(`tensor data ends at byte ${position} but the file has ${total} bytes`);
+  for (const info of infos) {
+    if (info.dtype !== "BOOL") continue;
+    const data = blob.subarray(Number(info.begin), Number(info.end));
+    if (data.some((b) => b > 1)) fail(`bool tensor ${JSON.stringify(info.name)} holds bytes other than 0 and 1`);
+  }
   const tensors = infos.map((i) => new Tensor(i.name, i.dtype, i.shape, blob.subarray(Number(i.begin), Number(i.end))));
   return { tensors, metadata };
 }
