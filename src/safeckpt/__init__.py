@@ -29,6 +29,11 @@ from .errors import UnsupportedValueError as UnsupportedValueError
 # from a module that imports torch, add it here (name -> module) and to __all__.
 _LAZY = {
     "Checkpoint": ".loader",
+    "CheckpointManager": ".manager",
+    "Divergence": ".resume",
+    "ResumeReport": ".resume",
+    "TrainState": ".resume",
+    "check_resume": ".resume",
     "load_checkpoint": ".loader",
     "PendingSave": ".saver",
     "save_checkpoint": ".saver",
@@ -38,6 +43,11 @@ _LAZY = {
 if TYPE_CHECKING:
     from .loader import Checkpoint as Checkpoint
     from .loader import load_checkpoint as load_checkpoint
+    from .manager import CheckpointManager as CheckpointManager
+    from .resume import Divergence as Divergence
+    from .resume import ResumeReport as ResumeReport
+    from .resume import TrainState as TrainState
+    from .resume import check_resume as check_resume
     from .saver import PendingSave as PendingSave
     from .saver import save_checkpoint as save_checkpoint
     from .verify import verify_checkpoint as verify_checkpoint
@@ -62,13 +72,18 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointFallbackWarning",
+    "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "Divergence",
     "PendingSave",
+    "ResumeReport",
+    "TrainState",
     "UnsupportedFormatError",
     "UnsupportedValueError",
     "__version__",
+    "check_resume",
     "load_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",

@@ -1,0 +1,344 @@
+"""``CheckpointManager``: periodic saves, retention, and automatic resume from the newest good one.
+
+One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (see :mod:`safeckpt.commit`).
+
+* ``save`` writes a checkpoint (optionally in the background, at most one in flight) and only
+  after it is committed applies retention: the ``keep_last`` newest steps are kept, plus every
+  step divisible by ``keep_every``, plus the one just written.
+* ``latest`` / ``restore`` pick the newest checkpoint that verifies. When a newer one is
+  incomplete or damaged they fall back to the previous one and say so, with a
+  :class:`~safeckpt.errors.CheckpointFallbackWarning` and a log line, naming both checkpoints
+  and the reason. If checkpoints exist but none verifies they raise rather than silently
+  starting from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from .commit import list_checkpoints, parse_step, remove_checkpoint, step_dirname
+from .errors import (
+    CheckpointCorruptedError,
+    CheckpointExistsError,
+    CheckpointFallbackWarning,
+    CheckpointNotFoundError,
+)
+from .loader import Checkpoint, load_checkpoint
+from .manifest import MANIFEST_NAME
+from .saver import CheckpointPlan, plan_checkpoint, write_checkpoint
+from .verify import verify_checkpoint
+
+__all__ = ["CheckpointManager"]
+
+logger = logging.getLogger("safeckpt")
+
+_UNREADABLE = (CheckpointCorruptedError, CheckpointNotFoundError)
+"""What a damaged or incomplete checkpoint raises when read; anything else is the caller's problem."""
+
+
+class _Returned:
+    """Stands in for an ``extra`` value without ``load_state_dict``: its presence is checked with
+    the rest before anything is restored, and its state is only returned in ``Checkpoint.extra``."""
+
+    def load_state_dict(self, state: object) -> None:
+        pass
+
+
+class _BackgroundSave:
+    """One checkpoint being written on a thread, then retention; :meth:`wait` re-raises its error."""
+
+    def __init__(self, manager: CheckpointManager, plan: CheckpointPlan, step: int, overwrite: bool) -> None:
+        self.step = step
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(manager, plan, overwrite), name=f"safeckpt-manager-save-{step}"
+        )
+        self.thread.start()
+
+    def _run(self, manager: CheckpointManager, plan: CheckpointPlan, overwrite: bool) -> None:
+        try:
+            write_checkpoint(plan, manager.directory, overwrite=overwrite)
+            manager._apply_retention(self.step)
+        except BaseException as exc:  # handed to the caller by wait()
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+class CheckpointManager:
+    """Save checkpoints of a training run into one folder and resume from the newest good one.
+
+    Args:
+        directory: root folder of the run's checkpoints (created on the first save).
+        keep_last: keep only this many newest checkpoints (None keeps all). Older ones are
+            deleted only after a new checkpoint has been committed.
+        keep_every: additionally keep forever every checkpoint whose step is a multiple of this.
+        async_save: ``save`` returns as soon as the state is copied and writes in the
+            background; the next ``save``, ``wait``, ``restore``, ``latest`` or ``close`` waits
+            for it and raises its error, if any.
+
+    Example:
+        >>> mgr = CheckpointManager("checkpoints", keep_last=3, keep_every=1000)  # doctest: +SKIP
+        >>> ckpt = mgr.restore(model=model, optimizer=opt, scheduler=sched)  # doctest: +SKIP
+        >>> start = ckpt.step + 1 if ckpt is not None else 0  # doctest: +SKIP
+        >>> for step in range(start, total):  # doctest: +SKIP
+        ...     train_one_step()
+        ...     if step % 100 == 0:
+        ...         mgr.save(step, model=model, optimizer=opt, scheduler=sched)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        async_save: bool = False,
+    ) -> None:
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"CheckpointManager: {name} must be a positive int or None, got {value!r}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self._pending: _BackgroundSave | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager({str(self.directory)!r}, keep_last={self.keep_last}, "
+            f"keep_every={self.keep_every}, async_save={self.async_save})"
+        )
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Steps of the committed checkpoints, oldest first (not verified; see :meth:`latest`)."""
+        return [step for step, _ in list_checkpoints(self.directory)]
+
+    def path(self, step: int) -> Path:
+        """Where the checkpoint for ``step`` lives (whether or not it exists)."""
+        return self.directory / step_dirname(step)
+
+    def _candidates(self) -> list[tuple[int, Path, str | None]]:
+        """Every ``step-*`` folder, newest first, with why it is unusable when that is already known
+        (a folder without a manifest was never committed, e.g. a partial copy of a run)."""
+        found: list[tuple[int, Path, str | None]] = []
+        try:
+            entries = list(os.scandir(self.directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for entry in entries:
+            step = parse_step(entry.name)
+            if step is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            path = self.directory / entry.name
+            committed = (path / MANIFEST_NAME).is_file()
+            found.append((step, path, None if committed else f"{MANIFEST_NAME} is missing (it was never committed)"))
+        return sorted(found, key=lambda item: item[0], reverse=True)
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies completely, or None when there is none at all.
+
+        Newer checkpoints that are incomplete or damaged are skipped with a
+        :class:`~safeckpt.errors.CheckpointFallbackWarning` and a log line. Raises
+        :class:`~safeckpt.errors.CheckpointCorruptedError` when checkpoints exist but none verifies.
+        """
+        self.wait()
+        return self._first_good(verify_checkpoint)
+
+    def _first_good(self, attempt: Callable[[Path], object]) -> Path | None:
+        """Try ``attempt(path)`` on each checkpoint, newest first; returns the first that succeeds."""
+        failures: list[tuple[Path, str]] = []
+        for _, path, known_bad in self._candidates():
+            if known_bad is not None:
+                failures.append((path, known_bad))
+                continue
+            try:
+                attempt(path)
+            except _UNREADABLE as exc:
+                failures.append((path, str(exc)))
+                continue
+            if failures:
+                self._announce_fallback(failures, path)
+            return path
+        if failures:
+            listing = "; ".join(f"{path.name}: {why}" for path, why in failures)
+            raise CheckpointCorruptedError(
+                f"{self.directory}: none of the {len(failures)} checkpoint(s) verifies ({listing}); "
+                "restore a copy of the folder, or move it aside to start the run from scratch"
+            )
+        return None
+
+    def _announce_fallback(self, failures: list[tuple[Path, str]], chosen: Path) -> None:
+        newest, why = failures[0]
+        skipped = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        message = (
+            f"checkpoint {newest} cannot be used: {why}; falling back to {chosen}{skipped}. "
+            "Training resumes from the older step"
+        )
+        logger.warning("%s", message)
+        warnings.warn(message, CheckpointFallbackWarning, stacklevel=4)
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: torch.nn.Module | Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | Mapping[str, object] | None = None,
+        scheduler: object | None = None,
+        config: object | None = None,
+        vocab: object | None = None,
+        extra: Mapping[str, object] | None = None,
+        metadata: Mapping[str, object] | None = None,
+        rng: bool | Mapping[str, object] = True,
+        overwrite: bool = False,
+    ) -> Path:
+        """Save a checkpoint for ``step`` and apply retention once it is committed.
+
+        Arguments are those of :func:`~safeckpt.save_checkpoint`. A checkpoint already present
+        for ``step`` raises :class:`~safeckpt.errors.CheckpointExistsError` unless
+        ``overwrite=True`` - or unless it fails verification (e.g. the run was resumed from an
+        earlier step because this one was damaged), in which case it is replaced.
+
+        Returns:
+            The checkpoint's folder. With ``async_save=True`` it is returned once the state has
+            been copied, before the folder exists; :meth:`wait` returns when it does.
+        """
+        self.wait()
+        if not overwrite:
+            overwrite = self._replace_if_damaged(step)
+        plan = plan_checkpoint(
+            model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
+        )
+        if self.async_save:
+            plan.snapshot()
+            self._pending = _BackgroundSave(self, plan, step, overwrite)
+            return self.path(step)
+        path = write_checkpoint(plan, self.directory, overwrite=overwrite)
+        self._apply_retention(step)
+        return path
+
+    def _replace_if_damaged(self, step: int) -> bool:
+        path = self.path(step)
+        if not path.exists():
+            return False
+        try:
+            verify_checkpoint(path)
+        except _UNREADABLE as exc:
+            logger.warning("replacing damaged checkpoint %s: %s", path, exc)
+            return True
+        raise CheckpointExistsError(
+            f"{path}: a checkpoint for step {step} already exists and verifies; pass "
+            "overwrite=True to replace it, or restore() before training so the loop starts after it"
+        )
+
+    def _apply_retention(self, just_saved: int) -> None:
+        if self.keep_last is None:
+            return
+        committed = list_checkpoints(self.directory)
+        keep = {step for step, _ in committed[-self.keep_last :]} | {just_saved}
+        if self.keep_every is not None:
+            keep |= {step for step, _ in committed if step % self.keep_every == 0}
+        for step, path in committed:
+            if step not in keep:
+                remove_checkpoint(path)
+                logger.info("removed checkpoint %s (keep_last=%s)", path, self.keep_last)
+
+    def wait(self) -> None:
+        """Block until a background save has committed; raises its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
+
+    def close(self) -> None:
+        """Wait for a background save to finish (raising its error); the manager stays usable."""
+        self.wait()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not hide the error in flight behind the save's
+            try:
+                self.close()
+            except Exception as save_error:
+                logger.error("background checkpoint save failed too: %s", save_error)
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    def restore(
+        self,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: object | None = None,
+        extra: Mapping[str, object] | None = None,
+        step: int | None = None,
+        restore_rng: bool | Mapping[str, object] = True,
+        strict: bool = True,
+        map_location: str | torch.device = "cpu",
+    ) -> Checkpoint | None:
+        """Restore the newest good checkpoint (or ``step``) into the given objects.
+
+        Returns None when the folder holds no checkpoint, so a loop can start from scratch.
+        Each checkpoint is read and verified once: a damaged newest one is skipped with a
+        :class:`~safeckpt.errors.CheckpointFallbackWarning` (nothing is restored from it), as in
+        :meth:`latest`. Values in ``extra`` with ``load_state_dict`` are restored in place; for
+        the others only their presence is checked, and their state is in ``Checkpoint.extra``.
+        RNG state is restored by default, as in :func:`~safeckpt.load_checkpoint`.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and has no checkpoint.
+            CheckpointCorruptedError: checkpoints exist but none verifies (or ``step``'s does not).
+            CheckpointMismatchError: the checkpoint does not fit the given objects.
+        """
+        self.wait()
+        targets = {
+            name: value if callable(getattr(value, "load_state_dict", None)) else _Returned()
+            for name, value in (extra or {}).items()
+        }
+        loaded: list[Checkpoint] = []
+
+        def attempt(path: Path) -> None:
+            loaded.append(
+                load_checkpoint(
+                    path,
+                    model,
+                    optimizer,
+                    scheduler=scheduler,
+                    extra=targets,
+                    map_location=map_location,
+                    strict=strict,
+                    restore_rng=restore_rng,
+                )
+            )
+
+        if step is not None:
+            path = self.path(step)
+            if not (path / MANIFEST_NAME).is_file():
+                raise CheckpointNotFoundError(
+                    f"{path}: no committed checkpoint for step {step} (available: {self.steps()})"
+                )
+            attempt(path)
+        elif self._first_good(attempt) is None:
+            return None
+        return loaded[-1]
