@@ -83,3 +83,17 @@ def test_js_reader_names_the_corrupt_file(saved: Path, name: str) -> None:
     run = _cli(saved)
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.startswith("error: CheckpointCorruptedError:") and name in run.stderr
+
+
+def test_js_reader_enforces_the_python_limits() -> None:
+    from safeckpt import limits
+
+    assert NODE is not None
+    script = (
+        f"import({json.dumps((JS / 'reader.mjs').as_uri())}).then(m => console.log(JSON.stringify(m.LIMITS, "
+        "(k, v) => typeof v === 'bigint' ? Number(v) : v)))"
+    )
+    run = subprocess.run([NODE, "-e", script], capture_output=True, text=True, timeout=60, check=True)
+    js = json.loads(run.stdout)
+    assert js.pop("MAX_STEP") == float(limits.MAX_STEP)
+    assert js == {name: getattr(limits, name) for name in js}
