@@ -19,7 +19,7 @@ from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatc
 from .manifest import MANIFEST_NAME, Manifest
 from .reading import locate_checkpoint, read_checkpoint_files
 from .rng import restore_rng as restore_rng_state
-from .state import ALIASES_KEY, check_model, check_optimizer
+from .state import ALIASES_KEY, check_model, check_optimizer, restore_types
 from .tensors import tensors_from_buffer
 from .tree import decode_document
 
@@ -203,6 +203,7 @@ def _restore_in_place(target: object, state: object, label: str) -> None:
                 f"({type(exc).__name__}: {str(exc)[:200]}); the checkpoint is damaged or was saved "
                 "from a different kind of object"
             ) from exc
+        restore_types(target)
     else:
         raise CheckpointMismatchError(
             f"{label}: cannot restore into {type(target).__qualname__}; pass objects with "

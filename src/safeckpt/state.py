@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "check_optimizer",
     "config_to_json",
     "model_archive",
+    "restore_types",
     "state_of",
     "vocab_to_json",
 ]
@@ -62,6 +64,19 @@ def state_of(obj: object, label: str) -> object:
     if callable(state_dict) and not isinstance(obj, Mapping):
         return state_dict()
     return obj
+
+
+def restore_types(target: object) -> None:
+    """Give back container types the format stores as plain ones, after ``load_state_dict``.
+
+    State trees keep dicts, not their subclasses: ``MultiStepLR.milestones`` is saved from a
+    ``collections.Counter`` and loads as a dict, which breaks ``step(epoch)`` (it calls
+    ``.elements()``). Rebuild it, also inside ``SequentialLR`` / ``ChainedScheduler``.
+    """
+    if isinstance(target, torch.optim.lr_scheduler.MultiStepLR) and not isinstance(target.milestones, Counter):
+        target.milestones = Counter(target.milestones)
+    for inner in getattr(target, "_schedulers", None) or ():
+        restore_types(inner)
 
 
 def _json_plain(value: object, path: tuple[object, ...], label: str) -> object:
