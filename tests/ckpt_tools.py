@@ -1,0 +1,62 @@
+"""Helpers shared by the fault, corruption and hostile-input tests (not fixtures: plain functions)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from safeckpt.commit import LOCK_NAME
+
+
+def replace_file(folder: Path, name: str, data: bytes, *, fix_hash: bool = True) -> None:
+    """Write ``data`` as ``folder/name``; with ``fix_hash`` record its size and SHA-256 in the
+    manifest so verification passes and the parsers see the bytes."""
+    (folder / name).write_bytes(data)
+    if fix_hash and name != "manifest.json":
+        manifest = json.loads((folder / "manifest.json").read_bytes())
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def edit_manifest(folder: Path, **changes: object) -> None:
+    manifest = json.loads((folder / "manifest.json").read_bytes())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def safetensors_bytes(header: dict[str, object] | bytes, body: bytes = b"", *, length: int | None = None) -> bytes:
+    """An archive from a header (dict or raw JSON bytes) and data; ``length`` overrides the prefix."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length) + text + body
+
+
+def leftovers(root: Path) -> list[str]:
+    """Hidden entries a save may leave behind (temporary and trash folders), lock file excepted."""
+    return sorted(n for n in os.listdir(root) if n.startswith(".") and n != LOCK_NAME)
+
+
+def fingerprint(value: object) -> object:
+    """A comparable, bit-exact rendering of a state tree (tensor bytes, dtypes, container types)."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(data).hexdigest())
+    if isinstance(value, float):
+        return ("float", struct.pack("<d", value))
+    if isinstance(value, dict):
+        return ("dict", [(fingerprint(k), fingerprint(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [fingerprint(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def state_fingerprint(model_state: object, optimizer_state: object = None, extra: object = None) -> object:
+    """Fingerprint of what a save stored (or a load returned), keyed so dict order does not matter
+    for the model state dict."""
+    model = dict(sorted(model_state.items())) if isinstance(model_state, dict) else model_state
+    return fingerprint({"model": model, "optimizer": optimizer_state, "extra": extra})
