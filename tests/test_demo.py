@@ -79,8 +79,9 @@ def test_demo_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert status == 0, printed
     assert "max |loss difference| over 24 steps: 0.0" in printed
     assert "max |difference| of final parameters: 0.0" in printed
-    assert "SIGKILL after step 5 (kill seed 2)" in printed and "killed with SIGKILL after step" in printed
-    assert "bit-identical" in printed and "resumed at step" in printed
+    assert "SIGKILL after step 8 (kill seed 2)" in printed and "killed with SIGKILL after step" in printed
+    assert "bit-identical" in printed and "checkpoints on disk: ['step-" in printed
+    assert "resumed at step 0" not in printed
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (out / "losses.csv").read_text().splitlines()
     assert rows[0] == "step,uninterrupted,killed_and_resumed" and len(rows) == 25

@@ -97,13 +97,15 @@ def _run_and_kill(command: list[str], *, kill_after: int, rng: random.Random) ->
     step later (possibly in the middle of writing a checkpoint). Returns its exit status."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=_env())
     assert proc.stdout is not None
-    started, seen = time.monotonic(), 0
+    first: float | None = None
+    seen = 0
     for line in proc.stdout:
         if not line.startswith("step "):
             continue
-        seen += 1
+        now, seen = time.monotonic(), seen + 1
+        first = now if first is None else first
         if int(line.split()[1]) >= kill_after:
-            per_step = (time.monotonic() - started) / seen
+            per_step = (now - first) / (seen - 1) if seen > 1 else 0.0  # startup excluded
             time.sleep(rng.uniform(0.0, 1.5 * per_step))
             proc.send_signal(signal.SIGKILL)
             break
@@ -128,7 +130,9 @@ def main(argv: list[str]) -> int:
     )
     kill_seed = args.kill_seed if args.kill_seed is not None else random.SystemRandom().randrange(2**31)
     rng = random.Random(kill_seed)
-    kill_after = rng.randrange(args.save_every, args.steps - 1)  # at least one checkpoint exists by then
+    # Saves run in the background and each waits for the previous one, so once the step of the
+    # second save has been reported the first checkpoint is committed: kill after that.
+    kill_after = rng.randrange(min(2 * args.save_every - 1, args.steps - 2), args.steps - 1)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     for name in _RUNS:  # only what an earlier demo wrote; the rest of --out is left alone
@@ -167,8 +171,12 @@ def main(argv: list[str]) -> int:
     before_kill = read_losses(first_log)
     kill_step = max(before_kill) if before_kill else None
     what = f"killed with SIGKILL after step {kill_step}" if killed else "finished before the kill landed"
+    ckpt_dir = run_dir / "checkpoints"
+    unfinished = len(list(ckpt_dir.glob(".tmp-*")))
     print(f"    {what} in {time.monotonic() - timer:.1f}s; checkpoints on disk: "
-          f"{sorted(p.name for p in (run_dir / 'checkpoints').glob('step-*'))}", flush=True)
+          f"{sorted(p.name for p in ckpt_dir.glob('step-*'))}"
+          + (f" + {unfinished} unfinished save (a hidden temporary folder, never loaded)" if unfinished else ""),
+          flush=True)
 
     timer = time.monotonic()
     print("(c) resuming in a fresh process from the newest checkpoint that verifies ...", flush=True)

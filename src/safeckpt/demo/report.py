@@ -148,11 +148,11 @@ def summarize(
     start = resume_step if resume_step is not None else len(reference)
     resumed = {s: v for s, v in before_kill.items() if s < start} | after_resume
     redone = [s for s in before_kill if s >= start]
-    marks = {}
-    if kill_step is not None:
-        marks[kill_step] = "<- SIGKILL after this step"
+    marks: dict[int, str] = {}
     if resume_step is not None:
         marks[resume_step] = "<- first step of the resumed process"
+    if kill_step is not None:
+        marks[kill_step] = " & ".join(filter(None, (marks.get(kill_step), "<- SIGKILL after this step")))
     print()
     print(format_table(reference, resumed, marks=marks))
     missing = sorted(set(reference) ^ set(resumed))
@@ -166,8 +166,9 @@ def summarize(
     print(f"max |loss difference| over {len(reference)} steps: {loss_diff!r}"
           + (f" (steps missing from one run: {missing[:5]})" if missing else ""))
     if redone:
-        print(f"steps {min(redone)}..{max(redone)} ran twice (after the last checkpoint, before the "
-              f"kill, then again after resuming): max |difference| {redone_diff!r}")
+        span = f"step {min(redone)}" if len(redone) == 1 else f"steps {min(redone)}..{max(redone)}"
+        print(f"{span} ran twice (after the last checkpoint, before the kill, then again after "
+              f"resuming): max |difference| {redone_diff!r}")
     for label, (diff, where) in differences.items():
         print(f"max |difference| of final {label}: {diff!r}" + (f" (at {where})" if diff else ""))
     if plot:
