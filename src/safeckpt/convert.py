@@ -90,9 +90,9 @@ def import_torch_checkpoint(
     if step is None:
         key, value = _pick(rest, _STEP_KEYS)
         step = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-    return save_checkpoint(
-        model,  # type: ignore[arg-type]
-        parts.get("optimizer"),  # type: ignore[arg-type]
+    return save_checkpoint(  # type: ignore[call-overload]
+        model,
+        parts.get("optimizer"),
         None,
         None,
         step,

@@ -1,38 +1,81 @@
 """Hashed writes and verified reads of the files inside one checkpoint folder.
 
-Writes hash the bytes as they go to the file (on a second thread, so hashing overlaps the
-copy into the page cache) and never read a file back to hash it. Reads open the file without
-following symlinks, insist on a regular file of exactly the manifest's size, read it once into
-memory and hash those same bytes: what is parsed afterwards is what was verified.
+Writes stream the caller's buffers (tensor memory, never a whole-file copy) to the file in
+pieces; each piece is hashed on a helper thread while it is being written, and writeback to the
+disk is started every few pieces (``sync_file_range`` on Linux), so the closing ``fsync`` has
+little left to wait for. :func:`write_files` writes several files at once, one per core, which
+is what makes a save as fast as the hashing of its largest file. A written file is never read
+back to hash it.
+
+Reads open the file without following symlinks and insist on a regular file of exactly the
+manifest's size. With verification, the file is read once, in pieces, into fresh page-aligned
+memory, each piece hashed on a helper thread while the next is read, and the buffer is returned
+only if the digest matches: what is parsed afterwards is what was verified. A safetensors
+archive's buffer is allocated with spare room after the file (sized from the 8-byte header
+length alone, nothing is parsed) so its tensors can later be moved in place to aligned
+addresses, see :func:`safeckpt.tensors.tensors_from_buffer`. Without verification the file is
+memory-mapped privately (copy-on-write) and nothing is read until it is used: for storage you
+trust, which must also not truncate the file while it is mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import stat
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .manifest import FileEntry
 
-__all__ = ["fsync_dir", "read_bounded", "read_verified", "write_file"]
+__all__ = ["fsync_dir", "read_bounded", "read_verified", "realign_room", "write_file", "write_files"]
 
 Buffer = bytes | bytearray | memoryview
 
 _PIECE = 8 * 1024 * 1024
-"""Bytes hashed on the helper thread while the main thread writes the previous piece."""
-_INLINE_HASH = 1024 * 1024
+"""Bytes hashed on a helper thread while the calling thread writes or reads the next piece."""
+_INLINE = 1024 * 1024
+"""Buffers up to this size are hashed on the calling thread: a hand-off would cost more."""
+_WRITEBACK = 32 * 1024 * 1024
+"""Start writing dirty pages to disk every this many bytes, so the final fsync waits less."""
+_ALIGN = 64
 _hash_pool: ThreadPoolExecutor | None = None
 
 
 def _pool() -> ThreadPoolExecutor:
     global _hash_pool
     if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeckpt-hash")
+        workers = max(2, os.cpu_count() or 1)
+        _hash_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-hash")
     return _hash_pool
+
+
+def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library already linked in: no lookup
+        function = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux / not glibc: fsync alone is still correct
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk now, without waiting (a hint only)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -48,15 +91,15 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer]) -> FileEntry:
     from the underlying calls; the caller owns cleanup of the folder.
     """
     sha = hashlib.sha256()
-    size = 0
+    size = flushed = 0
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         for part in parts:
             view = memoryview(part).cast("B")
-            size += len(view)
-            if len(view) <= _INLINE_HASH:
+            if len(view) <= _INLINE:
                 sha.update(view)
                 _write_all(fd, view)
+                size += len(view)
                 continue
             for start in range(0, len(view), _PIECE):
                 piece = view[start : start + _PIECE]
@@ -65,10 +108,45 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer]) -> FileEntry:
                     _write_all(fd, piece)
                 finally:
                     hashing.result()
+                size += len(piece)
+                if size - flushed >= _WRITEBACK:
+                    _start_writeback(fd, flushed, size - flushed)
+                    flushed = size
         os.fsync(fd)
     finally:
         os.close(fd)
     return FileEntry(name=name, size=size, sha256=sha.hexdigest())
+
+
+def write_files(
+    dir_fd: int, files: Sequence[tuple[str, Iterable[Buffer]]], *, folder: Path, workers: int | None = None
+) -> list[FileEntry]:
+    """:func:`write_file` for each ``(name, parts)``, several at once; entries in the given order.
+
+    Files are started in order, ``workers`` (default: one per core, at least two) at a time, so
+    put the largest first. On failure the files not yet started are skipped and the first error
+    is raised as an ``OSError`` whose ``filename`` is the failing file's path under ``folder``.
+    """
+    workers = workers or max(2, os.cpu_count() or 1)
+    if workers == 1 or len(files) <= 1:
+        return [_write_named(dir_fd, name, parts, folder) for name, parts in files]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-write") as pool:
+        futures = [pool.submit(_write_named, dir_fd, name, parts, folder) for name, parts in files]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _write_named(dir_fd: int, name: str, parts: Iterable[Buffer], folder: Path) -> FileEntry:
+    try:
+        return write_file(dir_fd, name, parts)
+    except OSError as exc:
+        if exc.filename in (None, name):
+            exc.filename = str(folder / name)
+        raise
 
 
 def fsync_dir(dir_fd: int) -> None:
@@ -98,20 +176,27 @@ def _open_regular(dir_fd: int, name: str, *, source: str, missing: str) -> tuple
     return fd, info.st_size
 
 
+def _changed_size(source: str, size: int) -> CheckpointCorruptedError:
+    return CheckpointCorruptedError(
+        f"{source}: changed size while being read (expected {size} bytes); "
+        "another process is writing it"
+    )
+
+
+def _read_into(fd: int, view: memoryview, offset: int, *, source: str, size: int) -> None:
+    filled = 0
+    while filled < len(view):
+        got = os.preadv(fd, [view[filled:]], offset + filled)
+        if got == 0:
+            raise _changed_size(source, size)
+        filled += got
+
+
 def _read_exactly(fd: int, size: int, *, source: str) -> bytearray:
     buffer = bytearray(size)
-    view = memoryview(buffer)
-    filled = 0
-    while filled < size:
-        got = os.readv(fd, [view[filled:]])
-        if got == 0:
-            break
-        filled += got
-    if filled != size or os.read(fd, 1):
-        raise CheckpointCorruptedError(
-            f"{source}: changed size while being read (expected {size} bytes); "
-            "another process is writing it"
-        )
+    _read_into(fd, memoryview(buffer), 0, source=source, size=size)
+    if os.pread(fd, 1, size):
+        raise _changed_size(source, size)
     return buffer
 
 
@@ -128,11 +213,66 @@ def read_bounded(dir_fd: int, name: str, *, limit: int, source: str, missing: st
         os.close(fd)
 
 
-def read_verified(dir_fd: int, entry: FileEntry, *, source: str, verify: bool = True) -> bytearray:
+class _Arena(mmap.mmap):
+    """Anonymous page-aligned memory a verified file is read into; may be longer than the file."""
+
+
+def realign_room(buffer: memoryview) -> int:
+    """Spare bytes after ``buffer`` that its owner may overwrite (0 unless :func:`read_verified`
+    allocated it with room to move tensors to aligned addresses)."""
+    owner = buffer.obj
+    if isinstance(owner, _Arena) and buffer.contiguous and not buffer.readonly:
+        return len(owner) - len(buffer)
+    return 0
+
+
+def _archive_room(fd: int, name: str, size: int) -> int:
+    """Room to align every tensor of a safetensors archive to ``_ALIGN`` bytes.
+
+    Each tensor entry of a valid header takes well over 40 bytes of JSON, so the header length
+    (the file's first 8 bytes, read here but not trusted: the room is capped by the file size)
+    bounds the number of tensors, and each needs at most ``_ALIGN`` bytes to move.
+    """
+    if not name.endswith(".safetensors") or size < 8:
+        return 0
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0).ljust(8, b"\0"))
+    return _ALIGN * (min(length, size) // 40 + 2)
+
+
+def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
+    """Fill ``view`` from the file, hashing each piece while the next one is read."""
+    sha = hashlib.sha256()
+    size = len(view)
+    pending: Future[None] | None = None
+    try:
+        for start in range(0, size, _PIECE):
+            piece = view[start : start + _PIECE]
+            _read_into(fd, piece, start, source=source, size=size)
+            if size <= _INLINE:
+                sha.update(piece)
+                continue
+            if pending is not None:
+                pending.result()
+            pending = _pool().submit(sha.update, piece)
+    finally:
+        if pending is not None:
+            pending.result()
+    return sha.hexdigest()
+
+
+def _map(fd: int, size: int) -> memoryview:
+    if size == 0:
+        return memoryview(bytearray())
+    return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+
+
+def read_verified(dir_fd: int, entry: FileEntry, *, source: str, verify: bool = True) -> memoryview:
     """Read the file ``entry`` names, check its size and (if ``verify``) its SHA-256.
 
-    ``source`` is the path shown in errors. Symlinks, FIFOs, devices and folders are refused
-    before a byte is read, so a hostile checkpoint cannot make the reader hang or follow a link.
+    Returns a writable buffer of exactly the file's bytes. With ``verify=False`` it is a private
+    memory map (copy-on-write; bytes are read when first touched). ``source`` is the path shown in
+    errors. Symlinks, FIFOs, devices and folders are refused before a byte is read, so a hostile
+    checkpoint cannot make the reader hang or follow a link.
     """
     fd, size = _open_regular(
         dir_fd,
@@ -147,14 +287,21 @@ def read_verified(dir_fd: int, entry: FileEntry, *, source: str, verify: bool = 
                 f"{source}: size is {size} bytes, manifest.json says {entry.size}; "
                 "the file is truncated or damaged, load an earlier checkpoint"
             )
-        buffer = _read_exactly(fd, size, source=source)
+        if not verify:
+            return _map(fd, size)
+        with contextlib.suppress(OSError, AttributeError):  # a hint; not on every platform
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
+        capacity = size + _archive_room(fd, entry.name, size)
+        view = memoryview(_Arena(-1, max(capacity, 1)))[:size]
+        digest = _read_hashing(fd, view, source=source)
+        if os.pread(fd, 1, size):
+            raise _changed_size(source, size)
     finally:
         os.close(fd)
-    if verify:
-        digest = hashlib.sha256(buffer).hexdigest()
-        if digest != entry.sha256:
-            raise CheckpointCorruptedError(
-                f"{source}: SHA-256 is {digest}, manifest.json says {entry.sha256}; the file is "
-                "corrupted, load an earlier checkpoint"
-            )
-    return buffer
+    if digest != entry.sha256:
+        raise CheckpointCorruptedError(
+            f"{source}: SHA-256 is {digest}, manifest.json says {entry.sha256}; the file is "
+            "corrupted, load an earlier checkpoint"
+        )
+    return view
+

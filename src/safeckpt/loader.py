@@ -3,6 +3,8 @@ verified bytes -> unflatten -> check against the targets -> restore into them.
 
 Nothing is deserialized until every file the manifest lists has been read and its size and
 SHA-256 checked, and what is parsed is the very buffer that was hashed. No pickle anywhere.
+With ``verify=False`` the files are memory-mapped instead of read (sizes and headers are still
+checked strictly), so only the bytes actually used are ever read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from .documents import load_json, load_msgpack
 from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
+from .fileio import Buffer
 from .manifest import MANIFEST_NAME, Manifest
 from .reading import locate_checkpoint, read_checkpoint_files
 from .rng import restore_rng as restore_rng_state
@@ -55,7 +58,9 @@ class Checkpoint:
         )
 
 
-def _decode_tree(name: str, buffers: dict[str, bytearray], folder: Path, device: str | torch.device) -> object | None:
+def _decode_tree(
+    name: str, buffers: Mapping[str, Buffer], folder: Path, device: str | torch.device, *, aligned: bool = True
+) -> object | None:
     doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
     if doc_name not in buffers and archive_name not in buffers:
         return None
@@ -64,11 +69,12 @@ def _decode_tree(name: str, buffers: dict[str, bytearray], folder: Path, device:
             raise CheckpointCorruptedError(
                 f"{folder / MANIFEST_NAME}: lists {name} state without {needed}; the checkpoint is invalid"
             )
-    tensors, _ = tensors_from_buffer(buffers[archive_name], source=str(folder / archive_name), device=device)
-    # Views into the read buffer are only 8-byte aligned; torch's vectorised reductions sum in a
-    # different order on such memory than on its own 64-byte aligned allocations, so optimizer
-    # state left as views would make a resumed run drift in the last bits. Own, aligned copies.
-    tensors = {k: t.clone() if t.device.type == "cpu" else t for k, t in tensors.items()}
+    # Tensors handed to an optimizer must be 64-byte aligned like torch's own allocations: some
+    # kernels (LBFGS's dot products) round differently on other addresses, and a resumed run
+    # would drift in the last bits. Verified buffers are aligned in place (a memmove, no copy).
+    tensors, _ = tensors_from_buffer(
+        buffers[archive_name], source=str(folder / archive_name), device=device, aligned=aligned
+    )
     document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
 
     def resolve(tensor_name: str) -> torch.Tensor:
@@ -81,7 +87,7 @@ def _decode_tree(name: str, buffers: dict[str, bytearray], folder: Path, device:
     return decode_document(document, source=str(folder / doc_name), resolve_tensor=resolve)
 
 
-def _model_state(buffers: dict[str, bytearray], folder: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def _model_state(buffers: Mapping[str, Buffer], folder: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     source = str(folder / "model.safetensors")
     tensors, metadata = tensors_from_buffer(buffers["model.safetensors"], source=source, device=device)
     aliases = load_json(metadata[ALIASES_KEY].encode(), source=source) if ALIASES_KEY in metadata else {}
@@ -117,7 +123,9 @@ def load_checkpoint(
         extra: objects with ``load_state_dict`` (or generators) to restore in place, by name.
         map_location: device for the returned tensors.
         strict: require the model's keys, shapes and dtypes to match exactly.
-        verify: check every file's SHA-256 (sizes are always checked).
+        verify: check every file's SHA-256 (sizes and headers are always checked). With
+            ``False`` the files are memory-mapped (private, copy-on-write) and read lazily: for
+            storage you trust; returned tensors may be views of the mapped files.
         restore_rng: restore the captured RNG state (default); a mapping of names to
             generators restores those too. Raises if the checkpoint has no RNG state.
 
@@ -138,7 +146,11 @@ def load_checkpoint(
     manifest, buffers = read_checkpoint_files(folder, verify=verify)
     device = map_location
     model_state = _model_state(buffers, folder, device)
-    trees = {name: _decode_tree(name, buffers, folder, device) for name in ("optimizer", "scheduler", "rng", "extra")}
+    # Unverified buffers are lazy memory maps: align (copy) the optimizer state only if it is restored.
+    trees = {
+        name: _decode_tree(name, buffers, folder, device, aligned=verify or name != "optimizer" or optimizer is not None)
+        for name in ("optimizer", "scheduler", "rng", "extra")
+    }
     config = load_json(bytes(buffers["config.json"]), source=str(folder / "config.json")) if "config.json" in buffers else None
     vocab = load_json(bytes(buffers["vocab.json"]), source=str(folder / "vocab.json")) if "vocab.json" in buffers else None
     del buffers

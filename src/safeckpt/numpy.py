@@ -79,7 +79,7 @@ class Checkpoint:
         )
 
 
-def arrays_from_buffer(buffer: bytearray, *, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def arrays_from_buffer(buffer: bytes | bytearray | memoryview, *, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse a verified safetensors archive into arrays (views of ``buffer`` where aligned).
 
     Returns the arrays by name, in file order, and the archive's ``__metadata__``.
@@ -96,7 +96,7 @@ def arrays_from_buffer(buffer: bytearray, *, source: str) -> tuple[dict[str, np.
     return out, metadata
 
 
-def _decode_tree(name: str, buffers: dict[str, bytearray], folder: Path) -> object | None:
+def _decode_tree(name: str, buffers: dict[str, memoryview], folder: Path) -> object | None:
     doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
     if doc_name not in buffers and archive_name not in buffers:
         return None

@@ -48,7 +48,7 @@ def locate_checkpoint(path: str | os.PathLike[str]) -> Path:
     raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
 
 
-def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifest, dict[str, bytearray]]:
+def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifest, dict[str, memoryview]]:
     """Parse the manifest, then read every listed file and check size and hash, in parallel.
 
     Returns only once all files verified: a single bad file fails the whole load before any

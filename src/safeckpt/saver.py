@@ -13,9 +13,10 @@ import json
 import os
 import platform
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 
@@ -23,14 +24,14 @@ from ._version import __version__
 from .commit import PendingCheckpoint, step_dirname, write_error
 from .documents import dump_json, dump_msgpack
 from .errors import CheckpointExistsError, UnsupportedValueError
-from .fileio import write_file
+from .fileio import write_file, write_files
 from .manifest import MANIFEST_NAME, Manifest
 from .rng import capture_rng
 from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
 from .tensors import TensorArchive, archive_parts
 from .tree import encode_document
 
-__all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint"]
+__all__ = ["PendingSave", "plan_checkpoint", "release_snapshot_memory", "save_checkpoint", "write_checkpoint"]
 
 TREES = ("optimizer", "scheduler", "rng", "extra")
 """State trees stored as ``<name>.safetensors`` + ``<name>.msgpack``, in this order."""
@@ -46,11 +47,26 @@ class CheckpointPlan:
     metadata: dict[str, object]
     archives: dict[str, tuple[TensorArchive, dict[str, str] | None]] = field(default_factory=dict)
     documents: dict[str, bytes] = field(default_factory=dict)
+    snapshotted: bool = False
+    """True once :meth:`snapshot` has copied the tensors (the plan then owns them)."""
 
     def snapshot(self) -> None:
-        """Copy every tensor so the caller may keep training while the files are written."""
-        for archive, _ in self.archives.values():
-            archive.snapshot()
+        """Copy every tensor so the caller may keep training while the files are written.
+
+        The copies reuse the memory of the last finished background save's copies where they
+        fit (see :func:`release_snapshot_memory`)."""
+        reuse = _take_staging()
+        for name, (archive, _) in self.archives.items():
+            archive.snapshot(reuse.get(name))
+        self.snapshotted = True
+
+    def file_size(self, name: str) -> int:
+        """Bytes the data of file ``name`` will take (tensor bytes of an archive, a document's
+        length); used to start the largest files first."""
+        if name in self.documents:
+            return len(self.documents[name])
+        archive = self.archives[name.removesuffix(".safetensors")][0]
+        return sum(t.numel() * t.element_size() for t in archive.tensors.values())
 
     def files(self) -> Iterator[tuple[str, Iterable[Buffer]]]:
         """Each file's name and its content as a lazy sequence of buffers, in writing order."""
@@ -138,9 +154,8 @@ def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *,
     with PendingCheckpoint(directory, plan.step) as pending:
         name = ""
         try:
-            entries = []
-            for name, parts in plan.files():
-                entries.append(write_file(pending.dir_fd, name, parts))
+            files = sorted(plan.files(), key=lambda f: -plan.file_size(f[0]))
+            entries = write_files(pending.dir_fd, files, folder=pending.path)
             manifest = Manifest(
                 step=plan.step,
                 files=tuple(entries),
@@ -155,45 +170,161 @@ def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *,
             name = MANIFEST_NAME
             write_file(pending.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))
         except OSError as exc:
+            name = name or Path(str(exc.filename or "a file")).name
             raise write_error(exc, pending.path / name, f"write {name}") from exc
         return pending.commit(overwrite=overwrite)
 
 
-class PendingSave:
-    """A save running in the background; :meth:`wait` returns its path or raises its error."""
+# Background saves. At most one save (background or not) is in flight per process: a save first
+# takes _slot, and a background save hands it back only once committed or failed, so a second
+# save waits for the first and two snapshots of the state never coexist with a write.
+_slot = threading.Lock()
+_last: PendingSave | None = None
+_staging_lock = threading.Lock()
+_staging: dict[str, dict[str, torch.Tensor]] = {}
 
-    def __init__(self, plan: CheckpointPlan, directory: str | os.PathLike[str], *, overwrite: bool) -> None:
+
+def _take_staging() -> dict[str, dict[str, torch.Tensor]]:
+    global _staging
+    with _staging_lock:
+        taken, _staging = _staging, {}
+    return taken
+
+
+def release_snapshot_memory() -> None:
+    """Free the CPU copy of the state the last finished background save kept for the next one.
+
+    A background save snapshots the state into CPU memory; when it has finished, that memory is
+    kept and overwritten by the next background save's snapshot, which then costs a plain copy
+    instead of faulting in fresh pages. Call this when no more saves are coming.
+    """
+    _take_staging()
+
+
+def _acquire_slot() -> None:
+    """Wait for the save in flight; re-raise its error if nobody collected it with ``wait()``."""
+    _slot.acquire()
+    previous = _last
+    if previous is not None and previous._error is not None and not previous._collected:
+        previous._collected = True
+        _slot.release()
+        raise previous._error
+
+
+class PendingSave:
+    """A save running in the background; :meth:`wait` returns its path or raises its error.
+
+    Returned by ``save_checkpoint(..., async_=True)`` once the state has been copied: the caller
+    may change the model and optimizer at once. The files are written and committed on a
+    (non-daemon) thread, so the interpreter waits for it at exit. If the process dies first,
+    committed checkpoints are untouched and the unfinished folder is removed by the next save.
+    An error nobody collected with :meth:`wait` is raised by the next ``save_checkpoint``.
+
+    Example:
+        >>> pending = save_checkpoint(model, opt, None, None, 100, async_=True)  # doctest: +SKIP
+        >>> pending.wait().name  # doctest: +SKIP
+        'step-00000100'
+    """
+
+    def __init__(
+        self,
+        plan: CheckpointPlan,
+        directory: str | os.PathLike[str],
+        *,
+        overwrite: bool,
+        on_commit: Callable[[Path], object] | None = None,
+        _release: Callable[[], None] | None = None,
+    ) -> None:
         self.step = plan.step
+        self.path = Path(directory) / step_dirname(plan.step)
         self._result: Path | None = None
         self._error: BaseException | None = None
+        self._collected = False
         self._thread = threading.Thread(
-            target=self._run, args=(plan, directory, overwrite), name=f"safeckpt-save-{plan.step}"
+            target=self._run,
+            args=(plan, overwrite, on_commit, _release),
+            name=f"safeckpt-save-{plan.step}",
         )
         self._thread.start()
 
-    def _run(self, plan: CheckpointPlan, directory: str | os.PathLike[str], overwrite: bool) -> None:
+    def _run(
+        self,
+        plan: CheckpointPlan,
+        overwrite: bool,
+        on_commit: Callable[[Path], object] | None,
+        release: Callable[[], None] | None,
+    ) -> None:
         try:
-            self._result = write_checkpoint(plan, directory, overwrite=overwrite)
+            self._result = write_checkpoint(plan, self.path.parent, overwrite=overwrite)
+            if on_commit is not None:
+                on_commit(self._result)
         except BaseException as exc:  # handed to the caller in wait()
             self._error = exc
+        finally:
+            if plan.snapshotted:  # never the caller's own tensors: the next snapshot overwrites these
+                with _staging_lock:
+                    _staging.update({name: archive.tensors for name, (archive, _) in plan.archives.items()})
+            del plan
+            if release is not None:
+                release()
 
     def done(self) -> bool:
         """True once the save has committed or failed."""
         return not self._thread.is_alive()
 
     def wait(self, timeout: float | None = None) -> Path:
-        """Block until committed; returns the checkpoint path or raises the save's error."""
+        """Block until committed; returns the checkpoint path or raises the save's error.
+
+        Raises ``TimeoutError`` if ``timeout`` seconds pass first (the save goes on).
+        """
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise TimeoutError(f"checkpoint for step {self.step} is still being written")
+            raise TimeoutError(f"{self.path}: checkpoint for step {self.step} is still being written")
         if self._error is not None:
+            self._collected = True
             raise self._error
         assert self._result is not None
         return self._result
 
     def __repr__(self) -> str:
-        state = "done" if self.done() else "writing"
-        return f"PendingSave(step={self.step}, {state})"
+        state = "writing" if not self.done() else "failed" if self._error else "committed"
+        return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"
+
+
+@overload
+def save_checkpoint(
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | Mapping[str, object] | None,
+    config: object | None,
+    vocab: object | None,
+    step: int,
+    *,
+    directory: str | os.PathLike[str] = ...,
+    scheduler: object | None = ...,
+    extra: Mapping[str, object] | None = ...,
+    metadata: Mapping[str, object] | None = ...,
+    rng: bool | Mapping[str, object] = ...,
+    overwrite: bool = ...,
+    async_: Literal[False] = ...,
+) -> Path: ...
+
+
+@overload
+def save_checkpoint(
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | Mapping[str, object] | None,
+    config: object | None,
+    vocab: object | None,
+    step: int,
+    *,
+    directory: str | os.PathLike[str] = ...,
+    scheduler: object | None = ...,
+    extra: Mapping[str, object] | None = ...,
+    metadata: Mapping[str, object] | None = ...,
+    rng: bool | Mapping[str, object] = ...,
+    overwrite: bool = ...,
+    async_: Literal[True],
+) -> PendingSave: ...
 
 
 def save_checkpoint(
@@ -210,7 +341,7 @@ def save_checkpoint(
     rng: bool | Mapping[str, object] = True,
     overwrite: bool = False,
     async_: bool = False,
-) -> Path:
+) -> Path | PendingSave:
     """Save the complete training state as one verified checkpoint folder.
 
     Args:
@@ -228,8 +359,9 @@ def save_checkpoint(
             names to ``torch.Generator`` / ``numpy.random.Generator`` captures those too.
         overwrite: replace an existing checkpoint for ``step`` instead of raising
             :class:`CheckpointExistsError`.
-        async_: return a :class:`PendingSave` at once, after copying the state, and write in the
-            background; its ``wait()`` returns the path.
+        async_: copy the state to CPU memory, then write and commit it on a background thread
+            and return a :class:`PendingSave` at once; its ``wait()`` returns the path. One
+            save is in flight at a time: any save first waits for the one before it.
 
     Returns:
         The committed checkpoint folder (or a :class:`PendingSave` with ``async_=True``).
@@ -242,9 +374,23 @@ def save_checkpoint(
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )
-    if async_:
+    _acquire_slot()
+    if not async_:
+        try:
+            return write_checkpoint(plan, directory, overwrite=overwrite)
+        finally:
+            _slot.release()
+    global _last
+    try:
+        final = Path(directory) / step_dirname(plan.step)
+        if not overwrite and (final / MANIFEST_NAME).exists():
+            raise CheckpointExistsError(
+                f"{final}: a checkpoint for step {plan.step} already exists; pass overwrite=True "
+                "to replace it or save under another step"
+            )
         plan.snapshot()
-        return PendingSave(plan, directory, overwrite=overwrite)  # type: ignore[return-value]
-    return write_checkpoint(plan, directory, overwrite=overwrite)
-
-
+        _last = PendingSave(plan, directory, overwrite=overwrite, _release=_slot.release)
+    except BaseException:
+        _slot.release()
+        raise
+    return _last

@@ -9,13 +9,15 @@ same view twice) once. :func:`archive_parts` streams an archive straight from te
 
 from __future__ import annotations
 
+import ctypes
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
-from .archive import DTYPE_SIZES, METADATA_KEY, build_header, parse_header
+from .archive import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
 from .errors import UnsupportedValueError
+from .fileio import Buffer, realign_room
 from .tree import key_path
 
 __all__ = ["TensorArchive", "archive_parts", "tensors_from_buffer"]
@@ -31,6 +33,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }  # fmt: skip
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+_ALIGN = 64
+"""Alignment of torch's CPU allocations, which tensors handed to optimizers must match."""
 assert set(TORCH_DTYPES) == set(DTYPE_SIZES)
 
 
@@ -98,25 +102,51 @@ class TensorArchive:
         self._names[identity] = name
         return name
 
-    def snapshot(self) -> None:
-        """Copy every tensor to CPU memory owned by the archive (for saves that outlive the call)."""
-        self.tensors = {
-            k: t.detach().to("cpu", copy=True).contiguous() for k, t in self.tensors.items()
-        }
+    def snapshot(self, reuse: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Copy every tensor to contiguous CPU memory owned by the archive (for saves that outlive
+        the call). Tensors of ``reuse`` (an earlier snapshot no longer in use) with the same name,
+        shape and dtype are overwritten instead of allocating: no new pages to fault in."""
+        copies = {}
+        for name, tensor in self.tensors.items():
+            old = (reuse or {}).get(name)
+            if old is None or old.shape != tensor.shape or old.dtype != tensor.dtype:
+                old = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            copies[name] = old.copy_(tensor.detach())
+        self.tensors = copies
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+_STAGE = 16 * 1024 * 1024
+"""Largest piece of a GPU or non-contiguous tensor staged in CPU memory at a time when saving."""
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    # numpy's array keeps the tensor alive for as long as the memoryview is in use
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
+    """A tensor's bytes in row-major order: the tensor's own memory when it is a contiguous CPU
+    tensor, otherwise copies of slices of at most ``_STAGE`` bytes (whole rows along dim 0), so
+    saving a GPU or non-contiguous tensor never holds a second copy of all of it."""
+    t = tensor.detach().resolve_conj().resolve_neg()
+    if t.numel() == 0:
+        return
+    if t.device.type == "cpu" and t.is_contiguous():
+        yield _as_bytes(t)
+        return
+    if t.dim() == 0 or t.numel() * t.element_size() <= _STAGE:
+        yield _as_bytes(t.to("cpu").contiguous())
+        return
+    rows = max(1, _STAGE // (t[0].numel() * t.element_size() or 1))
+    for start in range(0, t.shape[0], rows):
+        yield _as_bytes(t[start : start + rows].to("cpu").contiguous())
 
 
 def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> Iterator[memoryview | bytes]:
     """The archive as a sequence of buffers: the header, then each tensor's bytes in order.
 
-    Tensors are copied to CPU and made contiguous one at a time, so at most one extra tensor
-    is alive while writing a GPU or non-contiguous state.
+    Contiguous CPU tensors are written from their own memory; GPU and non-contiguous ones are
+    staged in CPU memory a slice of at most 16 MiB at a time.
     """
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header, _ = build_header(
@@ -124,23 +154,76 @@ def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     )
     yield header
     for name in order:
-        yield _raw_bytes(tensors[name])
+        yield from _tensor_bytes(tensors[name])
 
 
 def tensors_from_buffer(
-    buffer: bytearray, *, source: str, device: torch.device | str = "cpu"
+    buffer: Buffer, *, source: str, device: torch.device | str = "cpu", aligned: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse a verified archive; tensors on CPU are views of ``buffer`` (no copy)."""
+    """Parse a verified archive; tensors on CPU are views of ``buffer`` (no copy).
+
+    With ``aligned``, every CPU tensor starts on a 64-byte boundary, like torch's own
+    allocations (some kernels, e.g. the dot products of LBFGS, round differently otherwise):
+    tensors are moved in place into the room :func:`safeckpt.fileio.read_verified` leaves after
+    an archive, and only those that do not fit there are copied.
+    """
     infos, metadata = parse_header(buffer, source=source)
+    if aligned and torch.device(device).type == "cpu":
+        raw = _aligned_bytes(buffer, infos)
+    else:
+        raw = _view_bytes(buffer, infos)
     out = {}
     for info in infos:
         dtype = TORCH_DTYPES[info.dtype]
-        if info.end == info.begin:
-            tensor = torch.empty(info.shape, dtype=dtype)
-        else:
-            raw = torch.frombuffer(buffer, dtype=torch.uint8, offset=info.begin, count=info.end - info.begin)
-            if info.begin % DTYPE_SIZES[info.dtype]:
-                raw = raw.clone()  # misaligned (not written by safeckpt): copy to aligned memory
-            tensor = raw.view(dtype).reshape(info.shape)
+        tensor = raw[info.name].view(dtype).reshape(info.shape) if info.name in raw else torch.empty(info.shape, dtype=dtype)
         out[info.name] = tensor.to(device)
     return out, metadata
+
+
+def _region(owner: object, offset: int, size: int) -> torch.Tensor:
+    """``size`` bytes of ``owner`` as a tensor with its own storage (so ``torch.save`` of tensors
+    of different dtypes from one file still works); keeps ``owner`` alive."""
+    return torch.frombuffer(owner, dtype=torch.uint8, offset=offset, count=size)
+
+
+def _view_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
+    """Each non-empty tensor's bytes as a view of ``buffer``; copied only if not aligned to its
+    element size (never the case for files safeckpt wrote)."""
+    out = {}
+    for info in infos:
+        if info.end > info.begin:
+            view = _region(buffer, info.begin, info.end - info.begin)
+            out[info.name] = view.clone() if info.begin % DTYPE_SIZES[info.dtype] else view
+    return out
+
+
+def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
+    """Each non-empty tensor's bytes at a ``_ALIGN``-byte aligned address.
+
+    Tensors are moved towards the end of the buffer's room, last first, so a move only ever
+    overwrites bytes already moved away; when the room runs out the rest are copied instead.
+    """
+    view = memoryview(buffer)
+    if not len(view):
+        return {}
+    room = realign_room(view)
+    owner = view.obj if room else view
+    base = _region(owner, 0, 1).data_ptr()
+    limit = len(view) + room
+    out = {}
+    for info in sorted(infos, key=lambda i: i.begin, reverse=True):
+        size = info.end - info.begin
+        if size == 0:
+            continue
+        target = (base + limit - size) // _ALIGN * _ALIGN - base
+        if room and target >= info.begin:
+            if target != info.begin:
+                ctypes.memmove(base + target, base + info.begin, size)
+            out[info.name] = _region(owner, target, size)
+            limit = target
+        elif (base + info.begin) % _ALIGN == 0:
+            out[info.name] = _region(owner, info.begin, size)
+            limit = info.begin
+        else:  # copy now, before a later move can overwrite these bytes
+            out[info.name] = _region(owner, info.begin, size).clone()
+    return out
