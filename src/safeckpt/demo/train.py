@@ -17,6 +17,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -99,8 +100,6 @@ def train(
     progress: bool = True,
 ) -> int:
     """Train (or resume) one run; returns the process exit status."""
-    from tqdm import tqdm
-
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -120,11 +119,8 @@ def train(
             print(f"resumed from {ckpt.path.name} at step {start}", flush=True)
     model.train()
     with losses_path.open("a", encoding="utf-8") as log, manager:
-        bar = tqdm(
-            range(start, cfg.steps), desc=label, total=cfg.steps, initial=start, file=sys.stderr,
-            disable=not progress, mininterval=0.25, dynamic_ncols=True,
-        )
-        for step in bar:
+        bar = _progress_bar(start, cfg.steps, label, enabled=progress)
+        for step in range(start, cfg.steps):
             inputs, targets = batches.next()
             loss = model.loss(inputs, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -142,6 +138,7 @@ def train(
                     config=asdict(cfg), vocab=run.vocab, extra={"data": batches}, metadata={"loss": value},
                 )
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            bar.update()
             print(f"step {step}", flush=True)
         bar.close()
     save_checkpoint(
@@ -149,6 +146,35 @@ def train(
         directory=run_dir / "final", scheduler=scheduler, extra={"data": batches}, overwrite=True,
     )
     return 0
+
+
+class _Bar(Protocol):
+    def set_postfix(self, **kwargs: object) -> None: ...
+    def update(self) -> object: ...
+    def close(self) -> None: ...
+
+
+class _NoBar:
+    def set_postfix(self, **kwargs: object) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(start: int, total: int, label: str, *, enabled: bool) -> _Bar:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the [demo] extra is not installed: the bar is only cosmetic
+        return _NoBar()
+    if not enabled:
+        return _NoBar()
+    return tqdm(
+        desc=label, total=total, initial=start, file=sys.stderr, mininterval=0.25, dynamic_ncols=True
+    )
 
 
 def main(argv: list[str]) -> int:
