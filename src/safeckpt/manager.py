@@ -67,7 +67,8 @@ class _BackgroundSave:
         try:
             write_checkpoint(plan, manager.directory, overwrite=overwrite)
             manager._apply_retention(self.step)
-        except BaseException as exc:  # handed to the caller by wait()
+        except BaseException as exc:  # handed to the caller by wait(); logged in case nobody waits
+            logger.error("background save of step %d into %s failed: %s", self.step, manager.directory, exc)
             self.error = exc
 
     def wait(self) -> None:
