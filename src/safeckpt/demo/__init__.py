@@ -60,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default %(default)s)")
     p.add_argument("--corpus-kb", type=int, default=d.corpus_kb, help="generated corpus size in KiB")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                   help="torch threads per process; all three must use the same (default %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads per process, the same in all three (default %(default)s: this "
+                   "model's small matrices gain little from more, and on a busy machine extra threads "
+                   "that wait for cores make training several times slower)")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default %(default)s)")
     p.add_argument("--kill-seed", type=int, default=None, help="seed choosing when to kill (default: random)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")

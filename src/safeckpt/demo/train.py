@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     corpus_kb: int = 256
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
