@@ -175,7 +175,13 @@ def _clean_leftovers(root: Path) -> None:
                     os.rename(entry.path, root / original)
                     _fsync_path(root)
                 else:
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    _remove_tree(entry.path)
+
+
+def _remove_tree(path: str | Path) -> None:
+    """Best-effort delete: ``shutil.rmtree(ignore_errors=True)`` still raises if ``close`` fails."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_if_unlocked(path: str) -> None:
@@ -186,7 +192,7 @@ def _remove_if_unlocked(path: str) -> None:
         return  # a live writer holds it
     finally:
         os.close(fd)
-    shutil.rmtree(path, ignore_errors=True)
+    _remove_tree(path)
 
 
 class PendingCheckpoint:
@@ -231,7 +237,7 @@ class PendingCheckpoint:
             with contextlib.suppress(OSError):
                 os.close(self.dir_fd)
             self.dir_fd = -1
-        shutil.rmtree(self.path, ignore_errors=True)
+        _remove_tree(self.path)
 
     def commit(self, *, overwrite: bool = False) -> Path:
         """Make the folder durable and rename it to its final name; returns that path.
@@ -266,7 +272,7 @@ class PendingCheckpoint:
                 os.close(self.dir_fd)
             self.dir_fd = -1
         if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+            _remove_tree(replaced)
         return self.final
 
     def _publish(self, overwrite: bool) -> Path | None:
@@ -311,7 +317,7 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
     with _root_lock(path.parent):
         os.rename(path, hidden)
         _fsync_path(path.parent)
-    shutil.rmtree(hidden, ignore_errors=True)
+    _remove_tree(hidden)
 
 
 def write_error(exc: OSError, path: Path, action: str) -> CheckpointWriteError:
