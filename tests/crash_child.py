@@ -219,3 +219,24 @@ def race(root: str, writer: int, rounds: int, barrier: object) -> None:
         except BaseException:
             os._exit(3)
     os._exit(0 if failures <= rounds else 2)
+
+
+def save_under_file_size_limit(root: str, limit: int, result_path: str) -> None:
+    """Save a ~1 MB state with ``RLIMIT_FSIZE`` at ``limit`` bytes; write what happened as JSON."""
+    import json
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    model, tree = small_state(NEW_CONTENT)
+    model = {**model, "big": torch.arange(256 * 1024, dtype=torch.float32)}
+    try:
+        safeckpt.save_checkpoint(model, None, None, None, 2, directory=root, extra={"opt": tree}, rng=False)
+    except safeckpt.CheckpointError as exc:
+        outcome = {"error": type(exc).__name__, "errno": getattr(exc, "errno", None), "message": str(exc)}
+    else:
+        outcome = {"error": None}
+    Path(result_path).write_text(json.dumps(outcome))
+    os._exit(0)
+
+
+NEW_CONTENT = 2
