@@ -14,6 +14,7 @@ import torch
 import safeckpt
 from conftest import TinyLM, train_steps
 from safeckpt import manager as manager_module
+from safeckpt import saver as saver_module
 from safeckpt.manifest import MANIFEST_NAME
 
 
@@ -149,7 +150,7 @@ def test_retention_deletes_only_after_the_new_checkpoint_is_committed(
     def failing_write(*args: object, **kwargs: object) -> Path:
         raise safeckpt.CheckpointWriteError(28, "disk full")
 
-    monkeypatch.setattr(manager_module, "write_checkpoint", failing_write)
+    monkeypatch.setattr(saver_module, "write_checkpoint", failing_write)
     with pytest.raises(safeckpt.CheckpointWriteError):
         _save_steps(mgr, [3])
     assert mgr.steps() == [2] and committed_when_removed == [True]
@@ -308,7 +309,7 @@ def test_async_save_error_surfaces_on_wait(tmp_path: Path, monkeypatch: pytest.M
     def failing_write(*args: object, **kwargs: object) -> Path:
         raise safeckpt.CheckpointWriteError(5, "I/O error")
 
-    monkeypatch.setattr(manager_module, "write_checkpoint", failing_write)
+    monkeypatch.setattr(saver_module, "write_checkpoint", failing_write)
     mgr = safeckpt.CheckpointManager(tmp_path, async_save=True)
     model, opt = _trained()
     mgr.save(1, model=model, optimizer=opt)

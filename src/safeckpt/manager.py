@@ -2,8 +2,8 @@
 
 One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (see :mod:`safeckpt.commit`).
 
-* ``save`` writes a checkpoint (optionally in the background, at most one in flight) and only
-  after it is committed applies retention: the ``keep_last`` newest steps are kept, plus every
+* ``save`` writes a checkpoint through :func:`~safeckpt.save_checkpoint` (optionally in the
+  background, at most one in flight) and only after it is committed applies retention: the ``keep_last`` newest steps are kept, plus every
   step divisible by ``keep_every``, plus the one just written.
 * ``latest`` / ``restore`` pick the newest checkpoint that verifies. When a newer one is
   incomplete or damaged they fall back to the previous one and say so, with a
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +32,7 @@ from .errors import (
 )
 from .loader import Checkpoint, load_checkpoint
 from .manifest import MANIFEST_NAME
-from .saver import CheckpointPlan, plan_checkpoint, write_checkpoint
+from .saver import PendingSave, save_checkpoint
 from .verify import verify_checkpoint
 
 __all__ = ["CheckpointManager"]
@@ -52,32 +51,6 @@ class _Returned:
         pass
 
 
-class _BackgroundSave:
-    """One checkpoint being written on a thread, then retention; :meth:`wait` re-raises its error."""
-
-    def __init__(self, manager: CheckpointManager, plan: CheckpointPlan, step: int, overwrite: bool) -> None:
-        self.step = step
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(
-            target=self._run, args=(manager, plan, overwrite), name=f"safeckpt-manager-save-{step}"
-        )
-        self.thread.start()
-
-    def _run(self, manager: CheckpointManager, plan: CheckpointPlan, overwrite: bool) -> None:
-        try:
-            write_checkpoint(plan, manager.directory, overwrite=overwrite)
-            manager._apply_retention(self.step)
-        except BaseException as exc:  # handed to the caller by wait(); logged in case nobody waits
-            logger.error("background save of step %d into %s failed: %s", self.step, manager.directory, exc)
-            self.error = exc
-
-    def wait(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
 class CheckpointManager:
     """Save checkpoints of a training run into one folder and resume from the newest good one.
 
@@ -88,7 +61,7 @@ class CheckpointManager:
         keep_every: additionally keep forever every checkpoint whose step is a multiple of this.
         async_save: ``save`` returns as soon as the state is copied and writes in the
             background; the next ``save``, ``wait``, ``restore``, ``latest`` or ``close`` waits
-            for it and raises its error, if any.
+            for it, raises its error if any, and only then applies retention for it.
 
     Example:
         >>> mgr = CheckpointManager("checkpoints", keep_last=3, keep_every=1000)  # doctest: +SKIP
@@ -115,7 +88,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
-        self._pending: _BackgroundSave | None = None
+        self._pending: PendingSave | None = None
 
     def __repr__(self) -> str:
         return (
@@ -223,14 +196,16 @@ class CheckpointManager:
         self.wait()
         if not overwrite:
             overwrite = self._replace_if_damaged(step)
-        plan = plan_checkpoint(
-            model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
-        )
         if self.async_save:
-            plan.snapshot()
-            self._pending = _BackgroundSave(self, plan, step, overwrite)
-            return self.path(step)
-        path = write_checkpoint(plan, self.directory, overwrite=overwrite)
+            self._pending = save_checkpoint(
+                model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler,
+                extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, async_=True,
+            )
+            return self._pending.path  # retention once it has committed, in wait()
+        path = save_checkpoint(
+            model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler,
+            extra=extra, metadata=metadata, rng=rng, overwrite=overwrite,
+        )
         self._apply_retention(step)
         return path
 
@@ -261,10 +236,12 @@ class CheckpointManager:
                 logger.info("removed checkpoint %s (keep_last=%s)", path, self.keep_last)
 
     def wait(self) -> None:
-        """Block until a background save has committed; raises its error if it failed."""
+        """Block until a background save has committed and apply retention; raises its error if it
+        failed (then nothing is deleted)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.wait()
+            self._apply_retention(pending.step)
 
     def close(self) -> None:
         """Wait for a background save to finish (raising its error); the manager stays usable."""
