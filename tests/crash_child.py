@@ -204,9 +204,14 @@ def save_forever(root: str, first_step: int, keep: int) -> None:
         step += 1
 
 
-def race(root: str, writer: int, rounds: int, barrier: object) -> None:
-    """One of two writers saving the same steps into the same root at the same moments."""
-    failures = 0
+def race(root: str, writer: int, rounds: int, barrier: object, result_path: str) -> None:
+    """One of two writers saving the same step into the same root at the same moment, round
+    after round: even steps with ``overwrite=True`` (both commit, the last one wins), odd steps
+    without (exactly one commits, the other gets ``CheckpointExistsError``)."""
+    import json
+    import traceback
+
+    refused, errors = 0, []
     for step in range(rounds):
         barrier.wait()  # type: ignore[attr-defined]
         model, tree = small_state(step * 2 + writer)
@@ -215,10 +220,11 @@ def race(root: str, writer: int, rounds: int, barrier: object) -> None:
                 model, None, None, None, step, directory=root, extra={"opt": tree}, rng=False, overwrite=step % 2 == 0
             )
         except safeckpt.CheckpointExistsError:
-            failures += 1
+            refused += 1
         except BaseException:
-            os._exit(3)
-    os._exit(0 if failures <= rounds else 2)
+            errors.append(traceback.format_exc())
+    Path(result_path).write_text(json.dumps({"refused": refused, "errors": errors}))
+    os._exit(0)
 
 
 def save_under_file_size_limit(root: str, limit: int, result_path: str) -> None:
