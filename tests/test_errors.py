@@ -165,3 +165,9 @@ def test_missing_rng_state_is_an_error_unless_opted_out(tmp_path: Path, model: T
     with pytest.raises(safeckpt.CheckpointMismatchError, match="restore_rng=False"):
         safeckpt.load_checkpoint(tmp_path)
     assert safeckpt.load_checkpoint(tmp_path, restore_rng=False).step == 1
+
+
+def test_resuming_training_without_rng_state_warns_loudly(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> None:
+    safeckpt.save_checkpoint(model, optimizer, None, None, 1, directory=tmp_path, rng=False)
+    with pytest.warns(safeckpt.MissingRNGStateWarning, match="will differ from the original run"):
+        safeckpt.load_checkpoint(tmp_path, model=model, optimizer=optimizer, restore_rng=False)

@@ -18,6 +18,7 @@ from .errors import CheckpointCorruptedError as CheckpointCorruptedError
 from .errors import CheckpointError as CheckpointError
 from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointFallbackWarning as CheckpointFallbackWarning
+from .errors import MissingRNGStateWarning as MissingRNGStateWarning
 from .errors import CheckpointMismatchError as CheckpointMismatchError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import CheckpointWriteError as CheckpointWriteError
@@ -72,6 +73,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointFallbackWarning",
+    "MissingRNGStateWarning",
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",

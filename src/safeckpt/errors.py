@@ -1,4 +1,4 @@
-"""The one exception hierarchy safeckpt raises, and its one warning.
+"""The one exception hierarchy safeckpt raises, and its warnings.
 
 Every error derives from :class:`CheckpointError` and also from the built-in exception a
 caller would naturally catch (``FileNotFoundError``, ``ValueError``, ``TypeError``,
@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "MissingRNGStateWarning",
     "UnsupportedFormatError",
     "UnsupportedValueError",
 ]
@@ -55,3 +56,7 @@ class CheckpointWriteError(CheckpointError, OSError):
 
 class CheckpointFallbackWarning(UserWarning):
     """The newest checkpoint did not verify and an older one was used instead."""
+
+
+class MissingRNGStateWarning(UserWarning):
+    """Training resumes from a checkpoint without RNG state (``restore_rng=False`` was passed)."""

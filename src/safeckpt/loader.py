@@ -10,6 +10,7 @@ checked strictly), so only the bytes actually used are ever read.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .documents import load_json, load_msgpack
-from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
+from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError, MissingRNGStateWarning
 from .fileio import Buffer
 from .manifest import MANIFEST_NAME, Manifest
 from .reading import locate_checkpoint, read_checkpoint_files
@@ -170,8 +171,17 @@ def load_checkpoint(
             raise CheckpointMismatchError(
                 f"{folder}: has no extra state {name!r} (saved: {sorted(map(str, extra_state))})"
             )
-    if restore_rng is not False and trees["rng"] is None:
+    if trees["rng"] is None and restore_rng is not False:
         raise CheckpointMismatchError(f"{folder}: has no RNG state: {_MISSING_RNG}")
+    if trees["rng"] is None and (optimizer is not None or scheduler is not None):
+        # The user opted out of the error but is resuming training: say so loudly, once per load.
+        warnings.warn(
+            f"{folder}: has no RNG state (saved with rng=False); training resumes with this "
+            "process's random state, so dropout, shuffling and sampling will differ from the "
+            "original run",
+            MissingRNGStateWarning,
+            stacklevel=2,
+        )
 
     if model is not None:
         model.load_state_dict(model_state, strict=strict)
