@@ -26,10 +26,11 @@ import errno
 import hashlib
 import mmap
 import os
+import queue
 import stat
 import struct
+import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
@@ -42,19 +43,53 @@ Buffer = bytes | bytearray | memoryview
 _PIECE = 8 * 1024 * 1024
 """Bytes hashed on a helper thread while the calling thread writes or reads the next piece."""
 _INLINE = 1024 * 1024
-"""Buffers up to this size are hashed on the calling thread: a hand-off would cost more."""
+"""Files whose pieces are all this small are hashed on the calling thread: a hand-off costs more."""
 _WRITEBACK = 32 * 1024 * 1024
 """Start writing dirty pages to disk every this many bytes, so the final fsync waits less."""
 _ALIGN = 64
-_hash_pool: ThreadPoolExecutor | None = None
+_AHEAD = 4
+"""Pieces handed to a hashing thread and not yet hashed, at most (bounds staged copies in use)."""
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _hash_pool
-    if _hash_pool is None:
-        workers = max(2, os.cpu_count() or 1)
-        _hash_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-hash")
-    return _hash_pool
+class _Hasher:
+    """SHA-256 of a stream of pieces, computed on a thread of its own while the caller does I/O.
+
+    Plain threads, not a ``concurrent.futures`` pool: a background save may still be writing
+    while the interpreter exits, when such pools refuse new work. A piece must stay unchanged
+    until :meth:`hexdigest`; the first pieces are hashed inline until one is worth a hand-off.
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._room = threading.Semaphore(_AHEAD)
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            self._sha.update(piece)
+            self._room.release()
+
+    def update(self, piece: memoryview) -> None:
+        if self._thread is None and len(piece) <= _INLINE:
+            self._sha.update(piece)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="safeckpt-hash", daemon=True)
+            self._thread.start()
+        self._room.acquire()
+        self._queue.put(piece)
+
+    def close(self) -> None:
+        """Wait until every piece handed over is hashed."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._sha.hexdigest()
 
 
 def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -90,30 +125,23 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer]) -> FileEntry:
     Returns the manifest entry (size and SHA-256 computed while writing). Raises ``OSError``
     from the underlying calls; the caller owns cleanup of the folder.
     """
-    sha = hashlib.sha256()
+    sha = _Hasher()
     size = flushed = 0
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         for part in parts:
             view = memoryview(part).cast("B")
-            if len(view) <= _INLINE:
-                sha.update(view)
-                _write_all(fd, view)
-                size += len(view)
-                continue
             for start in range(0, len(view), _PIECE):
                 piece = view[start : start + _PIECE]
-                hashing: Future[None] = _pool().submit(sha.update, piece)
-                try:
-                    _write_all(fd, piece)
-                finally:
-                    hashing.result()
+                sha.update(piece)
+                _write_all(fd, piece)
                 size += len(piece)
                 if size - flushed >= _WRITEBACK:
                     _start_writeback(fd, flushed, size - flushed)
                     flushed = size
         os.fsync(fd)
     finally:
+        sha.close()
         os.close(fd)
     return FileEntry(name=name, size=size, sha256=sha.hexdigest())
 
@@ -127,17 +155,34 @@ def write_files(
     put the largest first. On failure the files not yet started are skipped and the first error
     is raised as an ``OSError`` whose ``filename`` is the failing file's path under ``folder``.
     """
-    workers = workers or max(2, os.cpu_count() or 1)
-    if workers == 1 or len(files) <= 1:
+    workers = min(workers or max(2, os.cpu_count() or 1), len(files))
+    if workers <= 1:
         return [_write_named(dir_fd, name, parts, folder) for name, parts in files]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-write") as pool:
-        futures = [pool.submit(_write_named, dir_fd, name, parts, folder) for name, parts in files]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    entries: list[FileEntry | None] = [None] * len(files)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    todo = iter(range(len(files)))
+
+    def work() -> None:
+        while True:
+            with lock:
+                index = None if errors else next(todo, None)
+            if index is None:
+                return
+            try:
+                entries[index] = _write_named(dir_fd, *files[index], folder)
+            except BaseException as exc:  # re-raised by the calling thread
+                with lock:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=work, name="safeckpt-write", daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [entry for entry in entries if entry is not None]
 
 
 def _write_named(dir_fd: int, name: str, parts: Iterable[Buffer], folder: Path) -> FileEntry:
@@ -226,37 +271,29 @@ def realign_room(buffer: memoryview) -> int:
     return 0
 
 
-def _archive_room(fd: int, name: str, size: int) -> int:
-    """Room to align every tensor of a safetensors archive to ``_ALIGN`` bytes.
+def _archive_room(prefix: bytes, size: int) -> int:
+    """Room to align every tensor of a safetensors archive of ``size`` bytes to ``_ALIGN`` bytes.
 
     Each tensor entry of a valid header takes well over 40 bytes of JSON, so the header length
-    (the file's first 8 bytes, read here but not trusted: the room is capped by the file size)
+    (``prefix``, the file's first 8 bytes, not trusted: the room is capped by the file size)
     bounds the number of tensors, and each needs at most ``_ALIGN`` bytes to move.
     """
-    if not name.endswith(".safetensors") or size < 8:
+    if len(prefix) < 8:
         return 0
-    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0).ljust(8, b"\0"))
+    (length,) = struct.unpack_from("<Q", prefix)
     return _ALIGN * (min(length, size) // 40 + 2)
 
 
 def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
     """Fill ``view`` from the file, hashing each piece while the next one is read."""
-    sha = hashlib.sha256()
-    size = len(view)
-    pending: Future[None] | None = None
+    sha = _Hasher()
     try:
-        for start in range(0, size, _PIECE):
+        for start in range(0, len(view), _PIECE):
             piece = view[start : start + _PIECE]
-            _read_into(fd, piece, start, source=source, size=size)
-            if size <= _INLINE:
-                sha.update(piece)
-                continue
-            if pending is not None:
-                pending.result()
-            pending = _pool().submit(sha.update, piece)
+            _read_into(fd, piece, start, source=source, size=len(view))
+            sha.update(piece)
     finally:
-        if pending is not None:
-            pending.result()
+        sha.close()
     return sha.hexdigest()
 
 
@@ -291,7 +328,8 @@ def read_verified(dir_fd: int, entry: FileEntry, *, source: str, verify: bool = 
             return _map(fd, size)
         with contextlib.suppress(OSError, AttributeError):  # a hint; not on every platform
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
-        capacity = size + _archive_room(fd, entry.name, size)
+        room = _archive_room(os.pread(fd, 8, 0), size) if entry.name.endswith(".safetensors") else 0
+        capacity = size + room
         view = memoryview(_Arena(-1, max(capacity, 1)))[:size]
         digest = _read_hashing(fd, view, source=source)
         if os.pread(fd, 1, size):
