@@ -43,7 +43,8 @@ def leftovers(root: Path) -> list[str]:
 def fingerprint(value: object) -> object:
     """A comparable, bit-exact rendering of a state tree (tensor bytes, dtypes, container types)."""
     if isinstance(value, torch.Tensor):
-        flat = value.detach().cpu().contiguous().reshape(-1)
+        # A fresh tensor has standard strides (contiguous() keeps odd strides of size-1 dims).
+        flat = torch.empty(value.shape, dtype=value.dtype).copy_(value.detach()).reshape(-1)
         data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
         return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(data).hexdigest())
     if isinstance(value, float):

@@ -189,7 +189,11 @@ def dump_msgpack(value: object, *, source: str = "structure") -> bytes:
             f"of {limits.MAX_DOCUMENT_ITEMS} that readers accept; store long lists of numbers as "
             "tensors"
         )
-    data: bytes = msgpack.packb(value, use_bin_type=True, use_single_float=False, strict_types=True)
+    try:
+        data: bytes = msgpack.packb(value, use_bin_type=True, use_single_float=False, strict_types=True)
+    except (UnicodeEncodeError, ValueError, TypeError, OverflowError) as exc:
+        # e.g. a str holding a lone surrogate, which UTF-8 cannot encode
+        raise UnsupportedValueError(f"{source}: cannot be stored as msgpack: {str(exc)[:200]}") from None
     if len(data) > limits.MAX_DOCUMENT_BYTES:
         raise UnsupportedValueError(
             f"{source}: its structure encodes to {len(data)} bytes, over the limit of "

@@ -120,8 +120,13 @@ _STAGE = 16 * 1024 * 1024
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:
+        # torch calls a one-element tensor contiguous whatever its stride (e.g. x[::2] of a
+        # 2-element x), but view(uint8) demands stride 1: same element, stride 1.
+        flat = flat.as_strided((1,), (1,))
     # numpy's array keeps the tensor alive for as long as the memoryview is in use
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
