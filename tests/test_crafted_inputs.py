@@ -8,6 +8,8 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import msgpack
@@ -478,3 +480,30 @@ def test_symlinked_step_folder_is_not_listed(saved: Path, tmp_path: Path) -> Non
     (saved.parent / "step-00000099").symlink_to(elsewhere)
     with pytest.raises(safeckpt.CheckpointNotFoundError):
         safeckpt.load_checkpoint(saved.parent)
+
+
+SPARSE_PROBE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # whatever the machine's overcommit policy
+import safeckpt
+try:
+    safeckpt.verify_checkpoint(sys.argv[1])
+except safeckpt.CheckpointError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_sparse_file_larger_than_memory_with_matching_manifest(saved: Path) -> None:
+    size = 2**40  # 1 TiB, taking no disk space
+    try:
+        with open(saved / "model.safetensors", "r+b") as handle:
+            handle.truncate(size)
+    except OSError as exc:
+        pytest.skip(f"this file system cannot hold a 1 TiB sparse file ({exc.strerror})")
+    manifest = json.loads((saved / "manifest.json").read_bytes())
+    manifest["files"]["model.safetensors"]["size"] = size
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    done = subprocess.run([sys.executable, "-c", SPARSE_PROBE, str(saved)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("CheckpointCorruptedError"), done.stdout
+    assert str(saved / "model.safetensors") in done.stdout and "cannot be read" in done.stdout

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from . import limits
 from .commit import list_checkpoints, parse_step
 from .documents import load_json
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError
+from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from .fileio import read_bounded, read_verified
 from .manifest import MANIFEST_NAME, Manifest
 
@@ -79,10 +79,25 @@ def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifes
                 e.name: pool.submit(read_verified, dir_fd, e, source=str(folder / e.name), verify=verify)
                 for e in manifest.files
             }
-            buffers = {name: f.result() for name, f in futures.items()}
+            buffers = {name: _verified(future, folder / name) for name, future in futures.items()}
     finally:
         os.close(dir_fd)
     return manifest, buffers
+
+
+def _verified(future: Future[memoryview], path: Path) -> memoryview:
+    """A read's buffer; an ``OSError`` of the read itself (EIO, or ENOMEM for a file, perhaps a
+    sparse one, too large for memory) becomes a ``CheckpointCorruptedError`` naming the file."""
+    try:
+        return future.result()
+    except CheckpointError:
+        raise
+    except (OSError, MemoryError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise CheckpointCorruptedError(
+            f"{path}: cannot be read ({reason}); the storage is failing or the file is larger than "
+            "the memory available: load an earlier checkpoint, or this one where more memory is free"
+        ) from exc
 
 
 def model_aliases(metadata: dict[str, str], stored: Collection[str], *, source: str) -> dict[str, str]:
