@@ -171,3 +171,23 @@ def test_sigkill_at_random_times_during_large_saves(tmp_path: Path, forkserver: 
     assert trials // 20 < len(seen_steps) < trials - trials // 20, len(seen_steps)
     save_small(root, next_step)
     assert leftovers(root) == []
+
+
+def test_next_save_removes_dead_writers_folders_never_a_live_ones(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    save_small(root, OLD, content=OLD)
+    dead = root / f"{commit.TMP_PREFIX}step-00000007.{'0' * 32}"  # nobody holds its lock
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half written")
+    moved_aside = root / f"{commit.TRASH_PREFIX}step-00000004.{'1' * 32}"  # an overwrite that died
+    shutil.copytree(root / "step-00000001", moved_aside)
+    deleted = root / f"{commit.TRASH_PREFIX}deleted.{'2' * 32}"
+    deleted.mkdir()
+    with commit.PendingCheckpoint(root, 9) as live:  # a live writer in the middle of its save
+        (live.path / "model.safetensors").write_bytes(b"in progress")
+        save_small(root, NEW, content=NEW)
+        assert live.path.is_dir() and (live.path / "model.safetensors").read_bytes() == b"in progress"
+        assert not dead.exists() and not deleted.exists() and not moved_aside.exists()
+        assert loaded_fingerprint(root / "step-00000004") == (OLD, expected_small(OLD))  # put back
+    assert not live.path.exists()  # left without committing: removed by its own writer
+    assert leftovers(root) == []
