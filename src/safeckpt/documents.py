@@ -122,11 +122,12 @@ def _check_msgpack(value: object, source: str, depth: int = 0) -> None:
             _check_msgpack(item, source, depth + 1)
 
 
-def load_json(data: bytes, *, source: str, limit: int | None = None) -> object:
+def load_json(data: bytes | bytearray | memoryview, *, source: str, limit: int | None = None) -> object:
     """Parse UTF-8 JSON strictly: at most ``limit`` bytes (default ``limits.MAX_JSON_BYTES``),
     bounded depth and item count, no duplicate keys, no NaN/Infinity or overflowing numbers, no
     lone surrogates."""
     limit = limits.MAX_JSON_BYTES if limit is None else limit
+    data = bytes(data)  # a memoryview or bytearray of a verified buffer works too
     if len(data) > limit:
         raise _corrupt(source, f"JSON document of {len(data)} bytes exceeds the limit of {limit}")
     # json has no hook for arrays: count opening brackets instead (an upper bound, since
