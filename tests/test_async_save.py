@@ -17,15 +17,15 @@ import torch
 
 import safeckpt
 from conftest import TinyLM, train_steps
-from safeckpt import saver
+from safeckpt import background, saver
 from safeckpt.commit import list_checkpoints
 
 
 @pytest.fixture(autouse=True)
 def _no_leftover_saves() -> Iterator[None]:
     yield
-    saver.release_snapshot_memory()
-    saver._last = None
+    background.release_snapshot_memory()
+    background._last = None
 
 
 class _Gate:
@@ -173,22 +173,33 @@ def test_wait_with_timeout(tmp_path: Path, model: TinyLM, optimizer: torch.optim
 
 def test_next_snapshot_reuses_the_memory_of_the_last(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> None:
     safeckpt.save_checkpoint(model, optimizer, None, None, 1, directory=tmp_path, async_=True).wait()
-    kept = {name: {k: t.data_ptr() for k, t in ts.items()} for name, ts in saver._staging.items()}
+    kept = {name: {k: t.data_ptr() for k, t in ts.items()} for name, ts in background._kept.items()}
     assert kept["model"] and kept["optimizer"]
+    live = {t.data_ptr() for t in [*model.state_dict().values(), *_optimizer_tensors(optimizer)]}
+    assert not live & {p for ts in kept.values() for p in ts.values()}  # copies, never the caller's tensors
     plan = saver.plan_checkpoint(model, optimizer, None, None, 2)
     plan.snapshot()
     for name, (archive, _) in plan.archives.items():
         for key, tensor in archive.tensors.items():
             assert tensor.data_ptr() == kept[name][key], (name, key)
-            assert tensor.data_ptr() != dict(model.state_dict()).get(key, tensor).data_ptr() or name != "model"
-    saver.release_snapshot_memory()
-    assert saver._staging == {}
+    background.release_snapshot_memory()
+    assert background._kept == {}
 
 
-def test_caller_tensors_are_never_recycled(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> None:
-    plan = saver.plan_checkpoint(model, optimizer, None, None, 1)  # not snapshotted
-    saver.PendingSave(plan, tmp_path, overwrite=False).wait()
-    assert saver._staging == {}
+def test_on_commit_runs_after_the_commit_and_its_error_is_the_saves(
+    tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer
+) -> None:
+    seen: list[bool] = []
+    plan = saver.plan_checkpoint(model, optimizer, None, None, 1)
+    pending = saver.write_checkpoint_async(plan, tmp_path, on_commit=lambda p: seen.append((p / "manifest.json").exists()))
+    assert pending.wait() == tmp_path / "step-00000001" and seen == [True]
+
+    def fail(path: Path) -> None:
+        raise RuntimeError(f"pruning after {path.name} failed")
+
+    plan = saver.plan_checkpoint(model, optimizer, None, None, 2)
+    with pytest.raises(RuntimeError, match="after step-00000002"):
+        saver.write_checkpoint_async(plan, tmp_path, on_commit=fail).wait()
 
 
 def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

@@ -262,6 +262,11 @@ class _Arena(mmap.mmap):
     """Anonymous page-aligned memory a verified file is read into; may be longer than the file."""
 
 
+def _arena(size: int) -> _Arena:
+    # Private: a shared anonymous map is shmem, whose page faults cost half again as much.
+    return _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def realign_room(buffer: memoryview) -> int:
     """Spare bytes after ``buffer`` that its owner may overwrite (0 unless :func:`read_verified`
     allocated it with room to move tensors to aligned addresses)."""
@@ -330,7 +335,7 @@ def read_verified(dir_fd: int, entry: FileEntry, *, source: str, verify: bool = 
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
         room = _archive_room(os.pread(fd, 8, 0), size) if entry.name.endswith(".safetensors") else 0
         capacity = size + room
-        view = memoryview(_Arena(-1, max(capacity, 1)))[:size]
+        view = memoryview(_arena(capacity))[:size]
         digest = _read_hashing(fd, view, source=source)
         if os.pread(fd, 1, size):
             raise _changed_size(source, size)

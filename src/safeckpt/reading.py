@@ -77,7 +77,7 @@ def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifes
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-read") as pool:
             futures = {
                 e.name: pool.submit(read_verified, dir_fd, e, source=str(folder / e.name), verify=verify)
-                for e in manifest.files
+                for e in sorted(manifest.files, key=lambda e: -e.size)  # the largest hash takes longest
             }
             buffers = {name: _verified(future, folder / name) for name, future in futures.items()}
     finally:

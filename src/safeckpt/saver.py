@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Literal, overload
 import torch
 
 from ._version import __version__
+from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .commit import PendingCheckpoint, step_dirname, write_error
 from .documents import dump_json, dump_msgpack
 from .errors import CheckpointExistsError, UnsupportedValueError
@@ -31,7 +31,7 @@ from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_t
 from .tensors import TensorArchive, archive_parts
 from .tree import encode_document
 
-__all__ = ["PendingSave", "plan_checkpoint", "release_snapshot_memory", "save_checkpoint", "write_checkpoint"]
+__all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint", "write_checkpoint_async"]
 
 TREES = ("optimizer", "scheduler", "rng", "extra")
 """State trees stored as ``<name>.safetensors`` + ``<name>.msgpack``, in this order."""
@@ -47,18 +47,15 @@ class CheckpointPlan:
     metadata: dict[str, object]
     archives: dict[str, tuple[TensorArchive, dict[str, str] | None]] = field(default_factory=dict)
     documents: dict[str, bytes] = field(default_factory=dict)
-    snapshotted: bool = False
-    """True once :meth:`snapshot` has copied the tensors (the plan then owns them)."""
 
     def snapshot(self) -> None:
         """Copy every tensor so the caller may keep training while the files are written.
 
         The copies reuse the memory of the last finished background save's copies where they
-        fit (see :func:`release_snapshot_memory`)."""
-        reuse = _take_staging()
+        fit (see :mod:`safeckpt.background`)."""
+        reuse = take_snapshot()
         for name, (archive, _) in self.archives.items():
             archive.snapshot(reuse.get(name))
-        self.snapshotted = True
 
     def file_size(self, name: str) -> int:
         """Bytes the data of file ``name`` will take (tensor bytes of an archive, a document's
@@ -175,122 +172,6 @@ def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *,
         return pending.commit(overwrite=overwrite)
 
 
-# Background saves. At most one save (background or not) is in flight per process: a save first
-# takes _slot, and a background save hands it back only once committed or failed, so a second
-# save waits for the first and two snapshots of the state never coexist with a write.
-_slot = threading.Lock()
-_last: PendingSave | None = None
-_staging_lock = threading.Lock()
-_staging: dict[str, dict[str, torch.Tensor]] = {}
-
-
-def _take_staging() -> dict[str, dict[str, torch.Tensor]]:
-    global _staging
-    with _staging_lock:
-        taken, _staging = _staging, {}
-    return taken
-
-
-def release_snapshot_memory() -> None:
-    """Free the CPU copy of the state the last finished background save kept for the next one.
-
-    A background save snapshots the state into CPU memory; when it has finished, that memory is
-    kept and overwritten by the next background save's snapshot, which then costs a plain copy
-    instead of faulting in fresh pages. Call this when no more saves are coming.
-    """
-    _take_staging()
-
-
-def _acquire_slot() -> None:
-    """Wait for the save in flight; re-raise its error if nobody collected it with ``wait()``."""
-    _slot.acquire()
-    previous = _last
-    if previous is not None and previous._error is not None and not previous._collected:
-        previous._collected = True
-        _slot.release()
-        raise previous._error
-
-
-class PendingSave:
-    """A save running in the background; :meth:`wait` returns its path or raises its error.
-
-    Returned by ``save_checkpoint(..., async_=True)`` once the state has been copied: the caller
-    may change the model and optimizer at once. The files are written and committed on a
-    (non-daemon) thread, so the interpreter waits for it at exit. If the process dies first,
-    committed checkpoints are untouched and the unfinished folder is removed by the next save.
-    An error nobody collected with :meth:`wait` is raised by the next ``save_checkpoint``.
-
-    Example:
-        >>> pending = save_checkpoint(model, opt, None, None, 100, async_=True)  # doctest: +SKIP
-        >>> pending.wait().name  # doctest: +SKIP
-        'step-00000100'
-    """
-
-    def __init__(
-        self,
-        plan: CheckpointPlan,
-        directory: str | os.PathLike[str],
-        *,
-        overwrite: bool,
-        on_commit: Callable[[Path], object] | None = None,
-        _release: Callable[[], None] | None = None,
-    ) -> None:
-        self.step = plan.step
-        self.path = Path(directory) / step_dirname(plan.step)
-        self._result: Path | None = None
-        self._error: BaseException | None = None
-        self._collected = False
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(plan, overwrite, on_commit, _release),
-            name=f"safeckpt-save-{plan.step}",
-        )
-        self._thread.start()
-
-    def _run(
-        self,
-        plan: CheckpointPlan,
-        overwrite: bool,
-        on_commit: Callable[[Path], object] | None,
-        release: Callable[[], None] | None,
-    ) -> None:
-        try:
-            self._result = write_checkpoint(plan, self.path.parent, overwrite=overwrite)
-            if on_commit is not None:
-                on_commit(self._result)
-        except BaseException as exc:  # handed to the caller in wait()
-            self._error = exc
-        finally:
-            if plan.snapshotted:  # never the caller's own tensors: the next snapshot overwrites these
-                with _staging_lock:
-                    _staging.update({name: archive.tensors for name, (archive, _) in plan.archives.items()})
-            del plan
-            if release is not None:
-                release()
-
-    def done(self) -> bool:
-        """True once the save has committed or failed."""
-        return not self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> Path:
-        """Block until committed; returns the checkpoint path or raises the save's error.
-
-        Raises ``TimeoutError`` if ``timeout`` seconds pass first (the save goes on).
-        """
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"{self.path}: checkpoint for step {self.step} is still being written")
-        if self._error is not None:
-            self._collected = True
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def __repr__(self) -> str:
-        state = "writing" if not self.done() else "failed" if self._error else "committed"
-        return f"PendingSave(step={self.step}, path={str(self.path)!r}, {state})"
-
-
 @overload
 def save_checkpoint(
     model: torch.nn.Module | Mapping[str, torch.Tensor],
@@ -374,13 +255,31 @@ def save_checkpoint(
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )
-    _acquire_slot()
-    if not async_:
-        try:
-            return write_checkpoint(plan, directory, overwrite=overwrite)
-        finally:
-            _slot.release()
-    global _last
+    if async_:
+        return write_checkpoint_async(plan, directory, overwrite=overwrite)
+    release = acquire_slot()
+    try:
+        return write_checkpoint(plan, directory, overwrite=overwrite)
+    finally:
+        release()
+
+
+def write_checkpoint_async(
+    plan: CheckpointPlan,
+    directory: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    on_commit: Callable[[Path], object] | None = None,
+) -> PendingSave:
+    """:func:`write_checkpoint` in the background: what ``save_checkpoint(..., async_=True)`` does
+    once the state is planned, for callers that plan themselves (e.g. a checkpoint manager).
+
+    Waits for the save in flight (raising its error if nobody collected it), refuses an existing
+    step unless ``overwrite``, copies the plan's tensors, then returns a :class:`PendingSave`.
+    ``on_commit(path)`` runs on the background thread right after the commit (e.g. to prune old
+    checkpoints); an error it raises is the save's error.
+    """
+    release = acquire_slot()
     try:
         final = Path(directory) / step_dirname(plan.step)
         if not overwrite and (final / MANIFEST_NAME).exists():
@@ -389,8 +288,18 @@ def save_checkpoint(
                 "to replace it or save under another step"
             )
         plan.snapshot()
-        _last = PendingSave(plan, directory, overwrite=overwrite, _release=_slot.release)
+
+        def finish() -> None:
+            keep_snapshot({name: archive.tensors for name, (archive, _) in plan.archives.items()})
+            release()
+
+        return PendingSave(
+            plan.step,
+            final,
+            lambda: write_checkpoint(plan, directory, overwrite=overwrite),
+            on_commit=on_commit,
+            on_exit=finish,
+        )
     except BaseException:
-        _slot.release()
+        release()
         raise
-    return _last
