@@ -175,7 +175,7 @@ def load_safeckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path
     safeckpt.load_checkpoint(path, model=model, optimizer=opt, **kwargs)  # type: ignore[arg-type]
 
 
-LOADS: dict[str, tuple[str, Callable[..., None]]] = {
+LOADS: dict[str, tuple[str, Callable[..., object]]] = {
     "torch.load": ("torch.save", load_torch),
     "safetensors (weights)": ("safetensors (weights)", load_safetensors),
     "dcp.load": ("dcp.save", load_dcp),
@@ -233,7 +233,7 @@ def measure(
     process's first write (which also pays for the page cache's first pages, and, for an async
     save, for the snapshot's memory)."""
     if mode == "floor":
-        return floor()
+        return dict(floor())
     assert path is not None
     fresh = mode == "load"
     model, opt, _ = build_state(size, init_optimizer=not fresh, seed=1 if fresh else 0)

@@ -189,7 +189,7 @@ def main() -> None:
                         shutil.rmtree(path)  # unlinking also discards dirty pages: no writeback leaks into the next
                         record(rows, (size_name, f"save-{phase}", kind), result)
             print(f"[{time.time() - started:6.0f}s] {size_name}: loads", flush=True)
-            artifacts = {}
+            artifacts: dict[str, Path] = {}
             for source in dict.fromkeys(LOADS.values()):
                 path = scratch / f"artifact-{len(artifacts)}"
                 path.mkdir()

@@ -154,7 +154,8 @@ def write_markdown(path: Path, meta: dict[str, object], summary: Summary) -> Non
                 line += f" {_span(summary, key, 'seconds')} | {_ratio(_get(summary, key, 'seconds'), ref)} |"
             lines.append(line + f" {_mb(_get(summary, f'{size} / load-{caches[0]} / {kind}', 'rss_delta'))} |")
         lines.append("")
-    target_size = "1GB" if "1GB" in meta["sizes"] else meta["sizes"][-1]  # type: ignore[index]
+    sizes: list[str] = meta["sizes"]  # type: ignore[assignment]
+    target_size = "1GB" if "1GB" in sizes else sizes[-1]
     lines += [f"## Targets at {target_size}", "", "| Target | Measured | Met |", "|---|---|---|"]
     for name, text, ok in _targets(summary, str(target_size), floor_all):
         lines.append(f"| {name} | {text} | {'–' if ok is None else 'yes' if ok else '**no**'} |")
