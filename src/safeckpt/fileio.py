@@ -33,6 +33,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from . import limits
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .manifest import FileEntry
 
@@ -178,8 +179,15 @@ def write_files(
     threads = [threading.Thread(target=work, name="safeckpt-write", daemon=True) for _ in range(workers)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException as exc:  # e.g. KeyboardInterrupt: start no more files, and never
+        with lock:  # return while a writer still uses dir_fd (the caller closes it)
+            errors.append(exc)
+        for thread in threads:
+            thread.join()
+        raise
     if errors:
         raise errors[0]
     return [entry for entry in entries if entry is not None]
@@ -280,13 +288,14 @@ def _archive_room(prefix: bytes, size: int) -> int:
     """Room to align every tensor of a safetensors archive of ``size`` bytes to ``_ALIGN`` bytes.
 
     Each tensor entry of a valid header takes well over 40 bytes of JSON, so the header length
-    (``prefix``, the file's first 8 bytes, not trusted: the room is capped by the file size)
+    (``prefix``, the file's first 8 bytes, not trusted: the room is capped by the file size and
+    the header limit, and only reserves address space until a verified archive is aligned)
     bounds the number of tensors, and each needs at most ``_ALIGN`` bytes to move.
     """
     if len(prefix) < 8:
         return 0
     (length,) = struct.unpack_from("<Q", prefix)
-    return _ALIGN * (min(length, size) // 40 + 2)
+    return _ALIGN * (min(length, size, limits.MAX_SAFETENSORS_HEADER_BYTES) // 40 + 2)
 
 
 def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
