@@ -18,10 +18,10 @@ from .errors import CheckpointCorruptedError as CheckpointCorruptedError
 from .errors import CheckpointError as CheckpointError
 from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointFallbackWarning as CheckpointFallbackWarning
-from .errors import MissingRNGStateWarning as MissingRNGStateWarning
 from .errors import CheckpointMismatchError as CheckpointMismatchError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import CheckpointWriteError as CheckpointWriteError
+from .errors import MissingRNGStateWarning as MissingRNGStateWarning
 from .errors import UnsupportedFormatError as UnsupportedFormatError
 from .errors import UnsupportedValueError as UnsupportedValueError
 
@@ -73,12 +73,12 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointFallbackWarning",
-    "MissingRNGStateWarning",
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "Divergence",
+    "MissingRNGStateWarning",
     "PendingSave",
     "ResumeReport",
     "TrainState",
