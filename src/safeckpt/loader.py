@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ import torch
 from .documents import load_json, load_msgpack
 from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError, MissingRNGStateWarning
 from .fileio import Buffer
-from .manifest import MANIFEST_NAME, Manifest
-from .reading import locate_checkpoint, read_checkpoint_files
+from .manifest import MANIFEST_NAME
+from .reading import CheckpointContents, locate_checkpoint, read_checkpoint_files
 from .rng import restore_rng as restore_rng_state
 from .state import ALIASES_KEY, check_model, check_optimizer, restore_types
 from .tensors import tensors_from_buffer
@@ -36,27 +35,8 @@ _MISSING_RNG = (
 )
 
 
-@dataclass
-class Checkpoint:
+class Checkpoint(CheckpointContents[torch.Tensor]):
     """Everything a checkpoint holds, as returned by :func:`load_checkpoint`."""
-
-    path: Path
-    step: int
-    config: object | None
-    vocab: object | None
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: object | None
-    extra: dict[str, object] = field(default_factory=dict)
-    metadata: dict[str, object] = field(default_factory=dict)
-    manifest: Manifest | None = None
-    scheduler_state: object | None = None
-    rng_state: object | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"Checkpoint(path={str(self.path)!r}, step={self.step}, "
-            f"tensors={len(self.model_state)}, optimizer={self.optimizer_state is not None})"
-        )
 
 
 def _decode_tree(

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,8 @@ except ImportError as exc:  # pragma: no cover - the numpy extra installs it
 from .archive import DTYPE_SIZES, parse_header
 from .documents import load_json, load_msgpack
 from .errors import CheckpointCorruptedError
-from .manifest import MANIFEST_NAME, Manifest
-from .reading import locate_checkpoint, model_aliases, read_checkpoint_files
+from .manifest import MANIFEST_NAME
+from .reading import CheckpointContents, locate_checkpoint, model_aliases, read_checkpoint_files
 from .tree import decode_document
 
 __all__ = ["NUMPY_DTYPES", "Checkpoint", "arrays_from_buffer", "load_checkpoint"]
@@ -51,32 +50,14 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 TREES = ("optimizer", "scheduler", "rng", "extra")
 
 
-@dataclass
-class Checkpoint:
+class Checkpoint(CheckpointContents[np.ndarray]):
     """Everything a checkpoint holds, as returned by :func:`load_checkpoint`.
 
-    The fields match :class:`safeckpt.Checkpoint`; tensors are ``numpy.ndarray``.
+    The fields match :class:`safeckpt.Checkpoint`; tensors are ``numpy.ndarray``; ``rng_state``
+    is the RNG tree as stored (see spec/FORMAT.md) — restoring it needs the torch loader.
     """
 
-    path: Path
-    step: int
-    config: object | None
-    vocab: object | None
-    model_state: dict[str, np.ndarray]
-    """State dict; tied names map to the very same array."""
-    optimizer_state: object | None
-    extra: dict[str, object] = field(default_factory=dict)
-    metadata: dict[str, object] = field(default_factory=dict)
-    manifest: Manifest | None = None
-    scheduler_state: object | None = None
-    rng_state: object | None = None
-    """The RNG tree as stored (see spec/FORMAT.md); restoring it needs the torch loader."""
-
-    def __repr__(self) -> str:
-        return (
-            f"safeckpt.numpy.Checkpoint(path={str(self.path)!r}, step={self.step}, "
-            f"tensors={len(self.model_state)}, optimizer={self.optimizer_state is not None})"
-        )
+    _repr_name = "safeckpt.numpy.Checkpoint"
 
 
 def arrays_from_buffer(buffer: bytes | bytearray | memoryview, *, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

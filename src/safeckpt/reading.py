@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Generic, TypeVar
 
 from . import limits
 from .commit import list_checkpoints, parse_step
@@ -19,6 +21,34 @@ from .documents import load_json
 from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from .fileio import read_bounded, read_verified
 from .manifest import MANIFEST_NAME, Manifest
+
+TensorT = TypeVar("TensorT")
+
+
+@dataclass
+class CheckpointContents(Generic[TensorT]):
+    """What a checkpoint holds; each reader fixes the tensor type (torch or numpy)."""
+
+    path: Path
+    step: int
+    config: object | None
+    vocab: object | None
+    model_state: dict[str, TensorT]
+    """State dict; tied names map to the very same tensor."""
+    optimizer_state: object | None
+    extra: dict[str, object] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)
+    manifest: Manifest | None = None
+    scheduler_state: object | None = None
+    rng_state: object | None = None
+
+    _repr_name: ClassVar[str] = "Checkpoint"
+
+    def __repr__(self) -> str:
+        return (
+            f"{self._repr_name}(path={str(self.path)!r}, step={self.step}, "
+            f"tensors={len(self.model_state)}, optimizer={self.optimizer_state is not None})"
+        )
 
 __all__ = ["MODEL_ALIASES_KEY", "locate_checkpoint", "model_aliases", "read_checkpoint_files"]
 
