@@ -153,7 +153,7 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
     data = _archive(named)
     plain, _ = tensors.tensors_from_buffer(bytearray(data), source="x")
     entry = FileEntry(name="t.safetensors", size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    roomy = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    roomy = memoryview(fileio.arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
     roomy[:] = data
     for buffer in (bytearray(data), roomy):
         aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)
@@ -166,7 +166,7 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
 def test_aligned_tensors_are_moved_not_copied_when_there_is_room() -> None:
     named = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(6)}
     data = _archive(named)
-    buffer = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    buffer = memoryview(fileio.arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
     buffer[:] = data
     aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)
     base = torch.frombuffer(buffer.obj, dtype=torch.uint8).data_ptr()  # type: ignore[arg-type]
@@ -192,9 +192,9 @@ def test_streamed_write_hashes_what_it_writes(tmp_path: Path, small_pieces: None
     dir_fd = fileio.os.open(tmp_path, fileio.os.O_RDONLY)
     try:
         entry = fileio.write_file(dir_fd, "f.bin", iter(parts))
-        (written,) = fileio.write_files(dir_fd, [("g.bin", iter(parts))], folder=tmp_path)
+        (written,) = fileio.write_files(dir_fd, [("g.bin", iter(parts), 0)], folder=tmp_path)
         with pytest.raises(FileExistsError) as info:
-            fileio.write_files(dir_fd, [("h.bin", [b"x"]), ("f.bin", [b"y"])], folder=tmp_path)
+            fileio.write_files(dir_fd, [("h.bin", [b"x"], 1), ("f.bin", [b"y"], 1)], folder=tmp_path)
     finally:
         fileio.os.close(dir_fd)
     data = b"".join(bytes(p) for p in parts)

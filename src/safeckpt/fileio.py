@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import mmap
 import os
@@ -30,16 +31,27 @@ import queue
 import stat
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from . import limits
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
-from .manifest import FileEntry
+from .manifest import Chunks, FileEntry
 
-__all__ = ["fsync_dir", "read_bounded", "read_verified", "realign_room", "write_file", "write_files"]
+__all__ = [
+    "arena",
+    "chunk_size",
+    "fsync_dir",
+    "read_bounded",
+    "read_files",
+    "realign_room",
+    "write_file",
+    "write_files",
+]
 
 Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
 
 _PIECE = 8 * 1024 * 1024
 """Bytes hashed on a helper thread while the calling thread writes or reads the next piece."""
@@ -48,6 +60,13 @@ _INLINE = 1024 * 1024
 _WRITEBACK = 32 * 1024 * 1024
 """Start writing dirty pages to disk every this many bytes, so the final fsync waits less."""
 _ALIGN = 64
+_HUGE_PAGE = 2 * 1024 * 1024
+MIN_CHUNK = 16 * 1024 * 1024
+"""Smallest chunk a writer digests separately (a power of two; see :func:`chunk_size`)."""
+MAX_CHUNKS = 1024
+MIN_CORES_FOR_CHUNKS = 4
+_CACHED_PIECE = 1024 * 1024
+"""Bytes a chunk is read and hashed in, so the hash reads them while they are in the cache."""
 _AHEAD = 4
 """Pieces handed to a hashing thread and not yet hashed, at most (bounds staged copies in use)."""
 
@@ -55,25 +74,43 @@ _AHEAD = 4
 class _Hasher:
     """SHA-256 of a stream of pieces, computed on a thread of its own while the caller does I/O.
 
-    Plain threads, not a ``concurrent.futures`` pool: a background save may still be writing
-    while the interpreter exits, when such pools refuse new work. A piece must stay unchanged
-    until :meth:`hexdigest`; the first pieces are hashed inline until one is worth a hand-off.
+    With ``chunk`` > 0 it digests each consecutive ``chunk`` bytes of the stream separately
+    instead (the manifest's per-chunk digests). Plain threads, not a ``concurrent.futures``
+    pool: a background save may still be writing while the interpreter exits, when such pools
+    refuse new work. A piece must stay unchanged until :meth:`digests`; the first pieces are
+    hashed inline until one is worth a hand-off.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = 0) -> None:
+        self._chunk = chunk
+        self._filled = 0
         self._sha = hashlib.sha256()
+        self._done: list[str] = []
         self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._room = threading.Semaphore(_AHEAD)
         self._thread: threading.Thread | None = None
 
+    def _consume(self, piece: memoryview) -> None:
+        if not self._chunk:
+            self._sha.update(piece)
+            return
+        while piece:
+            take = min(self._chunk - self._filled, len(piece))
+            self._sha.update(piece[:take])
+            self._filled += take
+            piece = piece[take:]
+            if self._filled == self._chunk:
+                self._done.append(self._sha.hexdigest())
+                self._sha, self._filled = hashlib.sha256(), 0
+
     def _run(self) -> None:
         while (piece := self._queue.get()) is not None:
-            self._sha.update(piece)
+            self._consume(piece)
             self._room.release()
 
     def update(self, piece: memoryview) -> None:
         if self._thread is None and len(piece) <= _INLINE:
-            self._sha.update(piece)
+            self._consume(piece)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="safeckpt-hash", daemon=True)
@@ -88,9 +125,31 @@ class _Hasher:
             self._thread.join()
             self._thread = None
 
-    def hexdigest(self) -> str:
+    def digests(self) -> list[str]:
+        """The whole stream's digest, or with ``chunk`` each chunk's (the last may be short)."""
         self.close()
-        return self._sha.hexdigest()
+        if not self._chunk:
+            return [self._sha.hexdigest()]
+        if self._filled:
+            self._done.append(self._sha.hexdigest())
+            self._filled = 0
+        return self._done
+
+
+def chunk_size(file_size: int) -> int:
+    """Bytes per chunk digest for a file of ``file_size`` bytes, or 0 for no chunk digests.
+
+    None for a file of fewer than two chunks, and none on a machine of fewer than
+    ``MIN_CORES_FOR_CHUNKS`` usable cores: there the second hashing thread competes with the
+    first for a core and makes the save slower by more than it makes the load faster. At most
+    ``MAX_CHUNKS`` per file keeps the manifest small.
+    """
+    if _cores() < MIN_CORES_FOR_CHUNKS:
+        return 0
+    size = MIN_CHUNK
+    while file_size > size * MAX_CHUNKS:
+        size *= 2
+    return size if file_size > size else 0
 
 
 def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -120,13 +179,17 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-def write_file(dir_fd: int, name: str, parts: Iterable[Buffer]) -> FileEntry:
+def write_file(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int = 0) -> FileEntry:
     """Create ``name`` in the folder ``dir_fd``, write ``parts`` in order, fsync it.
 
-    Returns the manifest entry (size and SHA-256 computed while writing). Raises ``OSError``
-    from the underlying calls; the caller owns cleanup of the folder.
+    Returns the manifest entry: size and SHA-256 computed while writing, plus per-chunk digests
+    (on a second hashing thread) when ``size_hint``, about the total of ``parts``, is large
+    enough (:func:`chunk_size`). Raises ``OSError`` from the underlying calls; the caller owns
+    cleanup of the folder.
     """
+    chunk = chunk_size(size_hint)
     sha = _Hasher()
+    chunks = _Hasher(chunk) if chunk else None
     size = flushed = 0
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
@@ -135,6 +198,8 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer]) -> FileEntry:
             for start in range(0, len(view), _PIECE):
                 piece = view[start : start + _PIECE]
                 sha.update(piece)
+                if chunks is not None:
+                    chunks.update(piece)
                 _write_all(fd, piece)
                 size += len(piece)
                 if size - flushed >= _WRITEBACK:
@@ -143,26 +208,47 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer]) -> FileEntry:
         os.fsync(fd)
     finally:
         sha.close()
+        if chunks is not None:
+            chunks.close()
         os.close(fd)
-    return FileEntry(name=name, size=size, sha256=sha.hexdigest())
+    digests = Chunks(chunk, tuple(chunks.digests())) if chunks is not None and size else None
+    return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
 
 
 def write_files(
-    dir_fd: int, files: Sequence[tuple[str, Iterable[Buffer]]], *, folder: Path, workers: int | None = None
+    dir_fd: int, files: Sequence[tuple[str, Iterable[Buffer], int]], *, folder: Path, workers: int | None = None
 ) -> list[FileEntry]:
-    """:func:`write_file` for each ``(name, parts)``, several at once; entries in the given order.
+    """:func:`write_file` for each ``(name, parts, size_hint)``, several at once; entries in the
+    given order.
 
     Files are started in order, ``workers`` (default: one per core, at least two) at a time, so
     put the largest first. On failure the files not yet started are skipped and the first error
     is raised as an ``OSError`` whose ``filename`` is the failing file's path under ``folder``.
     """
-    workers = min(workers or max(2, os.cpu_count() or 1), len(files))
+    jobs = [functools.partial(_write_named, dir_fd, *file, folder) for file in files]
+    return _in_parallel(jobs, workers or max(2, _cores()), name="safeckpt-write")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _in_parallel(jobs: Sequence[Callable[[], T]], workers: int, *, name: str) -> list[T]:
+    """Run ``jobs`` in order on up to ``workers`` threads; their results in order.
+
+    On failure the jobs not yet started are skipped and the first error is raised, only once
+    no job runs any more (callers close the file descriptors the jobs use).
+    """
+    workers = min(workers, len(jobs))
     if workers <= 1:
-        return [_write_named(dir_fd, name, parts, folder) for name, parts in files]
-    entries: list[FileEntry | None] = [None] * len(files)
+        return [job() for job in jobs]
+    results: list[T | None] = [None] * len(jobs)
     errors: list[BaseException] = []
     lock = threading.Lock()
-    todo = iter(range(len(files)))
+    todo = iter(range(len(jobs)))
 
     def work() -> None:
         while True:
@@ -171,31 +257,31 @@ def write_files(
             if index is None:
                 return
             try:
-                entries[index] = _write_named(dir_fd, *files[index], folder)
+                results[index] = jobs[index]()
             except BaseException as exc:  # re-raised by the calling thread
                 with lock:
                     errors.append(exc)
 
-    threads = [threading.Thread(target=work, name="safeckpt-write", daemon=True) for _ in range(workers)]
+    threads = [threading.Thread(target=work, name=name, daemon=True) for _ in range(workers)]
     for thread in threads:
         thread.start()
     try:
         for thread in threads:
             thread.join()
-    except BaseException as exc:  # e.g. KeyboardInterrupt: start no more files, and never
-        with lock:  # return while a writer still uses dir_fd (the caller closes it)
+    except BaseException as exc:  # e.g. KeyboardInterrupt: start no more jobs, and never
+        with lock:  # return while one still runs
             errors.append(exc)
         for thread in threads:
             thread.join()
         raise
     if errors:
         raise errors[0]
-    return [entry for entry in entries if entry is not None]
+    return results  # type: ignore[return-value]
 
 
-def _write_named(dir_fd: int, name: str, parts: Iterable[Buffer], folder: Path) -> FileEntry:
+def _write_named(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int, folder: Path) -> FileEntry:
     try:
-        return write_file(dir_fd, name, parts)
+        return write_file(dir_fd, name, parts, size_hint)
     except OSError as exc:
         if exc.filename in (None, name):
             exc.filename = str(folder / name)
@@ -270,9 +356,16 @@ class _Arena(mmap.mmap):
     """Anonymous page-aligned memory a verified file is read into; may be longer than the file."""
 
 
-def _arena(size: int) -> _Arena:
-    # Private: a shared anonymous map is shmem, whose page faults cost half again as much.
-    return _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+def arena(size: int) -> _Arena:
+    """``size`` bytes (at least 1) of fresh, zeroed, page-aligned private memory."""
+    # Private: a shared anonymous map is shmem, whose page faults cost half again as much. Huge
+    # pages where the kernel offers them (transparent, on request): faulting in fresh memory
+    # 4 KiB at a time costs several times more than copying a file into it.
+    arena = _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size >= _HUGE_PAGE:
+        with contextlib.suppress(AttributeError, OSError):  # no THP: ordinary pages
+            arena.madvise(mmap.MADV_HUGEPAGE)
+    return arena
 
 
 def realign_room(buffer: memoryview) -> int:
@@ -308,7 +401,7 @@ def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
             sha.update(piece)
     finally:
         sha.close()
-    return sha.hexdigest()
+    return sha.digests()[0]
 
 
 def _map(fd: int, size: int) -> memoryview:
@@ -317,43 +410,139 @@ def _map(fd: int, size: int) -> memoryview:
     return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
 
 
-def read_verified(dir_fd: int, entry: FileEntry, *, source: str, verify: bool = True) -> memoryview:
-    """Read the file ``entry`` names, check its size and (if ``verify``) its SHA-256.
-
-    Returns a writable buffer of exactly the file's bytes. With ``verify=False`` it is a private
-    memory map (copy-on-write; bytes are read when first touched). ``source`` is the path shown in
-    errors. Symlinks, FIFOs, devices and folders are refused before a byte is read, so a hostile
-    checkpoint cannot make the reader hang or follow a link.
-    """
-    fd, size = _open_regular(
-        dir_fd,
-        entry.name,
-        source=source,
-        missing="file listed in manifest.json is missing; the checkpoint is incomplete, "
-        "load an earlier one",
+def _unreadable(source: str, exc: BaseException) -> CheckpointCorruptedError:
+    """An ``OSError`` of a read itself (EIO, or ENOMEM for a file, perhaps a sparse one, too
+    large for memory) as an error naming the file."""
+    reason = getattr(exc, "strerror", None) or type(exc).__name__
+    return CheckpointCorruptedError(
+        f"{source}: cannot be read ({reason}); the storage is failing or the file is larger than "
+        "the memory available: load an earlier checkpoint, or this one where more memory is free"
     )
-    try:
+
+
+class _OpenFile:
+    """A file being read: its entry, descriptor, buffer and the path shown in errors."""
+
+    def __init__(self, dir_fd: int, entry: FileEntry, folder: Path) -> None:
+        self.entry = entry
+        self.source = str(folder / entry.name)
+        self.fd, size = _open_regular(
+            dir_fd,
+            entry.name,
+            source=self.source,
+            missing="file listed in manifest.json is missing; the checkpoint is incomplete, "
+            "load an earlier one",
+        )
+        self.view = memoryview(b"")
         if size != entry.size:
+            os.close(self.fd)
             raise CheckpointCorruptedError(
-                f"{source}: size is {size} bytes, manifest.json says {entry.size}; "
+                f"{self.source}: size is {size} bytes, manifest.json says {entry.size}; "
                 "the file is truncated or damaged, load an earlier checkpoint"
             )
-        if not verify:
-            return _map(fd, size)
-        with contextlib.suppress(OSError, AttributeError):  # a hint; not on every platform
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
-        room = _archive_room(os.pread(fd, 8, 0), size) if entry.name.endswith(".safetensors") else 0
-        capacity = size + room
-        view = memoryview(_arena(capacity))[:size]
-        digest = _read_hashing(fd, view, source=source)
-        if os.pread(fd, 1, size):
-            raise _changed_size(source, size)
-    finally:
-        os.close(fd)
-    if digest != entry.sha256:
-        raise CheckpointCorruptedError(
-            f"{source}: SHA-256 is {digest}, manifest.json says {entry.sha256}; the file is "
-            "corrupted, load an earlier checkpoint"
-        )
-    return view
 
+    def allocate(self, *, verify: bool) -> memoryview:
+        """The buffer the file is read into (fresh memory), or with ``verify=False`` a map of it."""
+        size = self.entry.size
+        try:
+            if not verify:
+                self.view = _map(self.fd, size)
+                return self.view
+            with contextlib.suppress(OSError, AttributeError):  # a hint; not on every platform
+                os.posix_fadvise(self.fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
+            room = _archive_room(os.pread(self.fd, 8, 0), size) if self.entry.name.endswith(".safetensors") else 0
+            self.view = memoryview(arena(size + room))[:size]
+        except (OSError, MemoryError, OverflowError) as exc:
+            raise _unreadable(self.source, exc) from exc
+        return self.view
+
+    def check_whole(self, *, read: bool) -> None:
+        """Read the file (if ``read``) and check the whole-file SHA-256."""
+        try:
+            digest = _read_hashing(self.fd, self.view, source=self.source) if read else _sha256(self.view)
+        except (OSError, MemoryError) as exc:
+            raise _unreadable(self.source, exc) from exc
+        if digest != self.entry.sha256:
+            raise CheckpointCorruptedError(
+                f"{self.source}: SHA-256 is {digest}, manifest.json says {self.entry.sha256}; the "
+                "file is corrupted, load an earlier checkpoint"
+            )
+
+    def check_chunk(self, index: int, *, read: bool) -> None:
+        """Read chunk ``index`` (if ``read``) and check its SHA-256 in the manifest's chunk list."""
+        chunks = self.entry.chunks
+        assert chunks is not None
+        start, end, expected = chunks.spans(self.entry.size)[index]
+        piece = self.view[start:end]
+        sha = hashlib.sha256()
+        try:
+            for offset in range(0, len(piece), _CACHED_PIECE):
+                part = piece[offset : offset + _CACHED_PIECE]
+                if read:
+                    _read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
+                sha.update(part)
+        except (OSError, MemoryError) as exc:
+            raise _unreadable(self.source, exc) from exc
+        if sha.hexdigest() != expected:
+            raise CheckpointCorruptedError(
+                f"{self.source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of "
+                f"{len(chunks.sha256)}) is {sha.hexdigest()}, manifest.json says {expected}; the "
+                "file is corrupted, load an earlier checkpoint"
+            )
+
+    def check_unchanged(self) -> None:
+        """Refuse a file that grew while it was read (another process is writing it)."""
+        if os.pread(self.fd, 1, self.entry.size):
+            raise _changed_size(self.source, self.entry.size)
+
+
+def _sha256(view: memoryview) -> str:
+    sha = hashlib.sha256()
+    for start in range(0, len(view), _CACHED_PIECE):
+        sha.update(view[start : start + _CACHED_PIECE])
+    return sha.hexdigest()
+
+
+def read_files(
+    dir_fd: int, entries: Iterable[FileEntry], *, folder: Path, verify: bool = True, every_digest: bool = False
+) -> dict[str, memoryview]:
+    """Read each file ``entries`` name from the folder ``dir_fd`` (``folder`` in errors), check
+    its size and, if ``verify``, its SHA-256; returns name -> writable buffer of its bytes.
+
+    Returns only once every file verified, so nothing is parsed that did not. A file with chunk
+    digests is checked by them, its chunks read and hashed on all cores at once; a file without
+    is hashed whole, by one core. ``every_digest`` checks the whole-file digest of chunked files
+    too (after their chunks), for audits: a reader may trust either, so both must hold. With
+    ``verify=False`` each buffer is a private memory map (copy-on-write; bytes are read when
+    first touched). Symlinks, FIFOs, devices and folders are refused before a byte is read, so
+    a hostile checkpoint cannot make the reader hang or follow a link.
+    """
+    files: list[_OpenFile] = []
+    try:
+        for entry in sorted(entries, key=lambda e: -e.size):  # the largest takes longest
+            files.append(_OpenFile(dir_fd, entry, folder))
+        for file in files:
+            file.allocate(verify=verify)
+        if verify:
+            first: list[tuple[int, Callable[[], None]]] = []
+            then: list[tuple[int, Callable[[], None]]] = []
+            for file in files:
+                if file.entry.chunks is None:
+                    first.append((file.entry.size, functools.partial(file.check_whole, read=True)))
+                    continue
+                spans = file.entry.chunks.spans(file.entry.size)
+                if every_digest:
+                    first.append((file.entry.size, functools.partial(file.check_whole, read=True)))
+                (then if every_digest else first).extend(
+                    (end - start, functools.partial(file.check_chunk, index, read=not every_digest))
+                    for index, (start, end, _) in enumerate(spans)
+                )
+            for jobs in (first, then):
+                jobs.sort(key=lambda job: -job[0])
+                _in_parallel([job for _, job in jobs], _cores(), name="safeckpt-read")
+            for file in files:
+                file.check_unchanged()
+    finally:
+        for file in files:
+            os.close(file.fd)
+    return {file.entry.name: file.view for file in files}

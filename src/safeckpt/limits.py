@@ -15,6 +15,10 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_FILES = 4096
 """Most files one manifest may list."""
 
+MIN_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = 2**40
+"""Bounds of a manifest's ``chunks.size`` (which must also be a power of two)."""
+
 MAX_FILE_NAME_LENGTH = 128
 FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 """Allowed names of files inside a checkpoint folder: no separators, no leading dot."""

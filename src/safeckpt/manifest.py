@@ -1,8 +1,9 @@
 """The manifest: the format's table of contents and its commit marker.
 
 ``manifest.json`` is written last. It names the format and version, the training step, and
-every file of the checkpoint with its size and SHA-256. Parsing is strict and lives
-here alone; serialisation is deterministic (sorted files, fixed key order).
+every file of the checkpoint with its size and SHA-256; a large file also carries the SHA-256
+of each fixed-size chunk (format 1.1), so a reader can verify one file on every core. Parsing is
+strict and lives here alone; serialisation is deterministic (sorted files, fixed key order).
 """
 
 from __future__ import annotations
@@ -15,15 +16,39 @@ from typing import TypeGuard, Union
 from . import limits
 from .errors import CheckpointCorruptedError, UnsupportedFormatError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "Manifest"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Chunks", "FileEntry", "Manifest", "writer_version"]
 
 FORMAT_NAME = "safeckpt"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
+"""The newest version this library reads and writes (it reads every 1.x)."""
 MANIFEST_NAME = "manifest.json"
 
 JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]  # noqa: UP007
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """SHA-256 of each consecutive ``size``-byte piece of a file (the last may be shorter).
+
+    A file's bytes are proven equally by its whole-file digest or by all of these, but the
+    chunks can be hashed on as many cores as there are chunks: whole-file SHA-256 cannot be
+    split, and it would otherwise bound a load by the time one core takes to hash the largest
+    file.
+    """
+
+    size: int
+    """Bytes per chunk: a power of two from ``limits.MIN_CHUNK_BYTES`` to ``MAX_CHUNK_BYTES``."""
+    sha256: tuple[str, ...]
+    """Lower-case hex digests, one per chunk, in file order."""
+
+    def spans(self, file_size: int) -> list[tuple[int, int, str]]:
+        """``(start, end, digest)`` of each chunk of a file of ``file_size`` bytes."""
+        return [
+            (start, min(start + self.size, file_size), digest)
+            for start, digest in zip(range(0, file_size, self.size), self.sha256, strict=True)
+        ]
 
 
 @dataclass(frozen=True)
@@ -36,9 +61,19 @@ class FileEntry:
     """Exact size in bytes."""
     sha256: str
     """Lower-case hex SHA-256 of the whole file."""
+    chunks: Chunks | None = None
+    """Per-chunk digests (format 1.1, large files only), or None."""
 
     def to_json(self) -> dict[str, JSONValue]:
-        return {"size": self.size, "sha256": self.sha256}
+        doc: dict[str, JSONValue] = {"size": self.size, "sha256": self.sha256}
+        if self.chunks is not None:
+            doc["chunks"] = {"size": self.chunks.size, "sha256": list(self.chunks.sha256)}
+        return doc
+
+
+def writer_version(files: tuple[FileEntry, ...]) -> tuple[int, int]:
+    """The lowest format version whose features ``files`` use: 1.1 with chunk digests, else 1.0."""
+    return (1, 1) if any(entry.chunks is not None for entry in files) else (1, 0)
 
 
 @dataclass(frozen=True)
@@ -55,8 +90,8 @@ class Manifest:
     """Versions of the software that wrote it (``safeckpt``, ``torch``, ``python``)."""
     metadata: dict[str, JSONValue] = field(default_factory=dict)
     """User metadata passed to ``save_checkpoint(metadata=...)``."""
-    format_version: tuple[int, int] = FORMAT_VERSION
-    """(major, minor) of the format the checkpoint was written in."""
+    format_version: tuple[int, int] = (1, 0)
+    """(major, minor) of the format the checkpoint was written in (see :func:`writer_version`)."""
 
     def file(self, name: str) -> FileEntry | None:
         """The entry named ``name``, or None."""
@@ -154,7 +189,34 @@ def _parse_entry(name: str, entry: JSONValue, source: str) -> FileEntry:
         raise _fail(source, f"'size' of {name!r} is {_short(size)}, expected a non-negative 64-bit integer")
     if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
         raise _fail(source, f"'sha256' of {name!r} must be 64 lower-case hex digits")
-    return FileEntry(name, size, digest)
+    chunks = entry.get("chunks")
+    return FileEntry(name, size, digest, None if chunks is None else _parse_chunks(name, size, chunks, source))
+
+
+def _parse_chunks(name: str, file_size: int, chunks: JSONValue, source: str) -> Chunks:
+    if not isinstance(chunks, dict):
+        raise _fail(source, f"'chunks' of {name!r} must be an object with 'size' and 'sha256'")
+    size, digests = chunks.get("size"), chunks.get("sha256")
+    if not (
+        _is_int(size)
+        and limits.MIN_CHUNK_BYTES <= size <= limits.MAX_CHUNK_BYTES
+        and size & (size - 1) == 0
+    ):
+        raise _fail(
+            source,
+            f"'chunks.size' of {name!r} is {_short(size)}, expected a power of two from "
+            f"{limits.MIN_CHUNK_BYTES} to {limits.MAX_CHUNK_BYTES}",
+        )
+    count = -(-file_size // size)
+    if not isinstance(digests, list) or len(digests) != count or count == 0:
+        raise _fail(
+            source,
+            f"'chunks.sha256' of {name!r} must list {count} digests (one per {size} bytes of a "
+            f"{file_size}-byte file, and a file with chunks is not empty)",
+        )
+    if not all(isinstance(d, str) and _SHA256_HEX.fullmatch(d) for d in digests):
+        raise _fail(source, f"'chunks.sha256' of {name!r} must hold 64 lower-case hex digits each")
+    return Chunks(size, tuple(digests))  # type: ignore[arg-type]
 
 
 def check_file_name(name: str, *, source: str) -> None:

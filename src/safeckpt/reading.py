@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
@@ -18,8 +17,8 @@ from typing import ClassVar, Generic, TypeVar
 from . import limits
 from .commit import list_checkpoints, parse_step
 from .documents import load_json
-from .errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
-from .fileio import read_bounded, read_verified
+from .errors import CheckpointCorruptedError, CheckpointNotFoundError
+from .fileio import read_bounded, read_files
 from .manifest import MANIFEST_NAME, Manifest
 
 TensorT = TypeVar("TensorT")
@@ -78,11 +77,14 @@ def locate_checkpoint(path: str | os.PathLike[str]) -> Path:
     raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
 
 
-def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifest, dict[str, memoryview]]:
+def read_checkpoint_files(
+    folder: Path, *, verify: bool = True, every_digest: bool = False
+) -> tuple[Manifest, dict[str, memoryview]]:
     """Parse the manifest, then read every listed file and check size and hash, in parallel.
 
     Returns only once all files verified: a single bad file fails the whole load before any
-    of them is parsed.
+    of them is parsed. ``every_digest`` also checks whole-file digests where chunk digests
+    would do (see :func:`safeckpt.fileio.read_files`).
     """
     try:
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -103,31 +105,10 @@ def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifes
             raise CheckpointCorruptedError(
                 f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
             )
-        workers = min(len(manifest.files), os.cpu_count() or 1) or 1
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeckpt-read") as pool:
-            futures = {
-                e.name: pool.submit(read_verified, dir_fd, e, source=str(folder / e.name), verify=verify)
-                for e in sorted(manifest.files, key=lambda e: -e.size)  # the largest hash takes longest
-            }
-            buffers = {name: _verified(future, folder / name) for name, future in futures.items()}
+        buffers = read_files(dir_fd, manifest.files, folder=folder, verify=verify, every_digest=every_digest)
     finally:
         os.close(dir_fd)
     return manifest, buffers
-
-
-def _verified(future: Future[memoryview], path: Path) -> memoryview:
-    """A read's buffer; an ``OSError`` of the read itself (EIO, or ENOMEM for a file, perhaps a
-    sparse one, too large for memory) becomes a ``CheckpointCorruptedError`` naming the file."""
-    try:
-        return future.result()
-    except CheckpointError:
-        raise
-    except (OSError, MemoryError, OverflowError) as exc:
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise CheckpointCorruptedError(
-            f"{path}: cannot be read ({reason}); the storage is failing or the file is larger than "
-            "the memory available: load an earlier checkpoint, or this one where more memory is free"
-        ) from exc
 
 
 def model_aliases(metadata: dict[str, str], stored: Collection[str], *, source: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from .commit import PendingCheckpoint, step_dirname, write_error
 from .documents import dump_json, dump_msgpack
 from .errors import CheckpointExistsError, UnsupportedValueError
 from .fileio import write_file, write_files
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, Manifest, writer_version
 from .rng import capture_rng
 from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
 from .tensors import TensorArchive, archive_parts
@@ -65,12 +65,14 @@ class CheckpointPlan:
         archive = self.archives[name.removesuffix(".safetensors")][0]
         return sum(t.numel() * t.element_size() for t in archive.tensors.values())
 
-    def files(self) -> Iterator[tuple[str, Iterable[Buffer]]]:
-        """Each file's name and its content as a lazy sequence of buffers, in writing order."""
+    def files(self) -> Iterator[tuple[str, Iterable[Buffer], int]]:
+        """Each file's name, its content as a lazy sequence of buffers and :meth:`file_size`,
+        in writing order."""
         for name, (archive, meta) in self.archives.items():
-            yield f"{name}.safetensors", archive_parts(archive.tensors, meta)
+            file = f"{name}.safetensors"
+            yield file, archive_parts(archive.tensors, meta), self.file_size(file)
         for name, data in self.documents.items():
-            yield name, (data,)
+            yield name, (data,), len(data)
 
 
 def _check_step(step: object) -> int:
@@ -151,7 +153,7 @@ def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *,
     with PendingCheckpoint(directory, plan.step) as pending:
         name = ""
         try:
-            files = sorted(plan.files(), key=lambda f: -plan.file_size(f[0]))
+            files = sorted(plan.files(), key=lambda f: -f[2])
             entries = write_files(pending.dir_fd, files, folder=pending.path)
             manifest = Manifest(
                 step=plan.step,
@@ -163,6 +165,7 @@ def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *,
                     "python": platform.python_version(),
                 },
                 metadata=plan.metadata,  # type: ignore[arg-type]
+                format_version=writer_version(tuple(entries)),
             )
             name = MANIFEST_NAME
             write_file(pending.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))

@@ -13,6 +13,9 @@ __all__ = ["verify_checkpoint"]
 def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
     """Check every file's size and SHA-256 against the manifest; returns the manifest.
 
+    Checks every digest the manifest records: the whole-file SHA-256 and, for large files,
+    each chunk's (loading trusts either, so an audit checks both).
+
     Raises :class:`~safeckpt.errors.CheckpointNotFoundError` or
     :class:`~safeckpt.errors.CheckpointCorruptedError` naming the first bad file.
 
@@ -20,5 +23,5 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
         >>> safeckpt.verify_checkpoint("checkpoints/step-00000100").step  # doctest: +SKIP
         100
     """
-    manifest, _ = read_checkpoint_files(locate_checkpoint(path), verify=True)
+    manifest, _ = read_checkpoint_files(locate_checkpoint(path), verify=True, every_digest=True)
     return manifest
