@@ -74,6 +74,26 @@ def test_js_reader_reads_every_dtype(tmp_path: Path) -> None:
     assert {row["dtype"] for row in out["tensors"] if row["file"] == "model.safetensors"} == set(TORCH_DTYPES)
 
 
+def test_js_reader_reads_a_chunked_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Format 1.1: the JS reader validates the chunk digests' layout and verifies whole files."""
+    from safeckpt import fileio
+
+    monkeypatch.setattr(fileio, "MIN_CORES_FOR_CHUNKS", 1)
+    monkeypatch.setattr(fileio, "MIN_CHUNK", 65536)
+    state = {"w": torch.arange(50_000, dtype=torch.float32)}
+    path = safeckpt.save_checkpoint(state, None, None, None, 4, directory=tmp_path, rng=False)
+    manifest = json.loads((path / "manifest.json").read_bytes())
+    assert manifest["format_version"] == "1.1" and len(manifest["files"]["model.safetensors"]["chunks"]["sha256"]) == 4
+    run = _cli(path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["tensors"] == _python_listing(path)
+
+    manifest["files"]["model.safetensors"]["chunks"]["sha256"].pop()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    run = _cli(path)
+    assert run.returncode == 1 and "manifest.json: invalid manifest: 'chunks.sha256' of \"model.safetensors\" must list 4 digests" in run.stderr
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.msgpack", "config.json"])
 def test_js_reader_names_the_corrupt_file(saved: Path, name: str) -> None:
     target = saved / name

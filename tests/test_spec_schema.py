@@ -41,11 +41,30 @@ def test_fresh_manifest_validates(saved: Path) -> None:
     "case",
     ["manifest-path-traversal", "manifest-absolute-path", "manifest-hidden-name", "manifest-negative-step",
      "manifest-step-too-large", "manifest-uppercase-sha", "manifest-without-model", "manifest-other-format",
-     "manifest-unknown-major", "manifest-bad-version-string", "manifest-not-object"],
+     "manifest-unknown-major", "manifest-bad-version-string", "manifest-not-object", "chunks-size-not-power-of-two",
+     "chunks-size-too-small", "chunks-size-too-large", "chunks-uppercase-sha", "chunks-not-object", "chunks-empty-file"],
 )
 def test_invalid_manifests_fail_the_schema(case: str) -> None:
     document = json.loads((VECTORS / "invalid" / case / "step-00000007" / "manifest.json").read_bytes())
     assert not VALIDATOR.is_valid(document)
+
+
+def test_fresh_chunked_manifest_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeckpt import fileio
+
+    monkeypatch.setattr(fileio, "MIN_CORES_FOR_CHUNKS", 1)
+    monkeypatch.setattr(fileio, "MIN_CHUNK", limits.MIN_CHUNK_BYTES)
+    path = safeckpt.save_checkpoint({"w": torch.zeros(40_000)}, None, None, None, 1, directory=tmp_path, rng=False)
+    document = json.loads((path / "manifest.json").read_bytes())
+    assert document["format_version"] == "1.1" and len(document["files"]["model.safetensors"]["chunks"]["sha256"]) == 3
+    VALIDATOR.validate(document)
+
+
+def test_schema_chunk_sizes_are_the_limits() -> None:
+    chunk_size = SCHEMA["properties"]["files"]["additionalProperties"]["properties"]["chunks"]["properties"]["size"]
+    sizes = chunk_size["enum"]
+    assert sizes == [2**k for k in range(16, 41)]
+    assert (sizes[0], sizes[-1]) == (chunk_size["minimum"], chunk_size["maximum"]) == (limits.MIN_CHUNK_BYTES, limits.MAX_CHUNK_BYTES)
 
 
 def _nest(depth: int, kind: str, leaf: object) -> object:
@@ -85,8 +104,10 @@ def test_reserved_safetensors_name(tmp_path: Path) -> None:
 def test_format_md_states_the_limits() -> None:
     text = (ROOT / "spec" / "FORMAT.md").read_text()
     assert limits.MAX_MSGPACK_DEPTH == 194 and "194" in text
-    for phrase in ["16 MiB", "| 4096 |", "100 MiB", "1,000,000", "64 MiB each", "512 MiB", "10,000,000"]:
+    for phrase in ["16 MiB", "| 4096 |", "100 MiB", "1,000,000", "64 MiB each", "512 MiB", "10,000,000",
+                   "a power of two, 65536 (64 KiB) … 2^40"]:
         assert phrase in text, phrase
     assert (limits.MAX_MANIFEST_BYTES, limits.MAX_FILES, limits.MAX_SAFETENSORS_HEADER_BYTES) == (16 * 2**20, 4096, 100 * 2**20)
     assert (limits.MAX_JSON_BYTES, limits.MAX_DOCUMENT_BYTES, limits.MAX_DOCUMENT_ITEMS) == (64 * 2**20, 512 * 2**20, 10_000_000)
     assert (limits.MAX_TENSORS_PER_FILE, limits.MAX_TENSOR_NDIM, limits.MAX_NESTING_DEPTH) == (1_000_000, 64, 64)
+    assert (limits.MIN_CHUNK_BYTES, limits.MAX_CHUNK_BYTES) == (65536, 2**40)

@@ -22,6 +22,8 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -149,6 +151,20 @@ def save(root: Path, *, step: int, model: object, rng_tree: object | None = None
     manifest["created"], manifest["producer"] = CREATED, PRODUCER
     write_manifest(folder, manifest)
     return folder
+
+
+@contextmanager
+def small_chunks() -> Iterator[None]:
+    """Make the writer add chunk digests (format 1.1) to files over 64 KiB, on any machine.
+
+    By default it adds them only to files of two or more 16 MiB chunks, and only where the
+    process may use four cores; vectors must not depend on either.
+    """
+    import safeckpt.fileio
+
+    with mock.patch.object(safeckpt.fileio, "MIN_CORES_FOR_CHUNKS", 1), \
+            mock.patch.object(safeckpt.fileio, "MIN_CHUNK", 65536):
+        yield
 
 
 def expected_valid(
@@ -281,6 +297,7 @@ def valid_vectors(out: Path) -> None:
     _root_vector(vector("root"))
     _future_minor_vector(vector("future-minor"))
     _foreign_archive_vector(vector("foreign-archive"))
+    _chunks_vector(vector("chunks"))
 
 
 def _root_vector(v: Path) -> None:
@@ -332,6 +349,20 @@ def _foreign_archive_vector(v: Path) -> None:
     put_file(folder, "model.safetensors", safetensors_bytes(header, data, pad=False))
     write_expected(v, expected_valid(folder, description="a model archive from another writer: no __metadata__, "
                                      "unpadded header, misaligned tensor data", path=folder.name, model=model, trees={}))
+
+
+def _chunks_vector(v: Path) -> None:
+    import torch
+
+    model: dict[str, object] = {"embed.weight": torch.arange(128 * 130, dtype=torch.float32).reshape(128, 130) / 64,
+                                "norm.bias": torch.full((130,), -0.5)}
+    with small_chunks():
+        folder = save(v, step=8, model=model, config={"dim": 130})
+    entry = read_manifest(folder)["files"]["model.safetensors"]  # type: ignore[index]
+    assert entry["size"] > 65536 and len(entry["chunks"]["sha256"]) == 2, entry
+    write_expected(v, expected_valid(folder, description="format 1.1: model.safetensors carries per-chunk digests "
+                                     "(two chunks of 65536 bytes, the last one short)", path=folder.name,
+                                     model=model, trees={}, config={"dim": 130}))
 
 
 def generate(out: Path = HERE) -> None:

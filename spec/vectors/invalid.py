@@ -17,13 +17,18 @@ from generate import put_file, read_manifest, safetensors_bytes, write_expected,
 
 CORRUPTED, NOT_FOUND, UNSUPPORTED = "CheckpointCorruptedError", "CheckpointNotFoundError", "UnsupportedFormatError"
 Mutation = Callable[[Path], None]
-CASES: list[tuple[str, str, str, str, Mutation]] = []
-"""(name, description, error class, file the message names, mutation of the checkpoint folder)."""
+CASES: list[tuple[str, str, str, str, str, Mutation]] = []
+"""(name, description, error class, file the message names, base checkpoint, mutation of its folder).
+
+Bases: "plain" (format 1.0, every kind of file, all small) and "chunks" (format 1.1, a model
+archive of two 64 KiB chunks with per-chunk digests; larger, so used only where a case needs it).
+"""
+CHUNK = 65536
 
 
-def case(name: str, description: str, error: str, file: str) -> Callable[[Mutation], Mutation]:
+def case(name: str, description: str, error: str, file: str, *, base: str = "plain") -> Callable[[Mutation], Mutation]:
     def register(fn: Mutation) -> Mutation:
-        CASES.append((name, description, error, file, fn))
+        CASES.append((name, description, error, file, base, fn))
         return fn
 
     return register
@@ -163,6 +168,72 @@ def _(folder: Path) -> None:
 @case("tree-without-archive", "optimizer.msgpack is listed without optimizer.safetensors", CORRUPTED, "manifest.json")
 def _(folder: Path) -> None:
     _edit_manifest(folder, lambda m: m["files"].pop("optimizer.safetensors"))  # type: ignore[attr-defined]
+
+
+# --- per-chunk digests (format 1.1) ---------------------------------------------------------------
+
+
+def _edit_chunks(folder: Path, name: str, edit: Callable[[dict[str, object]], object]) -> None:
+    """Give ``name`` right chunk digests (one 64 KiB chunk: the files of the plain base are small),
+    mark the manifest 1.1, then let ``edit`` break them; ``edit`` may return a replacement."""
+    def apply(m: dict[str, object]) -> None:
+        entry = m["files"][name]  # type: ignore[index]
+        chunks = {"size": CHUNK, "sha256": [entry["sha256"]] if entry["size"] else []}
+        m["format_version"] = "1.1"
+        entry["chunks"] = edit(chunks) or chunks
+
+    _edit_manifest(folder, apply)
+
+
+@case("chunks-bad-hash", "one byte of the second chunk flipped: its chunk digest and the whole-file digest "
+      "are both wrong", CORRUPTED, "model.safetensors", base="chunks")
+def _(folder: Path) -> None:
+    blob = bytearray((folder / "model.safetensors").read_bytes())
+    blob[-1] ^= 0x01
+    (folder / "model.safetensors").write_bytes(bytes(blob))
+
+
+@case("chunks-size-not-power-of-two", "chunks.size is 98304, within bounds but not a power of two",
+      CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_chunks(folder, "model.safetensors", lambda c: c.update(size=3 * 32768))
+
+
+@case("chunks-size-too-small", "chunks.size is 32768, below the minimum of 65536", CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_chunks(folder, "model.safetensors", lambda c: c.update(size=32768))
+
+
+@case("chunks-size-too-large", "chunks.size is 2^41, above the maximum of 2^40", CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_chunks(folder, "model.safetensors", lambda c: c.update(size=2**41))
+
+
+@case("chunks-size-float", "chunks.size is the float 65536.0, not an integer", CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_chunks(folder, "model.safetensors", lambda c: c.update(size=float(CHUNK)))
+
+
+@case("chunks-wrong-count", "two chunk digests for a file of one chunk", CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_chunks(folder, "model.safetensors", lambda c: c.update(sha256=c["sha256"] * 2))  # type: ignore[operator]
+
+
+@case("chunks-uppercase-sha", "a chunk digest in upper-case hex", CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_chunks(folder, "model.safetensors", lambda c: c.update(sha256=[d.upper() for d in c["sha256"]]))  # type: ignore[attr-defined]
+
+
+@case("chunks-not-object", "chunks is an array [size, digests], not an object", CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    _edit_chunks(folder, "model.safetensors", lambda c: [c["size"], c["sha256"]])
+
+
+@case("chunks-empty-file", "an empty file with chunks (no digests): a file with chunks must not be empty",
+      CORRUPTED, "manifest.json")
+def _(folder: Path) -> None:
+    put_file(folder, "empty.bin", b"")
+    _edit_chunks(folder, "empty.bin", lambda c: None)
 
 
 # --- safetensors archives --------------------------------------------------------------------------
@@ -370,14 +441,20 @@ def _(folder: Path) -> None:
 def invalid_vectors(out: Path, scratch: Path, *, save: Callable[..., Path]) -> None:
     """Write every case under ``out``; ``save`` is generate.save (pinned created/producer)."""
     import torch
+    from generate import small_chunks
 
     embed = torch.arange(8, dtype=torch.float32).reshape(4, 2)
-    base = save(scratch, step=7, model={"embed.weight": embed, "head.weight": embed, "head.bias": torch.zeros(4)},
-                optimizer={"state": {0: {"momentum_buffer": torch.ones(4, 2)}}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
-                config={"dim": 2}, vocab=["a", "b", "c", "d"])
+    bases = {
+        "plain": save(scratch / "plain", step=7, model={"embed.weight": embed, "head.weight": embed, "head.bias": torch.zeros(4)},
+                      optimizer={"state": {0: {"momentum_buffer": torch.ones(4, 2)}}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+                      config={"dim": 2}, vocab=["a", "b", "c", "d"]),
+    }
+    with small_chunks():
+        bases["chunks"] = save(scratch / "chunks", step=8, model={"w": torch.arange(16400, dtype=torch.float32)})
     names = [c[0] for c in CASES]
     assert len(names) == len(set(names)), "duplicate case name"
-    for name, description, error, file, mutate in CASES:
+    for name, description, error, file, base_name, mutate in CASES:
+        base = bases[base_name]
         vector = out / name
         vector.mkdir(parents=True)
         folder = vector / base.name

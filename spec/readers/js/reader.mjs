@@ -5,14 +5,16 @@
 //   ckpt.model.get("embed.weight").data                   // Float32Array
 //
 // Order of work, as the spec requires: locate -> parse manifest.json -> open, size-check, read
-// and SHA-256 every listed file -> only then parse any of them.
+// and SHA-256 every listed file -> only then parse any of them. Format 1.1 per-chunk digests are
+// validated but not used: they let a reader hash one file on many cores, and this one hashes on
+// one, where the whole-file digest proves the same bytes.
 
 import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 
 import { CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedFormatError } from "./errors.mjs";
-import { JsonError, JsonFloat, parseJson, plain } from "./json.mjs";
+import { JsonError, JsonFloat, parseJson, plain, stringify } from "./json.mjs";
 import { decodeMsgpack, MsgFloat } from "./msgpack.mjs";
 import { parseArchive } from "./safetensors.mjs";
 
@@ -23,6 +25,8 @@ export { Tensor } from "./safetensors.mjs";
 export const LIMITS = {
   MAX_MANIFEST_BYTES: 16 * 1024 * 1024,
   MAX_FILES: 4096,
+  MIN_CHUNK_BYTES: 64 * 1024,
+  MAX_CHUNK_BYTES: 2 ** 40,
   MAX_FILE_NAME_LENGTH: 128,
   MAX_SAFETENSORS_HEADER_BYTES: 100 * 1024 * 1024,
   MAX_TENSORS_PER_FILE: 1_000_000,
@@ -139,9 +143,34 @@ export function parseManifest(bytes, source) {
     if (!isObject(entry)) fail(`entry for ${JSON.stringify(name)} must be an object`);
     if (!isInt(entry.size) || entry.size < 0 || BigInt(entry.size) > LIMITS.MAX_STEP) fail(`'size' of ${JSON.stringify(name)} must be a non-negative integer`);
     if (typeof entry.sha256 !== "string" || !SHA256_HEX.test(entry.sha256)) fail(`'sha256' of ${JSON.stringify(name)} must be 64 lower-case hex digits`);
-    return { name, size: Number(entry.size), sha256: entry.sha256 };
+    const chunks = Object.prototype.hasOwnProperty.call(entry, "chunks") ? parseChunks(name, BigInt(entry.size), entry.chunks, fail) : null;
+    return { name, size: Number(entry.size), sha256: entry.sha256, chunks };
   });
   return { formatVersion: [major, minor], step, created, producer, metadata: plain(metadata), files: entries, raw: doc };
+}
+
+/** A file entry's "chunks" (format 1.1): {size, sha256: [hex of each size-byte piece, in order]}. */
+function parseChunks(name, fileSize, chunks, fail) {
+  const quoted = JSON.stringify(name);
+  if (!isObject(chunks)) fail(`'chunks' of ${quoted} must be an object with 'size' and 'sha256'`);
+  const { size, sha256: digests } = chunks;
+  const inRange = typeof size === "number" && Number.isInteger(size) && size >= LIMITS.MIN_CHUNK_BYTES && size <= LIMITS.MAX_CHUNK_BYTES;
+  if (!inRange || (BigInt(size) & (BigInt(size) - 1n)) !== 0n) {
+    fail(`'chunks.size' of ${quoted} is ${shown(size)}, expected a power of two from ${LIMITS.MIN_CHUNK_BYTES} to ${LIMITS.MAX_CHUNK_BYTES}`);
+  }
+  if (fileSize === 0n) fail(`'chunks' of ${quoted} is not allowed: the file is empty, it has no chunk to digest`);
+  const count = (fileSize + BigInt(size) - 1n) / BigInt(size);
+  if (!Array.isArray(digests) || BigInt(digests.length) !== count) {
+    fail(`'chunks.sha256' of ${quoted} must list ${count} digest${count === 1n ? "" : "s"}, one per ${size} bytes of a ${fileSize}-byte file`);
+  }
+  if (!digests.every((d) => typeof d === "string" && SHA256_HEX.test(d))) fail(`'chunks.sha256' of ${quoted} must hold 64 lower-case hex digits each`);
+  return { size, sha256: [...digests] };
+}
+
+/** A manifest value for an error message: its JSON (floats keep their '.0'), cut to 80 characters. */
+function shown(value) {
+  const text = value === undefined ? "absent" : stringify(value);
+  return text.length <= 80 ? text : `${text.slice(0, 77)}...`;
 }
 
 /** Parse the manifest, then read and verify every listed file; nothing else is parsed yet. */
