@@ -36,7 +36,7 @@ from report import write_chart, write_markdown  # noqa: E402
 SIZES = {"10MB": 10_000_000, "100MB": 100_000_000, "1GB": 1_000_000_000, "4GB": 4_000_000_000}
 SAVES = [
     "torch.save", "torch.save+fsync", "safetensors (weights)", "dcp.save",
-    "safeckpt", "safeckpt async", "safeckpt (weights)",
+    "safeckpt", "safeckpt async", "safeckpt (weights)", "safeckpt +chunks",
 ]  # fmt: skip
 LOADS = {
     "torch.load": "torch.save",
@@ -47,10 +47,11 @@ LOADS = {
     "safeckpt weights unverified": "safeckpt",
     "safeckpt (weights) unverified": "safeckpt (weights)",
     "safeckpt (weights) verified": "safeckpt (weights)",
+    "safeckpt verified +chunks": "safeckpt +chunks",
 }
 """Each load and the save that prepares the files it reads."""
 COLD = {"torch.load", "safetensors (weights)", "dcp.load", "safeckpt verified", "safeckpt unverified",
-        "safeckpt (weights) unverified"}  # fmt: skip
+        "safeckpt (weights) unverified", "safeckpt verified +chunks"}  # fmt: skip
 """Loads also measured with the files evicted from the page cache (the rest add nothing new)."""
 
 

@@ -186,6 +186,28 @@ def test_next_snapshot_reuses_the_memory_of_the_last(tmp_path: Path, model: Tiny
     assert background._kept == {}
 
 
+def test_snapshot_of_every_kind_of_tensor_is_exact_and_independent(tmp_path: Path) -> None:
+    state = {
+        "f16": torch.randn(5, 3).half(),
+        "bf16": torch.randn(7).bfloat16(),
+        "i64": torch.arange(11),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.arange(40.0).reshape(8, 5).t(),
+        "big": torch.randn(300_000),  # several huge pages of snapshot memory
+    }
+    expected = {k: v.clone() for k, v in state.items()}
+    pending = safeckpt.save_checkpoint(state, None, None, None, 1, directory=tmp_path, async_=True)
+    for tensor in state.values():
+        tensor.zero_()  # the caller's tensors change at once; the snapshot must not
+    pending.wait()
+    loaded = safeckpt.load_checkpoint(tmp_path).model_state
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    background.release_snapshot_memory()
+
+
 def test_on_commit_runs_after_the_commit_and_its_error_is_the_saves(
     tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer
 ) -> None:

@@ -153,7 +153,7 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
     data = _archive(named)
     plain, _ = tensors.tensors_from_buffer(bytearray(data), source="x")
     entry = FileEntry(name="t.safetensors", size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    roomy = memoryview(fileio.arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    roomy = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
     roomy[:] = data
     for buffer in (bytearray(data), roomy):
         aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)
@@ -166,7 +166,7 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
 def test_aligned_tensors_are_moved_not_copied_when_there_is_room() -> None:
     named = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(6)}
     data = _archive(named)
-    buffer = memoryview(fileio.arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    buffer = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
     buffer[:] = data
     aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)
     base = torch.frombuffer(buffer.obj, dtype=torch.uint8).data_ptr()  # type: ignore[arg-type]

@@ -305,6 +305,16 @@ def test_async_save_snapshots_then_commits_and_applies_retention(tmp_path: Path)
     assert all(torch.equal(ckpt.model_state[k], v) for k, v in saved.items())
 
 
+def test_async_retention_runs_when_the_save_commits_not_at_the_next_call(tmp_path: Path) -> None:
+    mgr = safeckpt.CheckpointManager(tmp_path / "run", keep_last=1, async_save=True)
+    model, opt = _trained()
+    mgr.save(1, model=model, optimizer=opt)
+    mgr.save(2, model=model, optimizer=opt)
+    # Any other save waits for the one in flight (one per process), commit and retention included.
+    safeckpt.save_checkpoint(model, None, None, None, 0, directory=tmp_path / "elsewhere")
+    assert mgr.steps() == [2]  # without calling mgr.wait(): a run that just ends keeps keep_last
+
+
 def test_async_save_error_surfaces_on_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_write(*args: object, **kwargs: object) -> Path:
         raise safeckpt.CheckpointWriteError(5, "I/O error")

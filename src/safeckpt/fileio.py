@@ -40,7 +40,6 @@ from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .manifest import Chunks, FileEntry
 
 __all__ = [
-    "arena",
     "chunk_size",
     "fsync_dir",
     "read_bounded",
@@ -60,7 +59,6 @@ _INLINE = 1024 * 1024
 _WRITEBACK = 32 * 1024 * 1024
 """Start writing dirty pages to disk every this many bytes, so the final fsync waits less."""
 _ALIGN = 64
-_HUGE_PAGE = 2 * 1024 * 1024
 MIN_CHUNK = 16 * 1024 * 1024
 """Smallest chunk a writer digests separately (a power of two; see :func:`chunk_size`)."""
 MAX_CHUNKS = 1024
@@ -356,16 +354,12 @@ class _Arena(mmap.mmap):
     """Anonymous page-aligned memory a verified file is read into; may be longer than the file."""
 
 
-def arena(size: int) -> _Arena:
-    """``size`` bytes (at least 1) of fresh, zeroed, page-aligned private memory."""
-    # Private: a shared anonymous map is shmem, whose page faults cost half again as much. Huge
-    # pages where the kernel offers them (transparent, on request): faulting in fresh memory
-    # 4 KiB at a time costs several times more than copying a file into it.
-    arena = _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if size >= _HUGE_PAGE:
-        with contextlib.suppress(AttributeError, OSError):  # no THP: ordinary pages
-            arena.madvise(mmap.MADV_HUGEPAGE)
-    return arena
+def _arena(size: int) -> _Arena:
+    # Private: a shared anonymous map is shmem, whose page faults cost half again as much. Not
+    # huge pages (MADV_HUGEPAGE): filling them was five times faster when the kernel reused
+    # freed ones, but two to three times slower in a new process on a VM whose free huge blocks
+    # go back to the host (measured with benchmarks/compare_formats.py).
+    return _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def realign_room(buffer: memoryview) -> int:
@@ -451,7 +445,7 @@ class _OpenFile:
             with contextlib.suppress(OSError, AttributeError):  # a hint; not on every platform
                 os.posix_fadvise(self.fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
             room = _archive_room(os.pread(self.fd, 8, 0), size) if self.entry.name.endswith(".safetensors") else 0
-            self.view = memoryview(arena(size + room))[:size]
+            self.view = memoryview(_arena(size + room))[:size]
         except (OSError, MemoryError, OverflowError) as exc:
             raise _unreadable(self.source, exc) from exc
         return self.view

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .loader import Checkpoint, load_checkpoint
 from .manifest import MANIFEST_NAME
-from .saver import PendingSave, save_checkpoint
+from .saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
 from .verify import verify_checkpoint
 
 __all__ = ["CheckpointManager"]
@@ -60,8 +60,8 @@ class CheckpointManager:
             deleted only after a new checkpoint has been committed.
         keep_every: additionally keep forever every checkpoint whose step is a multiple of this.
         async_save: ``save`` returns as soon as the state is copied and writes in the
-            background; the next ``save``, ``wait``, ``restore``, ``latest`` or ``close`` waits
-            for it, raises its error if any, and only then applies retention for it.
+            background, applying retention right after the commit; the next ``save``, ``wait``,
+            ``restore``, ``latest`` or ``close`` waits for it and raises its error if any.
 
     Example:
         >>> mgr = CheckpointManager("checkpoints", keep_last=3, keep_every=1000)  # doctest: +SKIP
@@ -197,11 +197,13 @@ class CheckpointManager:
         if not overwrite:
             overwrite = self._replace_if_damaged(step)
         if self.async_save:
-            self._pending = save_checkpoint(
-                model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler,
-                extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, async_=True,
+            plan = plan_checkpoint(
+                model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
             )
-            return self._pending.path  # retention once it has committed, in wait()
+            self._pending = write_checkpoint_async(
+                plan, self.directory, overwrite=overwrite, on_commit=lambda _: self._apply_retention(step)
+            )
+            return self._pending.path
         path = save_checkpoint(
             model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler,
             extra=extra, metadata=metadata, rng=rng, overwrite=overwrite,
@@ -236,12 +238,11 @@ class CheckpointManager:
                 logger.info("removed checkpoint %s (keep_last=%s)", path, self.keep_last)
 
     def wait(self) -> None:
-        """Block until a background save has committed and apply retention; raises its error if it
-        failed (then nothing is deleted)."""
+        """Block until a background save has committed (retention runs right after the commit,
+        on the save's thread); raises its error if it failed (then nothing is deleted)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.wait()
-            self._apply_retention(pending.step)
 
     def close(self) -> None:
         """Wait for a background save to finish (raising its error); the manager stays usable."""

@@ -189,8 +189,8 @@ def _parse_entry(name: str, entry: JSONValue, source: str) -> FileEntry:
         raise _fail(source, f"'size' of {name!r} is {_short(size)}, expected a non-negative 64-bit integer")
     if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
         raise _fail(source, f"'sha256' of {name!r} must be 64 lower-case hex digits")
-    chunks = entry.get("chunks")
-    return FileEntry(name, size, digest, None if chunks is None else _parse_chunks(name, size, chunks, source))
+    chunks = _parse_chunks(name, size, entry["chunks"], source) if "chunks" in entry else None
+    return FileEntry(name, size, digest, chunks)
 
 
 def _parse_chunks(name: str, file_size: int, chunks: JSONValue, source: str) -> Chunks:
@@ -207,12 +207,14 @@ def _parse_chunks(name: str, file_size: int, chunks: JSONValue, source: str) -> 
             f"'chunks.size' of {name!r} is {_short(size)}, expected a power of two from "
             f"{limits.MIN_CHUNK_BYTES} to {limits.MAX_CHUNK_BYTES}",
         )
+    if file_size == 0:
+        raise _fail(source, f"{name!r} is empty and so cannot have 'chunks'")
     count = -(-file_size // size)
-    if not isinstance(digests, list) or len(digests) != count or count == 0:
+    if not isinstance(digests, list) or len(digests) != count:
         raise _fail(
             source,
-            f"'chunks.sha256' of {name!r} must list {count} digests (one per {size} bytes of a "
-            f"{file_size}-byte file, and a file with chunks is not empty)",
+            f"'chunks.sha256' of {name!r} must list {count} digest{'s' if count > 1 else ''} "
+            f"(one per {size} bytes of a {file_size}-byte file)",
         )
     if not all(isinstance(d, str) and _SHA256_HEX.fullmatch(d) for d in digests):
         raise _fail(source, f"'chunks.sha256' of {name!r} must hold 64 lower-case hex digits each")

@@ -17,7 +17,7 @@ import torch
 
 from .archive import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
 from .errors import UnsupportedValueError
-from .fileio import Buffer, arena, realign_room
+from .fileio import Buffer, realign_room
 from .tree import key_path
 
 __all__ = ["TensorArchive", "archive_parts", "tensors_from_buffer"]
@@ -105,34 +105,14 @@ class TensorArchive:
     def snapshot(self, reuse: Mapping[str, torch.Tensor] | None = None) -> None:
         """Copy every tensor to contiguous CPU memory owned by the archive (for saves that outlive
         the call). Tensors of ``reuse`` (an earlier snapshot no longer in use) with the same name,
-        shape and dtype are overwritten instead of allocating: no new pages to fault in. The
-        rest share one block of fresh memory on huge pages, where the copy runs at memory speed
-        instead of at the speed of 4 KiB page faults (GPU tensors go to pinned memory)."""
-        reuse = reuse or {}
-        fresh = {
-            name: tensor
-            for name, tensor in self.tensors.items()
-            if (old := reuse.get(name)) is None or old.shape != tensor.shape or old.dtype != tensor.dtype
-        }
-        spans = {name: _nbytes(t) for name, t in fresh.items() if not t.is_cuda and t.numel()}
-        block = arena(sum(-(-n // _ALIGN) * _ALIGN for n in spans.values())) if spans else None
-        offset = 0
+        shape and dtype are overwritten instead of allocating: no new pages to fault in."""
         copies = {}
         for name, tensor in self.tensors.items():
-            if name not in fresh:
-                target = reuse[name]
-            elif name in spans:
-                target = torch.frombuffer(block, dtype=torch.uint8, offset=offset, count=spans[name])
-                target = target.view(tensor.dtype).reshape(tensor.shape)
-                offset += -(-spans[name] // _ALIGN) * _ALIGN
-            else:
-                target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-            copies[name] = target.copy_(tensor.detach())
+            old = (reuse or {}).get(name)
+            if old is None or old.shape != tensor.shape or old.dtype != tensor.dtype:
+                old = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            copies[name] = old.copy_(tensor.detach())
         self.tensors = copies
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 _STAGE = 16 * 1024 * 1024
