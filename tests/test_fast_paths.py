@@ -15,7 +15,7 @@ import torch
 
 import safeckpt
 from conftest import TinyLM, train_steps
-from safeckpt import fileio, tensors
+from safeckpt import archive, fileio, tensors
 from safeckpt.manifest import FileEntry
 from safeckpt.reading import read_checkpoint_files
 
@@ -236,3 +236,44 @@ def test_unverified_model_only_load_leaves_optimizer_state_lazy(saved: Path) -> 
     # views of the mapped file (no copy was made), unlike a load that restores an optimizer
     assert moments and all(m.untyped_storage().nbytes() == m.numel() * m.element_size() for m in moments)
     assert sum(m.data_ptr() % 64 != 0 for m in moments) > 0
+
+
+def test_a_read_holds_a_bounded_number_of_files_open(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fileio, "_OPEN_AT_ONCE", 2)
+    real_open, real_close = fileio.os.open, fileio.os.close
+    held: set[int] = set()
+    most = 0
+
+    def spy_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        nonlocal most
+        fd = real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("dir_fd") is not None:  # a checkpoint file (the folder is opened by path)
+            held.add(fd)
+            most = max(most, len(held))
+        return fd
+
+    def spy_close(fd: int) -> None:
+        held.discard(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(fileio.os, "open", spy_open)
+    monkeypatch.setattr(fileio.os, "close", spy_close)
+    manifest, buffers = read_checkpoint_files(saved, verify=True)
+    assert len(manifest.files) > 4 and set(buffers) == {e.name for e in manifest.files}
+    assert most == 2 and not held
+
+
+def test_written_archives_load_in_place_with_only_odd_sized_tensors_moved() -> None:
+    named = {f"w{i}": torch.randn(16, 4 + i) for i in range(5)}  # 64-byte multiples: 256 + 64 i
+    named |= {"step": torch.tensor(3.0), "odd": torch.arange(5, dtype=torch.int16)}
+    data = _archive(named)
+    buffer = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    buffer[:] = data
+    infos, _ = archive.parse_header(buffer, source="x")
+    aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)
+    base = torch.frombuffer(buffer.obj, dtype=torch.uint8).data_ptr()  # type: ignore[arg-type]
+    for info in infos:
+        assert torch.equal(aligned[info.name], named[info.name]) and aligned[info.name].data_ptr() % 64 == 0
+        if info.name.startswith("w"):  # no memmove of the big ones
+            assert aligned[info.name].data_ptr() == base + info.begin, info.name
+    assert aligned["odd"].data_ptr() != base + infos[-1].begin  # after a 4-byte tensor: moved

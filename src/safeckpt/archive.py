@@ -29,7 +29,7 @@ DTYPE_SIZES: dict[str, int] = {
 """Every dtype the format stores, with its element size in bytes (little-endian)."""
 
 METADATA_KEY = "__metadata__"
-_HEADER_ALIGN = 8
+_HEADER_ALIGN = 64
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ MIN_CHUNK = 16 * 1024 * 1024
 """Smallest chunk a writer digests separately (a power of two; see :func:`chunk_size`)."""
 MAX_CHUNKS = 1024
 MIN_CORES_FOR_CHUNKS = 4
+_OPEN_AT_ONCE = 64
+"""Files a read holds open at a time (a manifest may list thousands)."""
 _CACHED_PIECE = 1024 * 1024
 """Bytes a chunk is read and hashed in, so the hash reads them while they are in the cache."""
 _AHEAD = 4
@@ -511,9 +513,19 @@ def read_files(
     first touched). Symlinks, FIFOs, devices and folders are refused before a byte is read, so
     a hostile checkpoint cannot make the reader hang or follow a link.
     """
+    ordered = sorted(entries, key=lambda e: -e.size)  # the largest takes longest: start it first
+    buffers: dict[str, memoryview] = {}
+    for start in range(0, len(ordered), _OPEN_AT_ONCE):  # bounded open descriptors
+        buffers.update(_read_batch(dir_fd, ordered[start : start + _OPEN_AT_ONCE], folder, verify, every_digest))
+    return buffers
+
+
+def _read_batch(
+    dir_fd: int, entries: list[FileEntry], folder: Path, verify: bool, every_digest: bool
+) -> dict[str, memoryview]:
     files: list[_OpenFile] = []
     try:
-        for entry in sorted(entries, key=lambda e: -e.size):  # the largest takes longest
+        for entry in entries:
             files.append(_OpenFile(dir_fd, entry, folder))
         for file in files:
             file.allocate(verify=verify)
@@ -521,16 +533,14 @@ def read_files(
             first: list[tuple[int, Callable[[], None]]] = []
             then: list[tuple[int, Callable[[], None]]] = []
             for file in files:
-                if file.entry.chunks is None:
+                if file.entry.chunks is None or every_digest:
                     first.append((file.entry.size, functools.partial(file.check_whole, read=True)))
-                    continue
-                spans = file.entry.chunks.spans(file.entry.size)
-                if every_digest:
-                    first.append((file.entry.size, functools.partial(file.check_whole, read=True)))
-                (then if every_digest else first).extend(
-                    (end - start, functools.partial(file.check_chunk, index, read=not every_digest))
-                    for index, (start, end, _) in enumerate(spans)
-                )
+                if file.entry.chunks is not None:
+                    spans = file.entry.chunks.spans(file.entry.size)
+                    (then if every_digest else first).extend(
+                        (end - begin, functools.partial(file.check_chunk, index, read=not every_digest))
+                        for index, (begin, end, _) in enumerate(spans)
+                    )
             for jobs in (first, then):
                 jobs.sort(key=lambda job: -job[0])
                 _in_parallel([job for _, job in jobs], _cores(), name="safeckpt-read")

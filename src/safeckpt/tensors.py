@@ -115,6 +115,10 @@ class TensorArchive:
         self.tensors = copies
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 _STAGE = 16 * 1024 * 1024
 """Largest piece of a GPU or non-contiguous tensor staged in CPU memory at a time when saving."""
 
@@ -153,7 +157,9 @@ def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     Contiguous CPU tensors are written from their own memory; GPU and non-contiguous ones are
     staged in CPU memory a slice of at most 16 MiB at a time.
     """
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    # Sizes that are multiples of 64 first: after the 64-byte aligned header they all start on
+    # 64-byte boundaries, where a loader can use them in place (see _aligned_bytes).
+    order = sorted(tensors, key=lambda n: (_nbytes(tensors[n]) % _ALIGN != 0, -tensors[n].element_size(), n))
     header, _ = build_header(
         [(n, DTYPE_NAMES[tensors[n].dtype], tuple(tensors[n].shape)) for n in order], metadata
     )
@@ -205,8 +211,10 @@ def _view_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.Tens
 def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
     """Each non-empty tensor's bytes at a ``_ALIGN``-byte aligned address.
 
-    Tensors are moved towards the end of the buffer's room, last first, so a move only ever
-    overwrites bytes already moved away; when the room runs out the rest are copied instead.
+    Tensors already aligned stay where they are as long as every tensor before them is aligned
+    too (in files safeckpt writes, all but a few small ones at the end). The rest are moved
+    towards the end of the buffer's room, last first, so a move only ever overwrites bytes
+    already moved away; when the room runs out the rest are copied instead.
     """
     view = memoryview(buffer)
     if not len(view):
@@ -216,10 +224,12 @@ def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.T
     base = _region(owner, 0, 1).data_ptr()
     limit = len(view) + room
     out = {}
-    for info in sorted(infos, key=lambda i: i.begin, reverse=True):
+    ordered = sorted((i for i in infos if i.end > i.begin), key=lambda i: i.begin)
+    settled = next((n for n, i in enumerate(ordered) if (base + i.begin) % _ALIGN), len(ordered))
+    for info in ordered[:settled]:
+        out[info.name] = _region(owner, info.begin, info.end - info.begin)
+    for info in reversed(ordered[settled:]):
         size = info.end - info.begin
-        if size == 0:
-            continue
         target = (base + limit - size) // _ALIGN * _ALIGN - base
         if room and target >= info.begin:
             if target != info.begin:
