@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -61,3 +64,13 @@ def state_fingerprint(model_state: object, optimizer_state: object = None, extra
     for the model state dict."""
     model = dict(sorted(model_state.items())) if isinstance(model_state, dict) else model_state
     return fingerprint({"model": model, "optimizer": optimizer_state, "extra": extra})
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a dedented snippet in a new interpreter in ``cwd`` that can import the test helpers
+    (for what may kill the process: signals, SIGBUS, os._exit)."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), *sys.path])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +13,7 @@ import pytest
 import torch
 
 import safeckpt
+from ckpt_tools import run_python
 from conftest import TinyLM, train_steps
 from safeckpt import background, saver
 from safeckpt.commit import list_checkpoints
@@ -224,16 +222,8 @@ def test_on_commit_runs_after_the_commit_and_its_error_is_the_saves(
         saver.write_checkpoint_async(plan, tmp_path, on_commit=fail).wait()
 
 
-def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), *sys.path])}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_death_mid_async_save_loses_nothing_committed(tmp_path: Path) -> None:
-    done = _run(
+    done = run_python(
         """
         import os, signal, torch, safeckpt
         from safeckpt import saver
@@ -265,7 +255,7 @@ def test_death_mid_async_save_loses_nothing_committed(tmp_path: Path) -> None:
 
 
 def test_interpreter_exit_waits_for_the_background_save(tmp_path: Path) -> None:
-    done = _run(
+    done = run_python(
         """
         import safeckpt
         from conftest import TinyLM

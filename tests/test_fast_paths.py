@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import safeckpt
+from ckpt_tools import run_python
 from conftest import TinyLM, train_steps
 from safeckpt import archive, fileio, tensors
 from safeckpt.manifest import FileEntry
@@ -277,3 +278,22 @@ def test_written_archives_load_in_place_with_only_odd_sized_tensors_moved() -> N
         if info.name.startswith("w"):  # no memmove of the big ones
             assert aligned[info.name].data_ptr() == base + info.begin, info.name
     assert aligned["odd"].data_ptr() != base + infos[-1].begin  # after a 4-byte tensor: moved
+
+
+def test_unverified_resume_does_not_leave_the_optimizer_backed_by_the_files(saved: Path) -> None:
+    # Mapped state would fault (SIGBUS) on the next step once the file is truncated: run apart.
+    done = run_python(
+        f"""
+        import os, torch, safeckpt
+        from conftest import TinyLM, train_steps
+        model = TinyLM()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        safeckpt.load_checkpoint({str(saved)!r}, model=model, optimizer=opt, verify=False, restore_rng=False)
+        for name in os.listdir({str(saved)!r}):
+            os.truncate(os.path.join({str(saved)!r}, name), 0)
+        train_steps(model, opt, 2)
+        print("trained")
+        """,
+        saved.parent,
+    )
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr

@@ -40,7 +40,13 @@ class Checkpoint(CheckpointContents[torch.Tensor]):
 
 
 def _decode_tree(
-    name: str, buffers: Mapping[str, Buffer], folder: Path, device: str | torch.device, *, aligned: bool = True
+    name: str,
+    buffers: Mapping[str, Buffer],
+    folder: Path,
+    device: str | torch.device,
+    *,
+    aligned: bool = True,
+    copy: bool = False,
 ) -> object | None:
     doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
     if doc_name not in buffers and archive_name not in buffers:
@@ -52,9 +58,9 @@ def _decode_tree(
             )
     # Tensors handed to an optimizer must be 64-byte aligned like torch's own allocations: some
     # kernels (LBFGS's dot products) round differently on other addresses, and a resumed run
-    # would drift in the last bits. Verified buffers are aligned in place (a memmove, no copy).
+    # would drift in the last bits. Verified buffers are aligned in place (at most a memmove).
     tensors, _ = tensors_from_buffer(
-        buffers[archive_name], source=str(folder / archive_name), device=device, aligned=aligned
+        buffers[archive_name], source=str(folder / archive_name), device=device, aligned=aligned, copy=copy
     )
     document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
 
@@ -127,9 +133,12 @@ def load_checkpoint(
     manifest, buffers = read_checkpoint_files(folder, verify=verify)
     device = map_location
     model_state = _model_state(buffers, folder, device)
-    # Unverified buffers are lazy memory maps: align (copy) the optimizer state only if it is restored.
+    # Unverified buffers are lazy memory maps: an optimizer's state must not stay backed by the
+    # files for the rest of the run (a page written there is copied then, one truncated faults),
+    # so it is copied when it is restored, and only then.
+    restoring = not verify and optimizer is not None
     trees = {
-        name: _decode_tree(name, buffers, folder, device, aligned=verify or name != "optimizer" or optimizer is not None)
+        name: _decode_tree(name, buffers, folder, device, aligned=verify, copy=restoring and name == "optimizer")
         for name in ("optimizer", "scheduler", "rng", "extra")
     }
     config = load_json(bytes(buffers["config.json"]), source=str(folder / "config.json")) if "config.json" in buffers else None

@@ -169,20 +169,23 @@ def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
 
 
 def tensors_from_buffer(
-    buffer: Buffer, *, source: str, device: torch.device | str = "cpu", aligned: bool = False
+    buffer: Buffer, *, source: str, device: torch.device | str = "cpu", aligned: bool = False, copy: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Parse a verified archive; tensors on CPU are views of ``buffer`` (no copy).
 
     With ``aligned``, every CPU tensor starts on a 64-byte boundary, like torch's own
     allocations (some kernels, e.g. the dot products of LBFGS, round differently otherwise):
-    tensors are moved in place into the room :func:`safeckpt.fileio.read_verified` leaves after
-    an archive, and only those that do not fit there are copied.
+    tensors are moved in place into the room :func:`safeckpt.fileio.read_files` leaves after
+    an archive, and only those that do not fit there are copied. With ``copy``, CPU tensors are
+    copies in torch's own (aligned) memory instead of views: for state that is restored into a
+    live object and must not stay backed by a memory-mapped file.
     """
     infos, metadata = parse_header(buffer, source=source)
-    if aligned and torch.device(device).type == "cpu":
+    on_cpu = torch.device(device).type == "cpu"
+    if aligned and on_cpu and not copy:
         raw = _aligned_bytes(buffer, infos)
     else:
-        raw = _view_bytes(buffer, infos)
+        raw = _view_bytes(buffer, infos, copy=copy and on_cpu)
     out = {}
     for info in infos:
         dtype = TORCH_DTYPES[info.dtype]
@@ -197,14 +200,14 @@ def _region(owner: object, offset: int, size: int) -> torch.Tensor:
     return torch.frombuffer(owner, dtype=torch.uint8, offset=offset, count=size)
 
 
-def _view_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Each non-empty tensor's bytes as a view of ``buffer``; copied only if not aligned to its
-    element size (never the case for files safeckpt wrote)."""
+def _view_bytes(buffer: Buffer, infos: list[TensorInfo], *, copy: bool = False) -> dict[str, torch.Tensor]:
+    """Each non-empty tensor's bytes as a view of ``buffer``; copied if ``copy`` or if not aligned
+    to its element size (never the case for files safeckpt wrote)."""
     out = {}
     for info in infos:
         if info.end > info.begin:
             view = _region(buffer, info.begin, info.end - info.begin)
-            out[info.name] = view.clone() if info.begin % DTYPE_SIZES[info.dtype] else view
+            out[info.name] = view.clone() if copy or info.begin % DTYPE_SIZES[info.dtype] else view
     return out
 
 
