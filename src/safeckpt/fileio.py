@@ -7,10 +7,14 @@ little left to wait for. :func:`write_files` writes several files at once, one p
 is what makes a save as fast as the hashing of its largest file. A written file is never read
 back to hash it.
 
+With enough cores, a large file's writer also digests each fixed-size chunk on a second thread
+(the manifest's ``chunks``, format 1.1), so that reads can verify one file on every core.
+
 Reads open the file without following symlinks and insist on a regular file of exactly the
-manifest's size. With verification, the file is read once, in pieces, into fresh page-aligned
-memory, each piece hashed on a helper thread while the next is read, and the buffer is returned
-only if the digest matches: what is parsed afterwards is what was verified. A safetensors
+manifest's size. With verification, the file is read once into fresh page-aligned memory and
+the buffers are returned only if every digest matches: what is parsed afterwards is what was
+verified. A file with chunk digests is read and hashed chunk by chunk on all cores at once; one
+without is read in pieces, each hashed on a helper thread while the next is read. A safetensors
 archive's buffer is allocated with spare room after the file (sized from the 8-byte header
 length alone, nothing is parsed) so its tensors can later be moved in place to aligned
 addresses, see :func:`safeckpt.tensors.tensors_from_buffer`. Without verification the file is
@@ -452,10 +456,10 @@ class _OpenFile:
             raise _unreadable(self.source, exc) from exc
         return self.view
 
-    def check_whole(self, *, read: bool) -> None:
-        """Read the file (if ``read``) and check the whole-file SHA-256."""
+    def check_whole(self) -> None:
+        """Read the file and check the whole-file SHA-256."""
         try:
-            digest = _read_hashing(self.fd, self.view, source=self.source) if read else _sha256(self.view)
+            digest = _read_hashing(self.fd, self.view, source=self.source)
         except (OSError, MemoryError) as exc:
             raise _unreadable(self.source, exc) from exc
         if digest != self.entry.sha256:
@@ -464,11 +468,9 @@ class _OpenFile:
                 "file is corrupted, load an earlier checkpoint"
             )
 
-    def check_chunk(self, index: int, *, read: bool) -> None:
-        """Read chunk ``index`` (if ``read``) and check its SHA-256 in the manifest's chunk list."""
-        chunks = self.entry.chunks
-        assert chunks is not None
-        start, end, expected = chunks.spans(self.entry.size)[index]
+    def check_chunk(self, index: int, start: int, end: int, expected: str, *, read: bool) -> None:
+        """Read chunk ``index``, bytes ``start`` to ``end`` (if ``read``: else they are in memory
+        already), and check their SHA-256 against ``expected``."""
         piece = self.view[start:end]
         sha = hashlib.sha256()
         try:
@@ -480,23 +482,17 @@ class _OpenFile:
         except (OSError, MemoryError) as exc:
             raise _unreadable(self.source, exc) from exc
         if sha.hexdigest() != expected:
+            count = len(self.entry.chunks.sha256) if self.entry.chunks else 1
             raise CheckpointCorruptedError(
-                f"{self.source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of "
-                f"{len(chunks.sha256)}) is {sha.hexdigest()}, manifest.json says {expected}; the "
-                "file is corrupted, load an earlier checkpoint"
+                f"{self.source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) "
+                f"is {sha.hexdigest()}, manifest.json says {expected}; the file is corrupted, load "
+                "an earlier checkpoint"
             )
 
     def check_unchanged(self) -> None:
         """Refuse a file that grew while it was read (another process is writing it)."""
         if os.pread(self.fd, 1, self.entry.size):
             raise _changed_size(self.source, self.entry.size)
-
-
-def _sha256(view: memoryview) -> str:
-    sha = hashlib.sha256()
-    for start in range(0, len(view), _CACHED_PIECE):
-        sha.update(view[start : start + _CACHED_PIECE])
-    return sha.hexdigest()
 
 
 def read_files(
@@ -534,12 +530,12 @@ def _read_batch(
             then: list[tuple[int, Callable[[], None]]] = []
             for file in files:
                 if file.entry.chunks is None or every_digest:
-                    first.append((file.entry.size, functools.partial(file.check_whole, read=True)))
+                    first.append((file.entry.size, file.check_whole))
                 if file.entry.chunks is not None:
                     spans = file.entry.chunks.spans(file.entry.size)
                     (then if every_digest else first).extend(
-                        (end - begin, functools.partial(file.check_chunk, index, read=not every_digest))
-                        for index, (begin, end, _) in enumerate(spans)
+                        (span[1] - span[0], functools.partial(file.check_chunk, index, *span, read=not every_digest))
+                        for index, span in enumerate(spans)
                     )
             for jobs in (first, then):
                 jobs.sort(key=lambda job: -job[0])
