@@ -15,6 +15,7 @@ import torch
 import safeckpt
 from conftest import TinyLM, train_steps
 from safeckpt import fileio, reading
+from safeckpt.cli import main
 
 CHUNK = 64 * 1024
 
@@ -126,6 +127,21 @@ def test_load_trusts_chunk_digests_and_an_audit_checks_both(chunked: Path) -> No
     safeckpt.load_checkpoint(chunked, restore_rng=False)  # the chunks prove every byte
     with pytest.raises(safeckpt.CheckpointCorruptedError, match="optimizer.safetensors: SHA-256 is"):
         safeckpt.verify_checkpoint(chunked)
+
+
+def test_the_command_line_shows_chunks_and_audits_both_digests(chunked: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--json", str(chunked)]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert files["optimizer.safetensors"]["chunks"]["size"] == CHUNK and "chunks" not in files["config.json"]
+    assert main(["inspect", str(chunked)]) == 0
+    assert "chunk digests" in capsys.readouterr().out
+
+    def wrong_whole(entry: dict) -> None:  # type: ignore[type-arg]
+        entry["sha256"] = "f" * 64
+
+    _edit_entry(chunked, "model.safetensors", wrong_whole)
+    assert main(["verify", str(chunked)]) == 1
+    assert "model.safetensors: SHA-256 is" in capsys.readouterr().err
 
 
 def test_a_wrong_chunk_digest_fails_load_and_audit(chunked: Path) -> None:

@@ -315,6 +315,24 @@ def test_async_retention_runs_when_the_save_commits_not_at_the_next_call(tmp_pat
     assert mgr.steps() == [2]  # without calling mgr.wait(): a run that just ends keeps keep_last
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_removal_warns_and_the_save_still_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool
+) -> None:
+    def refuse(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    mgr = safeckpt.CheckpointManager(tmp_path, keep_last=1, async_save=async_save)
+    model, opt = _trained()
+    mgr.save(1, model=model, optimizer=opt)
+    mgr.wait()
+    monkeypatch.setattr(manager_module, "remove_checkpoint", refuse)
+    with pytest.warns(RuntimeWarning, match=r"step-00000001: could not remove this old checkpoint \(Permission denied\)"):
+        assert mgr.save(2, model=model, optimizer=opt) == tmp_path / "step-00000002"
+        mgr.wait()  # the background save's error, if it had one, is raised here
+    assert mgr.steps() == [1, 2]
+
+
 def test_async_save_error_surfaces_on_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_write(*args: object, **kwargs: object) -> Path:
         raise safeckpt.CheckpointWriteError(5, "I/O error")

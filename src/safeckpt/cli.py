@@ -44,6 +44,8 @@ def _inspect(args: argparse.Namespace) -> int:
     files: dict[str, dict[str, object]] = {}
     for entry in manifest.files:
         info: dict[str, object] = {"size": entry.size, "sha256": entry.sha256}
+        if entry.chunks is not None:
+            info["chunks"] = {"size": entry.chunks.size, "count": len(entry.chunks.sha256)}
         if entry.name.endswith(".safetensors"):
             tensors, _ = parse_header(buffers[entry.name], source=str(folder / entry.name))
             info["tensors"] = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in tensors}
@@ -54,7 +56,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{folder}  step {manifest.step}  format {report['format_version']}  created {manifest.created}")
     for name, info in files.items():
-        print(f"  {name:<24} {info['size']:>14,} bytes  sha256 {str(info['sha256'])[:16]}…")
+        chunks = info.get("chunks")
+        per_chunk = f"  + {chunks['count']} chunk digests" if isinstance(chunks, dict) else ""
+        print(f"  {name:<24} {info['size']:>14,} bytes  sha256 {str(info['sha256'])[:16]}…{per_chunk}")
         tensors_info = info.get("tensors", {})
         assert isinstance(tensors_info, dict)
         for tname, t in tensors_info.items():
@@ -86,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeckpt", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("verify", help="check every file's size and SHA-256 against the manifest")
+    p = sub.add_parser("verify", help="check every file's size and SHA-256 (whole-file and per-chunk) against the manifest")
     p.add_argument("paths", nargs="+", help="checkpoint folders, manifest.json files or checkpoint roots")
     p.set_defaults(func=_verify)
     p = sub.add_parser("inspect", help="show the manifest and every stored tensor")

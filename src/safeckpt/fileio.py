@@ -150,7 +150,7 @@ def chunk_size(file_size: int) -> int:
     """
     if _cores() < MIN_CORES_FOR_CHUNKS:
         return 0
-    size = MIN_CHUNK
+    size = max(MIN_CHUNK, limits.MIN_CHUNK_BYTES)  # readers refuse smaller chunks
     while file_size > size * MAX_CHUNKS:
         size *= 2
     return size if file_size > size else 0
@@ -211,12 +211,22 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int =
                     flushed = size
         os.fsync(fd)
     finally:
-        sha.close()
-        if chunks is not None:
-            chunks.close()
-        os.close(fd)
+        try:
+            sha.close()
+            if chunks is not None:
+                chunks.close()
+        finally:
+            os.close(fd)
     digests = Chunks(chunk, tuple(chunks.digests())) if chunks is not None and size else None
     return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
+
+
+def _join_all(threads: Sequence[threading.Thread]) -> None:
+    """Join every thread, even through further interrupts (a second Ctrl-C)."""
+    for thread in threads:
+        while thread.is_alive():
+            with contextlib.suppress(BaseException):
+                thread.join()
 
 
 def write_files(
@@ -273,10 +283,9 @@ def _in_parallel(jobs: Sequence[Callable[[], T]], workers: int, *, name: str) ->
         for thread in threads:
             thread.join()
     except BaseException as exc:  # e.g. KeyboardInterrupt: start no more jobs, and never
-        with lock:  # return while one still runs
+        with lock:  # return while one still runs (its caller closes the descriptors it uses)
             errors.append(exc)
-        for thread in threads:
-            thread.join()
+        _join_all(threads)
         raise
     if errors:
         raise errors[0]
@@ -309,7 +318,11 @@ def _open_regular(dir_fd: int, name: str, *, source: str, missing: str) -> tuple
                 f"{source}: is a symbolic link; checkpoint files must be regular files"
             ) from None
         raise CheckpointCorruptedError(f"{source}: cannot be opened ({exc.strerror})") from None
-    info = os.fstat(fd)
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointCorruptedError(f"{source}: cannot be read ({exc.strerror})") from None
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise CheckpointCorruptedError(
@@ -369,7 +382,7 @@ def _arena(size: int) -> _Arena:
 
 
 def realign_room(buffer: memoryview) -> int:
-    """Spare bytes after ``buffer`` that its owner may overwrite (0 unless :func:`read_verified`
+    """Spare bytes after ``buffer`` that its owner may overwrite (0 unless :func:`read_files`
     allocated it with room to move tensors to aligned addresses)."""
     owner = buffer.obj
     if isinstance(owner, _Arena) and buffer.contiguous and not buffer.readonly:
@@ -491,7 +504,11 @@ class _OpenFile:
 
     def check_unchanged(self) -> None:
         """Refuse a file that grew while it was read (another process is writing it)."""
-        if os.pread(self.fd, 1, self.entry.size):
+        try:
+            grew = os.pread(self.fd, 1, self.entry.size)
+        except OSError as exc:
+            raise _unreadable(self.source, exc) from exc
+        if grew:
             raise _changed_size(self.source, self.entry.size)
 
 
@@ -504,7 +521,7 @@ def read_files(
     Returns only once every file verified, so nothing is parsed that did not. A file with chunk
     digests is checked by them, its chunks read and hashed on all cores at once; a file without
     is hashed whole, by one core. ``every_digest`` checks the whole-file digest of chunked files
-    too (after their chunks), for audits: a reader may trust either, so both must hold. With
+    too (first, then the chunks from memory), for audits: a reader may trust either, so both must hold. With
     ``verify=False`` each buffer is a private memory map (copy-on-write; bytes are read when
     first touched). Symlinks, FIFOs, devices and folders are refused before a byte is read, so
     a hostile checkpoint cannot make the reader hang or follow a link.

@@ -133,12 +133,12 @@ def load_checkpoint(
     manifest, buffers = read_checkpoint_files(folder, verify=verify)
     device = map_location
     model_state = _model_state(buffers, folder, device)
-    # Unverified buffers are lazy memory maps: an optimizer's state must not stay backed by the
-    # files for the rest of the run (a page written there is copied then, one truncated faults),
-    # so it is copied when it is restored, and only then.
-    restoring = not verify and optimizer is not None
+    # Unverified buffers are lazy memory maps: state restored into live objects must not stay
+    # backed by the files for the rest of the run (a page written there is copied then, one
+    # truncated faults), so a tree is copied when it is restored, and only then.
+    restored = {"optimizer": optimizer is not None, "scheduler": scheduler is not None, "extra": bool(extra)}
     trees = {
-        name: _decode_tree(name, buffers, folder, device, aligned=verify, copy=restoring and name == "optimizer")
+        name: _decode_tree(name, buffers, folder, device, aligned=verify, copy=not verify and restored.get(name, False))
         for name in ("optimizer", "scheduler", "rng", "extra")
     }
     config = load_json(bytes(buffers["config.json"]), source=str(folder / "config.json")) if "config.json" in buffers else None

@@ -99,7 +99,10 @@ class CheckpointManager:
     # -- listing -----------------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Steps of the committed checkpoints, oldest first (not verified; see :meth:`latest`)."""
+        """Steps of the committed checkpoints, oldest first (not verified; see :meth:`latest`).
+
+        With ``async_save``, a save in flight may still commit, and its retention remove old
+        steps, after this returns: call :meth:`wait` first for a list that stays true."""
         return [step for step, _ in list_checkpoints(self.directory)]
 
     def path(self, step: int) -> Path:
@@ -234,7 +237,17 @@ class CheckpointManager:
             keep |= {step for step, _ in committed if step % self.keep_every == 0}
         for step, path in committed:
             if step not in keep:
-                remove_checkpoint(path)
+                try:
+                    remove_checkpoint(path)
+                except OSError as exc:  # the new checkpoint is committed: that save succeeded
+                    message = (
+                        f"{path}: could not remove this old checkpoint ({exc.strerror or exc}); "
+                        f"checkpoint {just_saved} is saved. Remove it by hand to free the space; the "
+                        "next save tries again"
+                    )
+                    logger.warning("%s", message)
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    continue
                 logger.info("removed checkpoint %s (keep_last=%s)", path, self.keep_last)
 
     def wait(self) -> None:
