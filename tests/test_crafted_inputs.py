@@ -487,23 +487,40 @@ import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # whatever the machine's overcommit policy
 import safeckpt
 try:
-    safeckpt.verify_checkpoint(sys.argv[1])
+    getattr(safeckpt, sys.argv[2])(sys.argv[1])
 except safeckpt.CheckpointError as exc:
     print(type(exc).__name__, exc)
 """
 
 
-def test_sparse_file_larger_than_memory_with_matching_manifest(saved: Path) -> None:
-    size = 2**40  # 1 TiB, taking no disk space
+def _sparse_model(saved: Path, size: int) -> None:
     try:
         with open(saved / "model.safetensors", "r+b") as handle:
             handle.truncate(size)
     except OSError as exc:
-        pytest.skip(f"this file system cannot hold a 1 TiB sparse file ({exc.strerror})")
+        pytest.skip(f"this file system cannot hold a {size >> 30} GiB sparse file ({exc.strerror})")
     manifest = json.loads((saved / "manifest.json").read_bytes())
     manifest["files"]["model.safetensors"]["size"] = size
     (saved / "manifest.json").write_text(json.dumps(manifest))
-    done = subprocess.run([sys.executable, "-c", SPARSE_PROBE, str(saved)], capture_output=True, text=True, timeout=120, check=False)
+
+
+def _probe(saved: Path, function: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", SPARSE_PROBE, str(saved), function], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("CheckpointCorruptedError"), done.stdout
-    assert str(saved / "model.safetensors") in done.stdout and "cannot be read" in done.stdout
+    return done.stdout
+
+
+def test_sparse_file_larger_than_memory_with_matching_manifest(saved: Path) -> None:
+    _sparse_model(saved, 2**40)  # 1 TiB, taking no disk space
+    out = _probe(saved, "load_checkpoint")
+    assert out.startswith("CheckpointCorruptedError"), out
+    assert str(saved / "model.safetensors") in out and "cannot be read" in out
+
+
+def test_verify_streams_a_file_larger_than_its_memory_limit(saved: Path) -> None:
+    _sparse_model(saved, 6 << 30)  # more than the probe's 4 GiB address space
+    out = _probe(saved, "verify_checkpoint")  # hashed piece by piece: the zeros do not match
+    assert out.startswith("CheckpointCorruptedError"), out
+    assert f"{saved / 'model.safetensors'}: SHA-256 is" in out

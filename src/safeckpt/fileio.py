@@ -44,6 +44,7 @@ from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .manifest import Chunks, FileEntry
 
 __all__ = [
+    "audit_files",
     "chunk_size",
     "fsync_dir",
     "read_bounded",
@@ -475,32 +476,20 @@ class _OpenFile:
             digest = _read_hashing(self.fd, self.view, source=self.source)
         except (OSError, MemoryError) as exc:
             raise _unreadable(self.source, exc) from exc
-        if digest != self.entry.sha256:
-            raise CheckpointCorruptedError(
-                f"{self.source}: SHA-256 is {digest}, manifest.json says {self.entry.sha256}; the "
-                "file is corrupted, load an earlier checkpoint"
-            )
+        _check_digest(self.source, self.entry, digest)
 
-    def check_chunk(self, index: int, start: int, end: int, expected: str, *, read: bool) -> None:
-        """Read chunk ``index``, bytes ``start`` to ``end`` (if ``read``: else they are in memory
-        already), and check their SHA-256 against ``expected``."""
+    def check_chunk(self, index: int, start: int, end: int, expected: str) -> None:
+        """Read chunk ``index``, bytes ``start`` to ``end``, and check their SHA-256."""
         piece = self.view[start:end]
         sha = hashlib.sha256()
         try:
             for offset in range(0, len(piece), _CACHED_PIECE):
                 part = piece[offset : offset + _CACHED_PIECE]
-                if read:
-                    _read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
+                _read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
                 sha.update(part)
         except (OSError, MemoryError) as exc:
             raise _unreadable(self.source, exc) from exc
-        if sha.hexdigest() != expected:
-            count = len(self.entry.chunks.sha256) if self.entry.chunks else 1
-            raise CheckpointCorruptedError(
-                f"{self.source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) "
-                f"is {sha.hexdigest()}, manifest.json says {expected}; the file is corrupted, load "
-                "an earlier checkpoint"
-            )
+        _check_digests(self.source, self.entry, [(index, start, end, expected, sha.hexdigest())])
 
     def check_unchanged(self) -> None:
         """Refuse a file that grew while it was read (another process is writing it)."""
@@ -513,15 +502,14 @@ class _OpenFile:
 
 
 def read_files(
-    dir_fd: int, entries: Iterable[FileEntry], *, folder: Path, verify: bool = True, every_digest: bool = False
+    dir_fd: int, entries: Iterable[FileEntry], *, folder: Path, verify: bool = True
 ) -> dict[str, memoryview]:
     """Read each file ``entries`` name from the folder ``dir_fd`` (``folder`` in errors), check
     its size and, if ``verify``, its SHA-256; returns name -> writable buffer of its bytes.
 
     Returns only once every file verified, so nothing is parsed that did not. A file with chunk
     digests is checked by them, its chunks read and hashed on all cores at once; a file without
-    is hashed whole, by one core. ``every_digest`` checks the whole-file digest of chunked files
-    too (first, then the chunks from memory), for audits: a reader may trust either, so both must hold. With
+    is hashed whole, by one core (:func:`audit_files` checks both kinds). With
     ``verify=False`` each buffer is a private memory map (copy-on-write; bytes are read when
     first touched). Symlinks, FIFOs, devices and folders are refused before a byte is read, so
     a hostile checkpoint cannot make the reader hang or follow a link.
@@ -529,13 +517,11 @@ def read_files(
     ordered = sorted(entries, key=lambda e: -e.size)  # the largest takes longest: start it first
     buffers: dict[str, memoryview] = {}
     for start in range(0, len(ordered), _OPEN_AT_ONCE):  # bounded open descriptors
-        buffers.update(_read_batch(dir_fd, ordered[start : start + _OPEN_AT_ONCE], folder, verify, every_digest))
+        buffers.update(_read_batch(dir_fd, ordered[start : start + _OPEN_AT_ONCE], folder, verify))
     return buffers
 
 
-def _read_batch(
-    dir_fd: int, entries: list[FileEntry], folder: Path, verify: bool, every_digest: bool
-) -> dict[str, memoryview]:
+def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: bool) -> dict[str, memoryview]:
     files: list[_OpenFile] = []
     try:
         for entry in entries:
@@ -543,23 +529,77 @@ def _read_batch(
         for file in files:
             file.allocate(verify=verify)
         if verify:
-            first: list[tuple[int, Callable[[], None]]] = []
-            then: list[tuple[int, Callable[[], None]]] = []
+            jobs: list[tuple[int, Callable[[], None]]] = []
             for file in files:
-                if file.entry.chunks is None or every_digest:
-                    first.append((file.entry.size, file.check_whole))
-                if file.entry.chunks is not None:
-                    spans = file.entry.chunks.spans(file.entry.size)
-                    (then if every_digest else first).extend(
-                        (span[1] - span[0], functools.partial(file.check_chunk, index, *span, read=not every_digest))
-                        for index, span in enumerate(spans)
-                    )
-            for jobs in (first, then):
-                jobs.sort(key=lambda job: -job[0])
-                _in_parallel([job for _, job in jobs], _cores(), name="safeckpt-read")
+                if file.entry.chunks is None:
+                    jobs.append((file.entry.size, file.check_whole))
+                    continue
+                spans = file.entry.chunks.spans(file.entry.size)
+                jobs.extend(
+                    (span[1] - span[0], functools.partial(file.check_chunk, index, *span))
+                    for index, span in enumerate(spans)
+                )
+            jobs.sort(key=lambda job: -job[0])
+            _in_parallel([job for _, job in jobs], _cores(), name="safeckpt-read")
             for file in files:
                 file.check_unchanged()
     finally:
         for file in files:
             os.close(file.fd)
     return {file.entry.name: file.view for file in files}
+
+
+def _check_digest(source: str, entry: FileEntry, digest: str) -> None:
+    if digest != entry.sha256:
+        raise CheckpointCorruptedError(
+            f"{source}: SHA-256 is {digest}, manifest.json says {entry.sha256}; the file is "
+            "corrupted, load an earlier checkpoint"
+        )
+
+
+def _check_digests(source: str, entry: FileEntry, chunks: Iterable[tuple[int, int, int, str, str]]) -> None:
+    """Raise for the first ``(index, start, end, expected, found)`` chunk digest that differs."""
+    count = len(entry.chunks.sha256) if entry.chunks is not None else 1
+    for index, start, end, expected, found in chunks:
+        if found != expected:
+            raise CheckpointCorruptedError(
+                f"{source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) is "
+                f"{found}, manifest.json says {expected}; the file is corrupted, load an earlier "
+                "checkpoint"
+            )
+
+
+def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> None:
+    """Check each file's size and every digest the manifest records (whole-file and chunks).
+
+    For audits (``verify_checkpoint``): a loader may trust either kind of digest, so both must
+    hold. Files are streamed through one small buffer per thread, several files at once, so the
+    memory used does not grow with the checkpoint, unlike :func:`read_files`, which keeps what
+    it verified.
+    """
+    jobs = [functools.partial(_audit, dir_fd, entry, folder) for entry in sorted(entries, key=lambda e: -e.size)]
+    _in_parallel(jobs, _cores(), name="safeckpt-verify")
+
+
+def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
+    file = _OpenFile(dir_fd, entry, folder)
+    whole = hashlib.sha256()
+    chunks = _Hasher(entry.chunks.size) if entry.chunks is not None else None  # hashed inline
+    buffer = memoryview(bytearray(min(_PIECE, entry.size)))
+    try:
+        for start in range(0, entry.size, _PIECE):
+            piece = buffer[: min(_PIECE, entry.size - start)]
+            _read_into(file.fd, piece, start, source=file.source, size=entry.size)
+            whole.update(piece)
+            if chunks is not None:
+                chunks._consume(piece)
+        file.check_unchanged()
+    except OSError as exc:
+        raise _unreadable(file.source, exc) from exc
+    finally:
+        os.close(file.fd)
+    _check_digest(file.source, entry, whole.hexdigest())
+    if chunks is not None and entry.chunks is not None:
+        spans = entry.chunks.spans(entry.size)
+        found = chunks.digests()
+        _check_digests(file.source, entry, ((i, *span, found[i]) for i, span in enumerate(spans)))

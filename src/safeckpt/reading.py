@@ -3,13 +3,15 @@
 ``locate_checkpoint`` resolves what the user passed; ``read_checkpoint_files`` parses the manifest,
 then reads every file it lists and checks its size and SHA-256, and returns only once all of
 them verified, so no parser ever sees a byte that failed verification. The torch loader
-(:mod:`safeckpt.loader`), the numpy reader (:mod:`safeckpt.numpy`) and ``verify_checkpoint`` share it.
+(:mod:`safeckpt.loader`) and the numpy reader (:mod:`safeckpt.numpy`) share it;
+``verify_checkpoint`` uses ``audit_checkpoint_files``, which checks every digest and keeps nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
@@ -18,7 +20,7 @@ from . import limits
 from .commit import list_checkpoints, parse_step
 from .documents import load_json
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError
-from .fileio import read_bounded, read_files
+from .fileio import audit_files, read_bounded, read_files
 from .manifest import MANIFEST_NAME, Manifest
 
 TensorT = TypeVar("TensorT")
@@ -49,7 +51,13 @@ class CheckpointContents(Generic[TensorT]):
             f"tensors={len(self.model_state)}, optimizer={self.optimizer_state is not None})"
         )
 
-__all__ = ["MODEL_ALIASES_KEY", "locate_checkpoint", "model_aliases", "read_checkpoint_files"]
+__all__ = [
+    "MODEL_ALIASES_KEY",
+    "audit_checkpoint_files",
+    "locate_checkpoint",
+    "model_aliases",
+    "read_checkpoint_files",
+]
 
 MODEL_ALIASES_KEY = "safeckpt.aliases"
 """``model.safetensors`` metadata key: JSON ``{alias: stored name}`` of tied tensors stored once."""
@@ -77,15 +85,28 @@ def locate_checkpoint(path: str | os.PathLike[str]) -> Path:
     raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
 
 
-def read_checkpoint_files(
-    folder: Path, *, verify: bool = True, every_digest: bool = False
-) -> tuple[Manifest, dict[str, memoryview]]:
+def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifest, dict[str, memoryview]]:
     """Parse the manifest, then read every listed file and check size and hash, in parallel.
 
     Returns only once all files verified: a single bad file fails the whole load before any
-    of them is parsed. ``every_digest`` also checks whole-file digests where chunk digests
-    would do (see :func:`safeckpt.fileio.read_files`).
+    of them is parsed.
     """
+    with _folder(folder) as dir_fd:
+        manifest = _manifest(dir_fd, folder)
+        return manifest, read_files(dir_fd, manifest.files, folder=folder, verify=verify)
+
+
+def audit_checkpoint_files(folder: Path) -> Manifest:
+    """Parse the manifest and check every file's size and every digest it records, in bounded
+    memory (see :func:`safeckpt.fileio.audit_files`); returns the manifest."""
+    with _folder(folder) as dir_fd:
+        manifest = _manifest(dir_fd, folder)
+        audit_files(dir_fd, manifest.files, folder=folder)
+        return manifest
+
+
+@contextlib.contextmanager
+def _folder(folder: Path) -> Iterator[int]:
     try:
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -93,22 +114,25 @@ def read_checkpoint_files(
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{folder}: is not a checkpoint folder") from None
     try:
-        raw = read_bounded(
-            dir_fd,
-            MANIFEST_NAME,
-            limit=limits.MAX_MANIFEST_BYTES,
-            source=str(folder / MANIFEST_NAME),
-            missing="missing; the checkpoint was never committed, load an earlier one",
-        )
-        manifest = Manifest.from_json_bytes(bytes(raw), source=str(folder / MANIFEST_NAME))
-        if manifest.file("model.safetensors") is None:
-            raise CheckpointCorruptedError(
-                f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
-            )
-        buffers = read_files(dir_fd, manifest.files, folder=folder, verify=verify, every_digest=every_digest)
+        yield dir_fd
     finally:
         os.close(dir_fd)
-    return manifest, buffers
+
+
+def _manifest(dir_fd: int, folder: Path) -> Manifest:
+    raw = read_bounded(
+        dir_fd,
+        MANIFEST_NAME,
+        limit=limits.MAX_MANIFEST_BYTES,
+        source=str(folder / MANIFEST_NAME),
+        missing="missing; the checkpoint was never committed, load an earlier one",
+    )
+    manifest = Manifest.from_json_bytes(bytes(raw), source=str(folder / MANIFEST_NAME))
+    if manifest.file("model.safetensors") is None:
+        raise CheckpointCorruptedError(
+            f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
+        )
+    return manifest
 
 
 def model_aliases(metadata: dict[str, str], stored: Collection[str], *, source: str) -> dict[str, str]:

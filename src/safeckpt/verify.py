@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .manifest import Manifest
-from .reading import locate_checkpoint, read_checkpoint_files
+from .reading import audit_checkpoint_files, locate_checkpoint
 
 __all__ = ["verify_checkpoint"]
 
@@ -14,7 +14,8 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
     """Check every file's size and SHA-256 against the manifest; returns the manifest.
 
     Checks every digest the manifest records: the whole-file SHA-256 and, for large files,
-    each chunk's (loading trusts either, so an audit checks both).
+    each chunk's (loading trusts either, so an audit checks both). Files are streamed, so the
+    memory used stays small whatever the size of the checkpoint.
 
     Raises :class:`~safeckpt.errors.CheckpointNotFoundError` or
     :class:`~safeckpt.errors.CheckpointCorruptedError` naming the first bad file.
@@ -23,5 +24,4 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
         >>> safeckpt.verify_checkpoint("checkpoints/step-00000100").step  # doctest: +SKIP
         100
     """
-    manifest, _ = read_checkpoint_files(locate_checkpoint(path), verify=True, every_digest=True)
-    return manifest
+    return audit_checkpoint_files(locate_checkpoint(path))
