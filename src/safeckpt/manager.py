@@ -129,6 +129,10 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The newest checkpoint that verifies completely, or None when there is none at all.
 
+        "Completely" is :func:`~safeckpt.verify_checkpoint`'s audit: every digest the manifest
+        records. :meth:`restore` checks what loading checks (per-chunk digests where a file has
+        them), so a checkpoint whose whole-file digest alone is wrong restores but is not latest.
+
         Newer checkpoints that are incomplete or damaged are skipped with a
         :class:`~safeckpt.errors.CheckpointFallbackWarning` and a log line. Raises
         :class:`~safeckpt.errors.CheckpointCorruptedError` when checkpoints exist but none verifies.
