@@ -26,6 +26,13 @@ def replace_file(folder: Path, name: str, data: bytes, *, fix_hash: bool = True)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+def flip_bits(path: Path, offset: int, mask: int = 0x01) -> None:
+    """XOR the byte at ``offset`` (negative: from the end) of the file with ``mask``, in place."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def edit_manifest(folder: Path, **changes: object) -> None:
     manifest = json.loads((folder / "manifest.json").read_bytes())
     manifest.update(changes)

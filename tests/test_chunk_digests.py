@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import safeckpt
+from ckpt_tools import flip_bits
 from conftest import TinyLM, train_steps
 from safeckpt import fileio, reading
 from safeckpt.cli import main
@@ -54,12 +55,6 @@ def _edit_entry(path: Path, name: str, edit: Callable[[dict], None]) -> None:  #
     doc = _manifest(path)
     edit(doc["files"][name])
     (path / "manifest.json").write_text(json.dumps(doc, indent=1))
-
-
-def _flip(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def test_large_files_carry_the_digest_of_each_chunk(chunked: Path) -> None:
@@ -112,10 +107,10 @@ def test_damage_is_pinned_to_its_chunk(chunked: Path, name: str) -> None:
     count = len(entry["chunks"]["sha256"])
     for index in range(count):  # the last byte of each chunk belongs to that chunk
         offset = min((index + 1) * CHUNK, entry["size"]) - 1
-        _flip(chunked / name, offset)
+        flip_bits(chunked / name, offset)
         with pytest.raises(safeckpt.CheckpointCorruptedError, match=rf"{name}: SHA-256 of bytes .*\(chunk {index + 1} of {count}\)"):
             safeckpt.load_checkpoint(chunked, restore_rng=False)
-        _flip(chunked / name, offset)
+        flip_bits(chunked / name, offset)
     safeckpt.verify_checkpoint(chunked)
 
 

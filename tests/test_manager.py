@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import safeckpt
+from ckpt_tools import flip_bits
 from conftest import TinyLM, train_steps
 from safeckpt import manager as manager_module
 from safeckpt import saver as saver_module
@@ -45,12 +46,6 @@ def _save_steps(mgr: safeckpt.CheckpointManager, steps: list[int]) -> dict[int, 
         mgr.save(step, model=model, optimizer=opt)
         models[step] = model
     return models
-
-
-def _flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("exists", [False, True])
@@ -168,7 +163,7 @@ def test_unsupported_value_writes_and_deletes_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
-        (lambda p: _flip_last_byte(p / "model.safetensors"), "SHA-256"),
+        (lambda p: flip_bits(p / "model.safetensors", -1, 0xFF), "SHA-256"),
         (lambda p: (p / "optimizer.msgpack").unlink(), "optimizer.msgpack"),
         (lambda p: (p / MANIFEST_NAME).write_text("{not json"), MANIFEST_NAME),
     ],
@@ -207,7 +202,7 @@ def test_all_damaged_raises_instead_of_starting_over(tmp_path: Path) -> None:
     mgr = safeckpt.CheckpointManager(tmp_path)
     _save_steps(mgr, [1, 2])
     for step in (1, 2):
-        _flip_last_byte(tmp_path / f"step-{step:08d}" / "model.safetensors")
+        flip_bits(tmp_path / f"step-{step:08d}" / "model.safetensors", -1, 0xFF)
     model, _ = _fresh()
     with pytest.raises(safeckpt.CheckpointCorruptedError, match=r"none of the 2 checkpoint\(s\) verifies"):
         mgr.restore(model=model)
@@ -241,7 +236,7 @@ def test_restore_a_given_step(tmp_path: Path) -> None:
     assert ckpt is not None and ckpt.step == 2 and _same_weights(model, models[2])
     with pytest.raises(safeckpt.CheckpointNotFoundError, match=r"no committed checkpoint for step 7 \(available: \[1, 2, 3\]\)"):
         mgr.restore(model=model, step=7)
-    _flip_last_byte(tmp_path / "step-00000002" / "model.safetensors")
+    flip_bits(tmp_path / "step-00000002" / "model.safetensors", -1, 0xFF)
     with pytest.raises(safeckpt.CheckpointCorruptedError):  # an explicit step never falls back
         mgr.restore(model=model, step=2)
 
@@ -275,7 +270,7 @@ def test_existing_step_raises_but_a_damaged_one_is_replaced(tmp_path: Path) -> N
     model, opt = _trained(seed=42)
     with pytest.raises(safeckpt.CheckpointExistsError, match="already exists and verifies"):
         mgr.save(5, model=model, optimizer=opt)
-    _flip_last_byte(tmp_path / "step-00000005" / "model.safetensors")
+    flip_bits(tmp_path / "step-00000005" / "model.safetensors", -1, 0xFF)
     mgr.save(5, model=model, optimizer=opt)
     fresh, _ = _fresh()
     assert mgr.restore(model=fresh) is not None and _same_weights(fresh, model)

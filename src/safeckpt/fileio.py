@@ -95,7 +95,8 @@ class _Hasher:
         self._room = threading.Semaphore(_AHEAD)
         self._thread: threading.Thread | None = None
 
-    def _consume(self, piece: memoryview) -> None:
+    def consume(self, piece: memoryview) -> None:
+        """Hash ``piece`` now, on the calling thread (the caller may reuse it afterwards)."""
         if not self._chunk:
             self._sha.update(piece)
             return
@@ -110,12 +111,12 @@ class _Hasher:
 
     def _run(self) -> None:
         while (piece := self._queue.get()) is not None:
-            self._consume(piece)
+            self.consume(piece)
             self._room.release()
 
     def update(self, piece: memoryview) -> None:
         if self._thread is None and len(piece) <= _INLINE:
-            self._consume(piece)
+            self.consume(piece)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="safeckpt-hash", daemon=True)
@@ -489,7 +490,7 @@ class _OpenFile:
                 sha.update(part)
         except (OSError, MemoryError) as exc:
             raise _unreadable(self.source, exc) from exc
-        _check_digests(self.source, self.entry, [(index, start, end, expected, sha.hexdigest())])
+        _check_chunk_digest(self.source, self.entry, index, (start, end, expected), sha.hexdigest())
 
     def check_unchanged(self) -> None:
         """Refuse a file that grew while it was read (another process is writing it)."""
@@ -557,16 +558,15 @@ def _check_digest(source: str, entry: FileEntry, digest: str) -> None:
         )
 
 
-def _check_digests(source: str, entry: FileEntry, chunks: Iterable[tuple[int, int, int, str, str]]) -> None:
-    """Raise for the first ``(index, start, end, expected, found)`` chunk digest that differs."""
-    count = len(entry.chunks.sha256) if entry.chunks is not None else 1
-    for index, start, end, expected, found in chunks:
-        if found != expected:
-            raise CheckpointCorruptedError(
-                f"{source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) is "
-                f"{found}, manifest.json says {expected}; the file is corrupted, load an earlier "
-                "checkpoint"
-            )
+def _check_chunk_digest(source: str, entry: FileEntry, index: int, span: tuple[int, int, str], found: str) -> None:
+    start, end, expected = span
+    if found != expected:
+        count = len(entry.chunks.sha256) if entry.chunks is not None else 1
+        raise CheckpointCorruptedError(
+            f"{source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) is "
+            f"{found}, manifest.json says {expected}; the file is corrupted, load an earlier "
+            "checkpoint"
+        )
 
 
 def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> None:
@@ -584,7 +584,7 @@ def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> N
 def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
     file = _OpenFile(dir_fd, entry, folder)
     whole = hashlib.sha256()
-    chunks = _Hasher(entry.chunks.size) if entry.chunks is not None else None  # hashed inline
+    chunks = _Hasher(entry.chunks.size) if entry.chunks is not None else None  # only consume()d
     buffer = memoryview(bytearray(min(_PIECE, entry.size)))
     try:
         for start in range(0, entry.size, _PIECE):
@@ -592,7 +592,7 @@ def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
             _read_into(file.fd, piece, start, source=file.source, size=entry.size)
             whole.update(piece)
             if chunks is not None:
-                chunks._consume(piece)
+                chunks.consume(piece)
         file.check_unchanged()
     except OSError as exc:
         raise _unreadable(file.source, exc) from exc
@@ -601,5 +601,5 @@ def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
     _check_digest(file.source, entry, whole.hexdigest())
     if chunks is not None and entry.chunks is not None:
         spans = entry.chunks.spans(entry.size)
-        found = chunks.digests()
-        _check_digests(file.source, entry, ((i, *span, found[i]) for i, span in enumerate(spans)))
+        for index, (span, found) in enumerate(zip(spans, chunks.digests(), strict=True)):
+            _check_chunk_digest(file.source, entry, index, span, found)

@@ -3,8 +3,9 @@
 One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (see :mod:`safeckpt.commit`).
 
 * ``save`` writes a checkpoint through :func:`~safeckpt.save_checkpoint` (optionally in the
-  background, at most one in flight) and only after it is committed applies retention: the ``keep_last`` newest steps are kept, plus every
-  step divisible by ``keep_every``, plus the one just written.
+  background, at most one in flight) and only after it is committed applies retention: the
+  ``keep_last`` newest steps are kept, plus every step divisible by ``keep_every``, plus the
+  one just written.
 * ``latest`` / ``restore`` pick the newest checkpoint that verifies. When a newer one is
   incomplete or damaged they fall back to the previous one and say so, with a
   :class:`~safeckpt.errors.CheckpointFallbackWarning` and a log line, naming both checkpoints

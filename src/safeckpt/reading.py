@@ -23,6 +23,15 @@ from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .fileio import audit_files, read_bounded, read_files
 from .manifest import MANIFEST_NAME, Manifest
 
+__all__ = [
+    "MODEL_ALIASES_KEY",
+    "CheckpointContents",
+    "audit_checkpoint_files",
+    "locate_checkpoint",
+    "model_aliases",
+    "read_checkpoint_files",
+]
+
 TensorT = TypeVar("TensorT")
 
 
@@ -51,13 +60,7 @@ class CheckpointContents(Generic[TensorT]):
             f"tensors={len(self.model_state)}, optimizer={self.optimizer_state is not None})"
         )
 
-__all__ = [
-    "MODEL_ALIASES_KEY",
-    "audit_checkpoint_files",
-    "locate_checkpoint",
-    "model_aliases",
-    "read_checkpoint_files",
-]
+
 
 MODEL_ALIASES_KEY = "safeckpt.aliases"
 """``model.safetensors`` metadata key: JSON ``{alias: stored name}`` of tied tensors stored once."""

@@ -63,7 +63,7 @@ class CheckpointPlan:
         if name in self.documents:
             return len(self.documents[name])
         archive = self.archives[name.removesuffix(".safetensors")][0]
-        return sum(t.numel() * t.element_size() for t in archive.tensors.values())
+        return sum(t.nbytes for t in archive.tensors.values())
 
     def files(self) -> Iterator[tuple[str, Iterable[Buffer], int]]:
         """Each file's name, its content as a lazy sequence of buffers and :meth:`file_size`,

@@ -115,10 +115,6 @@ class TensorArchive:
         self.tensors = copies
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 _STAGE = 16 * 1024 * 1024
 """Largest piece of a GPU or non-contiguous tensor staged in CPU memory at a time when saving."""
 
@@ -143,7 +139,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
     if t.device.type == "cpu" and t.is_contiguous():
         yield _as_bytes(t)
         return
-    if t.dim() == 0 or t.numel() * t.element_size() <= _STAGE:
+    if t.dim() == 0 or t.nbytes <= _STAGE:
         yield _as_bytes(t.to("cpu").contiguous())
         return
     rows = max(1, _STAGE // (t[0].numel() * t.element_size() or 1))
@@ -159,7 +155,7 @@ def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     """
     # Sizes that are multiples of 64 first: after the 64-byte aligned header they all start on
     # 64-byte boundaries, where a loader can use them in place (see _aligned_bytes).
-    order = sorted(tensors, key=lambda n: (_nbytes(tensors[n]) % _ALIGN != 0, -tensors[n].element_size(), n))
+    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, -tensors[n].element_size(), n))
     header, _ = build_header(
         [(n, DTYPE_NAMES[tensors[n].dtype], tuple(tensors[n].shape)) for n in order], metadata
     )
