@@ -1,11 +1,12 @@
 """The safetensors container, without torch: dtype table, header building and strict parsing.
 
 Layout (the public safetensors format): an 8-byte little-endian header length ``N``, ``N`` bytes
-of JSON header (padded with spaces to a multiple of 8), then the tensor bytes. The header maps
-each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the data
-section, plus an optional ``"__metadata__"`` map of strings. safeckpt writes tensors in a fixed
-order (largest element size first, then by name) so every tensor is aligned to its element size
-and the same state always gives the same bytes.
+of JSON header, then the tensor bytes. The header maps each tensor name to ``{"dtype", "shape",
+"data_offsets": [begin, end]}`` relative to the data section, plus an optional ``"__metadata__"``
+map of strings. safeckpt pads the header with spaces so the data section starts at a multiple of
+64 bytes (the alignment of torch's CPU allocations), and writes tensors whose size is a multiple
+of 64 first, then the rest by element size (largest first) and name: every tensor is aligned to
+its element size, most to 64 bytes, and the same state always gives the same bytes.
 """
 
 from __future__ import annotations

@@ -125,8 +125,13 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
         # torch calls a one-element tensor contiguous whatever its stride (e.g. x[::2] of a
         # 2-element x), but view(uint8) demands stride 1: same element, stride 1.
         flat = flat.as_strided((1,), (1,))
-    # numpy's array keeps the tensor alive for as long as the memoryview is in use
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    if flat.device.type != "cpu":  # pragma: no cover - callers stage other devices first
+        raise ValueError("_as_bytes needs a CPU tensor")
+    # A ctypes array over the tensor's memory (no numpy: the core install has none). The array
+    # holds the tensor, and the memoryview holds the array, so the memory outlives every use.
+    raw = (ctypes.c_ubyte * flat.nbytes).from_address(flat.data_ptr())
+    raw._owner = flat  # type: ignore[attr-defined]
+    return memoryview(raw).cast("B")
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
