@@ -20,6 +20,7 @@ from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointFallbackWarning as CheckpointFallbackWarning
 from .errors import CheckpointMismatchError as CheckpointMismatchError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
+from .errors import CheckpointUsageError as CheckpointUsageError
 from .errors import CheckpointWriteError as CheckpointWriteError
 from .errors import MissingRNGStateWarning as MissingRNGStateWarning
 from .errors import UnsupportedFormatError as UnsupportedFormatError
@@ -76,6 +77,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointUsageError",
     "CheckpointWriteError",
     "Divergence",
     "MissingRNGStateWarning",

@@ -9,7 +9,9 @@ Saving step ``S`` into root folder ``R``:
    folder and lock it. Release ``R``'s lock.
 2. Write every file into the temporary folder and fsync each one.
 3. Write ``MANIFEST_NAME`` last and fsync it, then fsync the temporary folder.
-4. Take ``R``'s lock again and rename the temporary folder to ``R/step-S``, never replacing an
+4. Take ``R``'s lock again and rename the temporary folder to ``R/step-S`` (or, for
+   ``save_checkpoint(path=F)``, to ``F`` itself: then ``R`` is ``F``'s parent, the temporary
+   folder ``R/.tmp-<F's name>.<id>`` is ``F``'s sibling and the lock is ``R/LOCK_NAME``), never replacing an
    existing checkpoint (``renameat2(RENAME_NOREPLACE)``; ``CheckpointExistsError`` if ``step-S``
    exists). With ``overwrite=True`` an existing ``step-S`` is swapped out in one atomic
    ``renameat2(RENAME_EXCHANGE)``; where the kernel or file system lacks it, the old folder is
@@ -42,7 +44,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import CheckpointExistsError, CheckpointWriteError
+from .errors import CheckpointExistsError, CheckpointWriteError, checkpoint_exists
 from .fileio import fsync_dir
 from .manifest import MANIFEST_NAME
 
@@ -171,7 +173,10 @@ def _clean_leftovers(root: Path) -> None:
                 _remove_if_unlocked(entry.path)
             elif entry.name.startswith(TRASH_PREFIX):
                 original = entry.name[len(TRASH_PREFIX) :].rsplit(".", 1)[0]
-                if parse_step(original) is not None and not os.path.lexists(root / original):
+                moved_aside = not entry.name.startswith(TRASH_PREFIX + _DELETED) and (
+                    parse_step(original) is not None or os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))
+                )
+                if moved_aside and not os.path.lexists(root / original):
                     os.rename(entry.path, root / original)
                     _fsync_path(root)
                 else:
@@ -201,11 +206,13 @@ class PendingCheckpoint:
     Use as a context manager: leaving the block without committing removes the folder.
     """
 
-    def __init__(self, root: str | os.PathLike[str], step: int) -> None:
+    def __init__(self, root: str | os.PathLike[str], step: int, *, name: str | None = None) -> None:
+        """Prepare ``root/step-NNNNNNNN``, or ``root/name`` when ``name`` is given (a folder the
+        caller chose: ``save_checkpoint(path=...)``); the temporary folder is a sibling."""
         self.root = Path(root)
         self.step = step
-        self.final = self.root / step_dirname(step)
-        self.path = self.root / f"{TMP_PREFIX}{step_dirname(step)}.{uuid.uuid4().hex}"
+        self.final = self.root / (name or step_dirname(step))
+        self.path = self.root / f"{TMP_PREFIX}{self.final.name}.{uuid.uuid4().hex}"
         self.dir_fd = -1
         self.committed = False
 
@@ -300,10 +307,7 @@ class PendingCheckpoint:
         return trash
 
     def _exists_error(self) -> CheckpointExistsError:
-        return CheckpointExistsError(
-            f"{self.final}: a checkpoint for step {self.step} already exists; "
-            "pass overwrite=True to replace it or save under another step"
-        )
+        return checkpoint_exists(self.final, self.step)
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:

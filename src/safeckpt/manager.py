@@ -27,9 +27,9 @@ import torch
 from .commit import list_checkpoints, parse_step, remove_checkpoint, step_dirname
 from .errors import (
     CheckpointCorruptedError,
-    CheckpointExistsError,
     CheckpointFallbackWarning,
     CheckpointNotFoundError,
+    checkpoint_exists,
 )
 from .loader import Checkpoint, load_checkpoint
 from .manifest import MANIFEST_NAME
@@ -228,9 +228,8 @@ class CheckpointManager:
         except _UNREADABLE as exc:
             logger.warning("replacing damaged checkpoint %s: %s", path, exc)
             return True
-        raise CheckpointExistsError(
-            f"{path}: a checkpoint for step {step} already exists and verifies; pass "
-            "overwrite=True to replace it, or restore() before training so the loop starts after it"
+        raise checkpoint_exists(
+            path, step, why=" and verifies", fix="restore() before training so the loop starts after it"
         )
 
     def _apply_retention(self, just_saved: int) -> None:
