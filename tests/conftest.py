@@ -91,9 +91,10 @@ def spy_everywhere(monkeypatch: pytest.MonkeyPatch, function: Callable[..., obje
 def parser_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict]]]:
     import msgpack
 
-    import safeckpt.loader  # every module that imports a parser must be loaded before spying
-    import safeckpt.tensors
-    from safeckpt import archive, documents, tree
+    import safeckpt.torch.loader  # every module that imports a parser must be loaded before spying
+    import safeckpt.torch.tensors
+    from safeckpt.format import documents, tree
+    from safeckpt.format import safetensors as archive
 
     calls: list[tuple[str, dict]] = []
     for function in (
@@ -101,7 +102,7 @@ def parser_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, di
         documents.load_json,
         documents.load_msgpack,
         tree.decode_document,
-        safeckpt.tensors.tensors_from_buffer,
+        safeckpt.torch.tensors.tensors_from_buffer,
     ):
         spy_everywhere(monkeypatch, function, calls)
     real_unpackb = msgpack.unpackb

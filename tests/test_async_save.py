@@ -15,8 +15,8 @@ import torch
 import safeckpt
 from ckpt_tools import run_python
 from conftest import TinyLM, train_steps
-from safeckpt import background, saver
-from safeckpt.commit import list_checkpoints
+from safeckpt.storage.posix_commit import list_checkpoints
+from safeckpt.torch import background, saver
 
 
 @pytest.fixture(autouse=True)
@@ -226,7 +226,7 @@ def test_death_mid_async_save_loses_nothing_committed(tmp_path: Path) -> None:
     done = run_python(
         """
         import os, signal, torch, safeckpt
-        from safeckpt import saver
+        from safeckpt.torch import saver
         from conftest import TinyLM
         torch.manual_seed(0)
         model = TinyLM()

@@ -15,8 +15,9 @@ import torch
 import safeckpt
 from ckpt_tools import flip_bits
 from conftest import TinyLM, train_steps
-from safeckpt import fileio, reading
 from safeckpt.cli import main
+from safeckpt.pipeline import read as reading
+from safeckpt.storage import posix as fileio
 
 CHUNK = 64 * 1024
 

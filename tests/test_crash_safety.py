@@ -19,7 +19,7 @@ import crash_child
 import safeckpt
 from ckpt_tools import leftovers
 from crash_child import Faults, expected_small, loaded_fingerprint, save_small, start_forkserver
-from safeckpt import commit
+from safeckpt.storage import posix_commit as commit
 
 STRESS = os.environ.get("SAFECKPT_STRESS") == "1"
 OLD, NEW, NEXT = 1, 2, 3

@@ -163,7 +163,7 @@ def test_resuming_training_without_rng_state_warns_loudly(tmp_path: Path, model:
 
 @pytest.mark.parametrize("state", [{"torch": torch.get_rng_state()}, ["python", "torch"], None])
 def test_malformed_rng_state_is_corruption_not_a_mismatch(state: object) -> None:
-    from safeckpt.rng import restore_rng
+    from safeckpt.torch.rng import restore_rng
 
     with pytest.raises(safeckpt.CheckpointCorruptedError, match="RNG state is malformed") as info:
         restore_rng(state, source="ckpt")

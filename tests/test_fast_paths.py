@@ -16,8 +16,10 @@ import torch
 import safeckpt
 from ckpt_tools import assert_same_state, run_python
 from conftest import TinyLM, train_steps
-from safeckpt import archive, fileio, tensors
-from safeckpt.reading import read_checkpoint_files
+from safeckpt.format import safetensors as archive
+from safeckpt.pipeline.read import read_checkpoint_files
+from safeckpt.storage import posix as fileio
+from safeckpt.torch import tensors
 
 
 def _opt_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -15,8 +15,8 @@ import safeckpt
 from ckpt_tools import flip_bits, same_state
 from conftest import TinyLM, train_steps
 from safeckpt import manager as manager_module
-from safeckpt import saver as saver_module
-from safeckpt.manifest import MANIFEST_NAME
+from safeckpt.format.manifest import MANIFEST_NAME
+from safeckpt.torch import saver as saver_module
 
 
 def _trained(seed: int = 0) -> tuple[TinyLM, torch.optim.Optimizer]:
@@ -208,7 +208,7 @@ def test_all_damaged_raises_instead_of_starting_over(tmp_path: Path) -> None:
 def test_restore_reads_the_newest_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mgr = safeckpt.CheckpointManager(tmp_path)
     _save_steps(mgr, [1, 2])
-    import safeckpt.loader as loader_module
+    import safeckpt.torch.loader as loader_module
 
     calls = []
     real = loader_module.read_checkpoint_files

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import safeckpt
-from safeckpt import limits
+from safeckpt.format import limits
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "spec" / "manifest.schema.json").read_text())
@@ -50,7 +50,7 @@ def test_invalid_manifests_fail_the_schema(case: str) -> None:
 
 
 def test_fresh_chunked_manifest_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from safeckpt import fileio
+    from safeckpt.storage import posix as fileio
 
     monkeypatch.setattr(fileio, "MIN_CORES_FOR_CHUNKS", 1)
     monkeypatch.setattr(fileio, "MIN_CHUNK", limits.MIN_CHUNK_BYTES)

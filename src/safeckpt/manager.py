@@ -24,17 +24,17 @@ from types import TracebackType
 
 import torch
 
-from .commit import list_checkpoints, parse_step, remove_checkpoint, step_dirname
 from .errors import (
     CheckpointCorruptedError,
     CheckpointFallbackWarning,
     CheckpointNotFoundError,
     checkpoint_exists,
 )
-from .loader import Checkpoint, load_checkpoint
-from .manifest import MANIFEST_NAME
-from .saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
-from .verify import verify_checkpoint
+from .format.manifest import MANIFEST_NAME
+from .pipeline.verify import verify_checkpoint
+from .storage.posix_commit import list_checkpoints, parse_step, remove_checkpoint, step_dirname
+from .torch.loader import Checkpoint, load_checkpoint
+from .torch.saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
 
 __all__ = ["CheckpointManager"]
 

@@ -28,12 +28,12 @@ except ImportError as exc:  # pragma: no cover - the numpy extra installs it
         "install it with: pip install 'safeckpt[numpy]'"
     ) from exc
 
-from .archive import DTYPE_SIZES, parse_header
-from .documents import load_json, load_msgpack
 from .errors import CheckpointCorruptedError
-from .manifest import MANIFEST_NAME
-from .reading import CheckpointContents, locate_checkpoint, model_aliases, read_checkpoint_files
-from .tree import decode_document
+from .format.documents import load_json, load_msgpack
+from .format.manifest import MANIFEST_NAME
+from .format.safetensors import DTYPE_SIZES, parse_header
+from .format.tree import decode_document
+from .pipeline.read import CheckpointContents, locate_checkpoint, model_aliases, read_checkpoint_files
 
 __all__ = ["NUMPY_DTYPES", "Checkpoint", "arrays_from_buffer", "load_checkpoint"]
 

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .loader import load_checkpoint
-from .rng import capture_rng, restore_rng
-from .saver import save_checkpoint
 from .statediff import difference
+from .torch.loader import load_checkpoint
+from .torch.rng import capture_rng, restore_rng
+from .torch.saver import save_checkpoint
 
 __all__ = ["Divergence", "ResumeReport", "TrainState", "check_resume"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..loader import load_checkpoint
 from ..statediff import max_difference
+from ..torch.loader import load_checkpoint
 
 __all__ = ["compare_final", "format_table", "plot_curves", "read_losses", "summarize", "write_csv"]
 

@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from . import limits
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError
-from .manifest import Chunks, FileEntry
+from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..format import limits
+from ..format.manifest import Chunks, FileEntry
 
 __all__ = [
     "audit_files",

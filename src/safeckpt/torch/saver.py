@@ -19,17 +19,17 @@ from typing import Literal, overload
 
 import torch
 
-from ._version import __version__
+from .._version import __version__
+from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
+from ..format.documents import dump_json, dump_msgpack
+from ..format.manifest import MANIFEST_NAME, Manifest, writer_version
+from ..format.tree import encode_document
+from ..storage.posix import write_file, write_files
+from ..storage.posix_commit import PendingCheckpoint, step_dirname, write_error
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
-from .commit import PendingCheckpoint, step_dirname, write_error
-from .documents import dump_json, dump_msgpack
-from .errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
-from .fileio import write_file, write_files
-from .manifest import MANIFEST_NAME, Manifest, writer_version
 from .rng import capture_rng
 from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
 from .tensors import TensorArchive, archive_parts
-from .tree import encode_document
 
 __all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint", "write_checkpoint_async"]
 

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TypeGuard, Union
 
+from ..errors import CheckpointCorruptedError, UnsupportedFormatError
 from . import limits
-from .errors import CheckpointCorruptedError, UnsupportedFormatError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Chunks", "FileEntry", "Manifest", "writer_version"]
 

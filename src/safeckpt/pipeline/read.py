@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
-from . import limits
-from .commit import list_checkpoints, parse_step
-from .documents import load_json
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError
-from .fileio import audit_files, read_bounded, read_files
-from .manifest import MANIFEST_NAME, Manifest
+from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..format import limits
+from ..format.documents import load_json
+from ..format.manifest import MANIFEST_NAME, Manifest
+from ..storage.posix import audit_files, read_bounded, read_files
+from ..storage.posix_commit import list_checkpoints, parse_step
 
 __all__ = [
     "MODEL_ALIASES_KEY",

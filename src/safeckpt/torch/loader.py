@@ -16,15 +16,20 @@ from pathlib import Path
 
 import torch
 
-from .documents import load_json, load_msgpack
-from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError, MissingRNGStateWarning
-from .fileio import Buffer
-from .manifest import MANIFEST_NAME
-from .reading import CheckpointContents, locate_checkpoint, read_checkpoint_files
+from ..errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointMismatchError,
+    MissingRNGStateWarning,
+)
+from ..format.documents import load_json, load_msgpack
+from ..format.manifest import MANIFEST_NAME
+from ..format.tree import decode_document
+from ..pipeline.read import CheckpointContents, locate_checkpoint, read_checkpoint_files
+from ..storage.posix import Buffer
 from .rng import restore_rng as restore_rng_state
 from .state import ALIASES_KEY, check_model, check_optimizer, restore_types
 from .tensors import tensors_from_buffer
-from .tree import decode_document
 
 __all__ = ["Checkpoint", "load_checkpoint", "locate_checkpoint", "read_checkpoint_files"]
 

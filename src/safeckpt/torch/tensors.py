@@ -15,10 +15,10 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from .archive import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
-from .errors import UnsupportedValueError
-from .fileio import Buffer, realign_room
-from .tree import key_path
+from ..errors import UnsupportedValueError
+from ..format.safetensors import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
+from ..format.tree import key_path
+from ..storage.posix import Buffer, realign_room
 
 __all__ = ["TensorArchive", "archive_parts", "tensors_from_buffer"]
 

@@ -44,9 +44,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import CheckpointExistsError, CheckpointWriteError, checkpoint_exists
-from .fileio import fsync_dir
-from .manifest import MANIFEST_NAME
+from ..errors import CheckpointExistsError, CheckpointWriteError, checkpoint_exists
+from ..format.manifest import MANIFEST_NAME
+from .posix import fsync_dir
 
 __all__ = [
     "LOCK_NAME",

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
+from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 
 __all__ = ["capture_rng", "restore_rng"]
 

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 
 import torch
 
-from . import limits
-from .errors import CheckpointMismatchError, UnsupportedValueError
+from ..errors import CheckpointMismatchError, UnsupportedValueError
+from ..format import limits
+from ..format.tree import key_path
 from .tensors import TensorArchive
-from .tree import key_path
 
 __all__ = [
     "check_model",

@@ -17,9 +17,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import CheckpointCorruptedError
 from . import limits
 from .documents import load_json
-from .errors import CheckpointCorruptedError
 
 __all__ = ["DTYPE_SIZES", "TensorInfo", "build_header", "parse_header"]
 
