@@ -11,18 +11,16 @@ With ``verify=False`` files are memory-mapped and only their sizes are checked. 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
-from ..format import limits
 from ..format.documents import load_json
 from ..format.manifest import MANIFEST_NAME, Manifest
-from ..storage.posix import audit_files, read_bounded, read_files
+from ..storage.local import LocalFolder
 from ..storage.posix_commit import list_checkpoints, parse_step
 
 __all__ = [
@@ -96,43 +94,21 @@ def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifes
     Returns only once all files verified: a single bad file fails the whole load before any
     of them is parsed.
     """
-    with _folder(folder) as dir_fd:
-        manifest = _manifest(dir_fd, folder)
-        return manifest, read_files(dir_fd, manifest.files, folder=folder, verify=verify)
+    with LocalFolder(folder) as opened:
+        manifest = _checked(opened.read_manifest(), folder)
+        return manifest, opened.read_files(manifest.files, verify=verify)
 
 
 def audit_checkpoint_files(folder: Path) -> Manifest:
     """Parse the manifest and check every file's size and every digest it records, in bounded
-    memory (see :func:`safeckpt.fileio.audit_files`); returns the manifest."""
-    with _folder(folder) as dir_fd:
-        manifest = _manifest(dir_fd, folder)
-        audit_files(dir_fd, manifest.files, folder=folder)
+    memory (see :func:`safeckpt.storage.posix.audit_files`); returns the manifest."""
+    with LocalFolder(folder) as opened:
+        manifest = _checked(opened.read_manifest(), folder)
+        opened.audit(manifest.files)
         return manifest
 
 
-@contextlib.contextmanager
-def _folder(folder: Path) -> Iterator[int]:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{folder}: checkpoint does not exist; check the path") from None
-    except NotADirectoryError:
-        raise CheckpointNotFoundError(f"{folder}: is not a checkpoint folder") from None
-    try:
-        yield dir_fd
-    finally:
-        os.close(dir_fd)
-
-
-def _manifest(dir_fd: int, folder: Path) -> Manifest:
-    raw = read_bounded(
-        dir_fd,
-        MANIFEST_NAME,
-        limit=limits.MAX_MANIFEST_BYTES,
-        source=str(folder / MANIFEST_NAME),
-        missing="missing; the checkpoint was never committed, load an earlier one",
-    )
-    manifest = Manifest.from_json_bytes(bytes(raw), source=str(folder / MANIFEST_NAME))
+def _checked(manifest: Manifest, folder: Path) -> Manifest:
     if manifest.file("model.safetensors") is None:
         raise CheckpointCorruptedError(
             f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"

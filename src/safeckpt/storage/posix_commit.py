@@ -41,12 +41,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import CheckpointExistsError, CheckpointWriteError, checkpoint_exists
-from ..format.manifest import MANIFEST_NAME
-from .posix import fsync_dir
+from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
+from .posix import Buffer, fsync_dir, write_file, write_files
 
 __all__ = [
     "LOCK_NAME",
@@ -57,6 +57,7 @@ __all__ = [
     "list_checkpoints",
     "parse_step",
     "remove_checkpoint",
+    "scan_steps",
     "step_dirname",
 ]
 
@@ -88,17 +89,22 @@ def parse_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Committed checkpoints under ``root`` (folders with a manifest), oldest step first."""
+def scan_steps(root: str | os.PathLike[str]) -> list[tuple[int, Path, bool]]:
+    """Every ``step-N`` folder under ``root`` (not symlinks), oldest step first, with whether it
+    is committed (holds a manifest); [] when ``root`` does not exist."""
     root = Path(root)
     found = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(root):
             step = parse_step(entry.name)
             if step is not None and entry.is_dir(follow_symlinks=False):
-                if os.path.isfile(os.path.join(entry.path, MANIFEST_NAME)):
-                    found.append((step, root / entry.name))
+                found.append((step, root / entry.name, os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))))
     return sorted(found)
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Committed checkpoints under ``root`` (folders with a manifest), oldest step first."""
+    return [(step, path) for step, path, committed in scan_steps(root) if committed]
 
 
 @functools.cache
@@ -246,13 +252,29 @@ class PendingCheckpoint:
             self.dir_fd = -1
         _remove_tree(self.path)
 
-    def commit(self, *, overwrite: bool = False) -> Path:
-        """Make the folder durable and rename it to its final name; returns that path.
+    def write_files(self, files: Sequence[tuple[str, Iterable[Buffer], int]]) -> list[FileEntry]:
+        """Write, hash and fsync every ``(name, parts, size_hint)`` in the temporary folder, the
+        largest first, on several threads; their manifest entries, in the given order. Raises
+        :class:`CheckpointWriteError` naming the failing file."""
+        try:
+            return write_files(self.dir_fd, files, folder=self.path)
+        except OSError as exc:
+            name = Path(str(exc.filename or "a file")).name
+            raise write_error(exc, self.path / name, f"write {name}") from exc
+
+    def commit(self, manifest: Manifest | None = None, *, overwrite: bool = False) -> Path:
+        """Write ``manifest`` last (if given; a caller may have written it), make the folder
+        durable and rename it to its final name; returns that path.
 
         Raises :class:`CheckpointExistsError` if the step exists and ``overwrite`` is False,
         :class:`CheckpointWriteError` for any other failure (the folder is then removed by
         ``__exit__`` unless it was already renamed into place).
         """
+        if manifest is not None:
+            try:
+                write_file(self.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))
+            except OSError as exc:
+                raise write_error(exc, self.path / MANIFEST_NAME, f"write {MANIFEST_NAME}") from exc
         replaced: Path | None = None
         action = "sync the checkpoint folder"
         try:

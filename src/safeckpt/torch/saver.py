@@ -8,10 +8,8 @@ planned files into a temporary folder, hashing as it writes, and commits it (see
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +17,13 @@ from typing import Literal, overload
 
 import torch
 
-from .._version import __version__
 from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
 from ..format.documents import dump_json, dump_msgpack
-from ..format.manifest import MANIFEST_NAME, Manifest, writer_version
+from ..format.manifest import MANIFEST_NAME
+from ..format.manifest import build as build_manifest
 from ..format.tree import encode_document
-from ..storage.posix import write_file, write_files
-from ..storage.posix_commit import PendingCheckpoint, step_dirname, write_error
+from ..storage.local import LocalStorage
+from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .rng import capture_rng
 from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
@@ -172,29 +170,12 @@ def write_checkpoint(
     final = checkpoint_target(directory, path, plan.step)
     if not overwrite and (final / MANIFEST_NAME).exists():
         raise checkpoint_exists(final, plan.step)
-    with PendingCheckpoint(final.parent, plan.step, name=final.name) as pending:
-        name = ""
-        try:
-            files = sorted(plan.files(), key=lambda f: -f[2])
-            entries = write_files(pending.dir_fd, files, folder=pending.path)
-            manifest = Manifest(
-                step=plan.step,
-                files=tuple(entries),
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                producer={
-                    "safeckpt": __version__,
-                    "torch": torch.__version__,
-                    "python": platform.python_version(),
-                },
-                metadata=plan.metadata,  # type: ignore[arg-type]
-                format_version=writer_version(tuple(entries)),
-            )
-            name = MANIFEST_NAME
-            write_file(pending.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))
-        except OSError as exc:
-            name = name or Path(str(exc.filename or "a file")).name
-            raise write_error(exc, pending.path / name, f"write {name}") from exc
-        return pending.commit(overwrite=overwrite)
+    with LocalStorage(final.parent).begin(plan.step, name=final.name) as pending:
+        entries = pending.write_files(sorted(plan.files(), key=lambda f: -f[2]))
+        manifest = build_manifest(
+            plan.step, entries, metadata=plan.metadata, producer={"torch": torch.__version__}  # type: ignore[arg-type]
+        )
+        return pending.commit(manifest, overwrite=overwrite)
 
 
 @overload
