@@ -126,9 +126,9 @@ def save_safeckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path
 
 def save_safeckpt_chunks(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path) -> dict[str, float]:
     """What safeckpt writes on a machine of 4 or more cores: per-chunk digests as well."""
-    from safeckpt.storage import posix as fileio
+    from safeckpt.storage.tuning import TUNING
 
-    fileio.MIN_CORES_FOR_CHUNKS = 1  # this child process only
+    TUNING.min_cores_for_chunks = 1  # this child process only
     return save_safeckpt(model, opt, path)
 
 

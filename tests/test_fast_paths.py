@@ -19,6 +19,7 @@ from conftest import TinyLM, train_steps
 from safeckpt.format import safetensors as archive
 from safeckpt.pipeline.read import read_checkpoint_files
 from safeckpt.storage import posix as fileio
+from safeckpt.storage.tuning import TUNING
 from safeckpt.torch import tensors
 
 
@@ -29,9 +30,9 @@ def _opt_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces of 64 bytes, so the tiny test files go through the pipelined code paths."""
-    monkeypatch.setattr(fileio, "_PIECE", 64)
-    monkeypatch.setattr(fileio, "_INLINE", 16)
-    monkeypatch.setattr(fileio, "_WRITEBACK", 128)
+    monkeypatch.setattr(TUNING, "piece", 64)
+    monkeypatch.setattr(TUNING, "inline", 16)
+    monkeypatch.setattr(TUNING, "writeback", 128)
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -235,7 +236,7 @@ def test_unverified_model_only_load_leaves_optimizer_state_lazy(saved: Path) -> 
 
 
 def test_a_read_holds_a_bounded_number_of_files_open(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fileio, "_OPEN_AT_ONCE", 2)
+    monkeypatch.setattr(TUNING, "open_at_once", 2)
     real_open, real_close = fileio.os.open, fileio.os.close
     held: set[int] = set()
     most = 0

@@ -13,6 +13,7 @@ import torch
 
 import safeckpt
 import safeckpt.numpy
+from safeckpt.storage.tuning import TUNING
 
 JS = Path(__file__).resolve().parent.parent / "spec" / "readers" / "js"
 NODE = shutil.which("node")
@@ -76,10 +77,9 @@ def test_js_reader_reads_every_dtype(tmp_path: Path) -> None:
 
 def test_js_reader_reads_a_chunked_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Format 1.1: the JS reader validates the chunk digests' layout and verifies whole files."""
-    from safeckpt.storage import posix as fileio
 
-    monkeypatch.setattr(fileio, "MIN_CORES_FOR_CHUNKS", 1)
-    monkeypatch.setattr(fileio, "MIN_CHUNK", 65536)
+    monkeypatch.setattr(TUNING, "min_cores_for_chunks", 1)
+    monkeypatch.setattr(TUNING, "min_chunk", 65536)
     state = {"w": torch.arange(50_000, dtype=torch.float32)}
     path = safeckpt.save_checkpoint(state, None, None, None, 4, directory=tmp_path, rng=False)
     manifest = json.loads((path / "manifest.json").read_bytes())

@@ -30,7 +30,6 @@ DTYPE_SIZES: dict[str, int] = {
 """Every dtype the format stores, with its element size in bytes (little-endian)."""
 
 METADATA_KEY = "__metadata__"
-_HEADER_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def build_header(
         spans.append((name, dtype, shape, offset, offset + nbytes))
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-(len(text) + 8) % _HEADER_ALIGN)
+    text += b" " * (-(len(text) + 8) % limits.ALIGN)
     start = 8 + len(text)
     infos = [TensorInfo(n, d, s, start + b, start + e) for n, d, s, b, e in spans]
     return struct.pack("<Q", len(text)) + text, infos

@@ -31,17 +31,17 @@ import functools
 import hashlib
 import mmap
 import os
-import queue
 import stat
 import struct
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
 from ..format import limits
 from ..format.manifest import Chunks, FileEntry
+from .hashing import Hasher, check_chunk_digest, check_digest, chunk_size
+from .parallel import in_parallel
+from .tuning import TUNING, cores
 
 __all__ = [
     "audit_files",
@@ -55,107 +55,8 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview
-T = TypeVar("T")
-
-_PIECE = 8 * 1024 * 1024
-"""Bytes hashed on a helper thread while the calling thread writes or reads the next piece."""
-_INLINE = 1024 * 1024
-"""Files whose pieces are all this small are hashed on the calling thread: a hand-off costs more."""
-_WRITEBACK = 32 * 1024 * 1024
-"""Start writing dirty pages to disk every this many bytes, so the final fsync waits less."""
-_ALIGN = 64
-MIN_CHUNK = 16 * 1024 * 1024
-"""Smallest chunk a writer digests separately (a power of two; see :func:`chunk_size`)."""
-MAX_CHUNKS = 1024
-MIN_CORES_FOR_CHUNKS = 4
-_OPEN_AT_ONCE = 64
-"""Files a read holds open at a time (a manifest may list thousands)."""
-_CACHED_PIECE = 1024 * 1024
-"""Bytes a chunk is read and hashed in, so the hash reads them while they are in the cache."""
-_AHEAD = 4
-"""Pieces handed to a hashing thread and not yet hashed, at most (bounds staged copies in use)."""
 
 
-class _Hasher:
-    """SHA-256 of a stream of pieces, computed on a thread of its own while the caller does I/O.
-
-    With ``chunk`` > 0 it digests each consecutive ``chunk`` bytes of the stream separately
-    instead (the manifest's per-chunk digests). Plain threads, not a ``concurrent.futures``
-    pool: a background save may still be writing while the interpreter exits, when such pools
-    refuse new work. A piece must stay unchanged until :meth:`digests`; the first pieces are
-    hashed inline until one is worth a hand-off.
-    """
-
-    def __init__(self, chunk: int = 0) -> None:
-        self._chunk = chunk
-        self._filled = 0
-        self._sha = hashlib.sha256()
-        self._done: list[str] = []
-        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._room = threading.Semaphore(_AHEAD)
-        self._thread: threading.Thread | None = None
-
-    def consume(self, piece: memoryview) -> None:
-        """Hash ``piece`` now, on the calling thread (the caller may reuse it afterwards)."""
-        if not self._chunk:
-            self._sha.update(piece)
-            return
-        while piece:
-            take = min(self._chunk - self._filled, len(piece))
-            self._sha.update(piece[:take])
-            self._filled += take
-            piece = piece[take:]
-            if self._filled == self._chunk:
-                self._done.append(self._sha.hexdigest())
-                self._sha, self._filled = hashlib.sha256(), 0
-
-    def _run(self) -> None:
-        while (piece := self._queue.get()) is not None:
-            self.consume(piece)
-            self._room.release()
-
-    def update(self, piece: memoryview) -> None:
-        if self._thread is None and len(piece) <= _INLINE:
-            self.consume(piece)
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="safeckpt-hash", daemon=True)
-            self._thread.start()
-        self._room.acquire()
-        self._queue.put(piece)
-
-    def close(self) -> None:
-        """Wait until every piece handed over is hashed."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def digests(self) -> list[str]:
-        """The whole stream's digest, or with ``chunk`` each chunk's (the last may be short)."""
-        self.close()
-        if not self._chunk:
-            return [self._sha.hexdigest()]
-        if self._filled:
-            self._done.append(self._sha.hexdigest())
-            self._filled = 0
-        return self._done
-
-
-def chunk_size(file_size: int) -> int:
-    """Bytes per chunk digest for a file of ``file_size`` bytes, or 0 for no chunk digests.
-
-    None for a file of fewer than two chunks, and none on a machine of fewer than
-    ``MIN_CORES_FOR_CHUNKS`` usable cores: there the second hashing thread competes with the
-    first for a core and makes the save slower by more than it makes the load faster. At most
-    ``MAX_CHUNKS`` per file keeps the manifest small.
-    """
-    if _cores() < MIN_CORES_FOR_CHUNKS:
-        return 0
-    size = max(MIN_CHUNK, limits.MIN_CHUNK_BYTES)  # readers refuse smaller chunks
-    while file_size > size * MAX_CHUNKS:
-        size *= 2
-    return size if file_size > size else 0
 
 
 def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -194,21 +95,21 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int =
     cleanup of the folder.
     """
     chunk = chunk_size(size_hint)
-    sha = _Hasher()
-    chunks = _Hasher(chunk) if chunk else None
+    sha = Hasher()
+    chunks = Hasher(chunk) if chunk else None
     size = flushed = 0
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         for part in parts:
             view = memoryview(part).cast("B")
-            for start in range(0, len(view), _PIECE):
-                piece = view[start : start + _PIECE]
-                sha.update(piece)
+            for start in range(0, len(view), TUNING.piece):
+                piece = view[start : start + TUNING.piece]
+                sha.hand_off(piece)
                 if chunks is not None:
-                    chunks.update(piece)
+                    chunks.hand_off(piece)
                 _write_all(fd, piece)
                 size += len(piece)
-                if size - flushed >= _WRITEBACK:
+                if size - flushed >= TUNING.writeback:
                     _start_writeback(fd, flushed, size - flushed)
                     flushed = size
         os.fsync(fd)
@@ -223,14 +124,6 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int =
     return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
 
 
-def _join_all(threads: Sequence[threading.Thread]) -> None:
-    """Join every thread, even through further interrupts (a second Ctrl-C)."""
-    for thread in threads:
-        while thread.is_alive():
-            with contextlib.suppress(BaseException):
-                thread.join()
-
-
 def write_files(
     dir_fd: int, files: Sequence[tuple[str, Iterable[Buffer], int]], *, folder: Path, workers: int | None = None
 ) -> list[FileEntry]:
@@ -242,56 +135,7 @@ def write_files(
     is raised as an ``OSError`` whose ``filename`` is the failing file's path under ``folder``.
     """
     jobs = [functools.partial(_write_named, dir_fd, *file, folder) for file in files]
-    return _in_parallel(jobs, workers or max(2, _cores()), name="safeckpt-write")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _in_parallel(jobs: Sequence[Callable[[], T]], workers: int, *, name: str) -> list[T]:
-    """Run ``jobs`` in order on up to ``workers`` threads; their results in order.
-
-    On failure the jobs not yet started are skipped and the first error is raised, only once
-    no job runs any more (callers close the file descriptors the jobs use).
-    """
-    workers = min(workers, len(jobs))
-    if workers <= 1:
-        return [job() for job in jobs]
-    results: list[T | None] = [None] * len(jobs)
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    todo = iter(range(len(jobs)))
-
-    def work() -> None:
-        while True:
-            with lock:
-                index = None if errors else next(todo, None)
-            if index is None:
-                return
-            try:
-                results[index] = jobs[index]()
-            except BaseException as exc:  # re-raised by the calling thread
-                with lock:
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=work, name=name, daemon=True) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            thread.join()
-    except BaseException as exc:  # e.g. KeyboardInterrupt: start no more jobs, and never
-        with lock:  # return while one still runs (its caller closes the descriptors it uses)
-            errors.append(exc)
-        _join_all(threads)
-        raise
-    if errors:
-        raise errors[0]
-    return results  # type: ignore[return-value]
+    return in_parallel(jobs, workers or max(2, cores()), name="safeckpt-write")
 
 
 def _write_named(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int, folder: Path) -> FileEntry:
@@ -393,27 +237,27 @@ def realign_room(buffer: memoryview) -> int:
 
 
 def _archive_room(prefix: bytes, size: int) -> int:
-    """Room to align every tensor of a safetensors archive of ``size`` bytes to ``_ALIGN`` bytes.
+    """Room to align every tensor of a safetensors archive of ``size`` bytes to ``limits.ALIGN`` bytes.
 
     Each tensor entry of a valid header takes well over 40 bytes of JSON, so the header length
     (``prefix``, the file's first 8 bytes, not trusted: the room is capped by the file size and
     the header limit, and only reserves address space until a verified archive is aligned)
-    bounds the number of tensors, and each needs at most ``_ALIGN`` bytes to move.
+    bounds the number of tensors, and each needs at most ``limits.ALIGN`` bytes to move.
     """
     if len(prefix) < 8:
         return 0
     (length,) = struct.unpack_from("<Q", prefix)
-    return _ALIGN * (min(length, size, limits.MAX_SAFETENSORS_HEADER_BYTES) // 40 + 2)
+    return limits.ALIGN * (min(length, size, limits.MAX_SAFETENSORS_HEADER_BYTES) // 40 + 2)
 
 
 def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
     """Fill ``view`` from the file, hashing each piece while the next one is read."""
-    sha = _Hasher()
+    sha = Hasher()
     try:
-        for start in range(0, len(view), _PIECE):
-            piece = view[start : start + _PIECE]
+        for start in range(0, len(view), TUNING.piece):
+            piece = view[start : start + TUNING.piece]
             _read_into(fd, piece, start, source=source, size=len(view))
-            sha.update(piece)
+            sha.hand_off(piece)
     finally:
         sha.close()
     return sha.digests()[0]
@@ -477,20 +321,20 @@ class _OpenFile:
             digest = _read_hashing(self.fd, self.view, source=self.source)
         except (OSError, MemoryError) as exc:
             raise _unreadable(self.source, exc) from exc
-        _check_digest(self.source, self.entry, digest)
+        check_digest(self.source, self.entry, digest)
 
     def check_chunk(self, index: int, start: int, end: int, expected: str) -> None:
         """Read chunk ``index``, bytes ``start`` to ``end``, and check their SHA-256."""
         piece = self.view[start:end]
         sha = hashlib.sha256()
         try:
-            for offset in range(0, len(piece), _CACHED_PIECE):
-                part = piece[offset : offset + _CACHED_PIECE]
+            for offset in range(0, len(piece), TUNING.cached_piece):
+                part = piece[offset : offset + TUNING.cached_piece]
                 _read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
                 sha.update(part)
         except (OSError, MemoryError) as exc:
             raise _unreadable(self.source, exc) from exc
-        _check_chunk_digest(self.source, self.entry, index, (start, end, expected), sha.hexdigest())
+        check_chunk_digest(self.source, self.entry, index, (start, end, expected), sha.hexdigest())
 
     def check_unchanged(self) -> None:
         """Refuse a file that grew while it was read (another process is writing it)."""
@@ -517,8 +361,8 @@ def read_files(
     """
     ordered = sorted(entries, key=lambda e: -e.size)  # the largest takes longest: start it first
     buffers: dict[str, memoryview] = {}
-    for start in range(0, len(ordered), _OPEN_AT_ONCE):  # bounded open descriptors
-        buffers.update(_read_batch(dir_fd, ordered[start : start + _OPEN_AT_ONCE], folder, verify))
+    for start in range(0, len(ordered), TUNING.open_at_once):  # bounded open descriptors
+        buffers.update(_read_batch(dir_fd, ordered[start : start + TUNING.open_at_once], folder, verify))
     return buffers
 
 
@@ -541,32 +385,13 @@ def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: boo
                     for index, span in enumerate(spans)
                 )
             jobs.sort(key=lambda job: -job[0])
-            _in_parallel([job for _, job in jobs], _cores(), name="safeckpt-read")
+            in_parallel([job for _, job in jobs], cores(), name="safeckpt-read")
             for file in files:
                 file.check_unchanged()
     finally:
         for file in files:
             os.close(file.fd)
     return {file.entry.name: file.view for file in files}
-
-
-def _check_digest(source: str, entry: FileEntry, digest: str) -> None:
-    if digest != entry.sha256:
-        raise CheckpointCorruptedError(
-            f"{source}: SHA-256 is {digest}, manifest.json says {entry.sha256}; the file is "
-            "corrupted, load an earlier checkpoint"
-        )
-
-
-def _check_chunk_digest(source: str, entry: FileEntry, index: int, span: tuple[int, int, str], found: str) -> None:
-    start, end, expected = span
-    if found != expected:
-        count = len(entry.chunks.sha256) if entry.chunks is not None else 1
-        raise CheckpointCorruptedError(
-            f"{source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) is "
-            f"{found}, manifest.json says {expected}; the file is corrupted, load an earlier "
-            "checkpoint"
-        )
 
 
 def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> None:
@@ -578,17 +403,17 @@ def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> N
     it verified.
     """
     jobs = [functools.partial(_audit, dir_fd, entry, folder) for entry in sorted(entries, key=lambda e: -e.size)]
-    _in_parallel(jobs, _cores(), name="safeckpt-verify")
+    in_parallel(jobs, cores(), name="safeckpt-verify")
 
 
 def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
     file = _OpenFile(dir_fd, entry, folder)
     whole = hashlib.sha256()
-    chunks = _Hasher(entry.chunks.size) if entry.chunks is not None else None  # only consume()d
-    buffer = memoryview(bytearray(min(_PIECE, entry.size)))
+    chunks = Hasher(entry.chunks.size) if entry.chunks is not None else None  # only consume()d
+    buffer = memoryview(bytearray(min(TUNING.piece, entry.size)))
     try:
-        for start in range(0, entry.size, _PIECE):
-            piece = buffer[: min(_PIECE, entry.size - start)]
+        for start in range(0, entry.size, TUNING.piece):
+            piece = buffer[: min(TUNING.piece, entry.size - start)]
             _read_into(file.fd, piece, start, source=file.source, size=entry.size)
             whole.update(piece)
             if chunks is not None:
@@ -598,8 +423,8 @@ def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
         raise _unreadable(file.source, exc) from exc
     finally:
         os.close(file.fd)
-    _check_digest(file.source, entry, whole.hexdigest())
+    check_digest(file.source, entry, whole.hexdigest())
     if chunks is not None and entry.chunks is not None:
         spans = entry.chunks.spans(entry.size)
         for index, (span, found) in enumerate(zip(spans, chunks.digests(), strict=True)):
-            _check_chunk_digest(file.source, entry, index, span, found)
+            check_chunk_digest(file.source, entry, index, span, found)

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..errors import UnsupportedValueError
+from ..format.limits import ALIGN
 from ..format.safetensors import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
 from ..format.tree import key_path
 from ..storage.posix import Buffer, realign_room
@@ -33,8 +34,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }  # fmt: skip
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
-_ALIGN = 64
-"""Alignment of torch's CPU allocations, which tensors handed to optimizers must match."""
 assert set(TORCH_DTYPES) == set(DTYPE_SIZES)
 
 
@@ -160,7 +159,7 @@ def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     """
     # Sizes that are multiples of 64 first: after the 64-byte aligned header they all start on
     # 64-byte boundaries, where a loader can use them in place (see _aligned_bytes).
-    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, -tensors[n].element_size(), n))
+    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % ALIGN != 0, -tensors[n].element_size(), n))
     header, _ = build_header(
         [(n, DTYPE_NAMES[tensors[n].dtype], tuple(tensors[n].shape)) for n in order], metadata
     )
@@ -176,7 +175,7 @@ def tensors_from_buffer(
 
     With ``aligned``, every CPU tensor starts on a 64-byte boundary, like torch's own
     allocations (some kernels, e.g. the dot products of LBFGS, round differently otherwise):
-    tensors are moved in place into the room :func:`safeckpt.fileio.read_files` leaves after
+    tensors are moved in place into the room :func:`safeckpt.storage.posix.read_files` leaves after
     an archive, and only those that do not fit there are copied. With ``copy``, CPU tensors are
     copies in torch's own (aligned) memory instead of views: for state that is restored into a
     live object and must not stay backed by a memory-mapped file.
@@ -213,7 +212,7 @@ def _view_bytes(buffer: Buffer, infos: list[TensorInfo], *, copy: bool = False) 
 
 
 def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Each non-empty tensor's bytes at a ``_ALIGN``-byte aligned address.
+    """Each non-empty tensor's bytes at a ``ALIGN``-byte aligned address.
 
     Tensors already aligned stay where they are as long as every tensor before them is aligned
     too (in files safeckpt writes, all but a few small ones at the end). The rest are moved
@@ -229,18 +228,18 @@ def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.T
     limit = len(view) + room
     out = {}
     ordered = sorted((i for i in infos if i.end > i.begin), key=lambda i: i.begin)
-    settled = next((n for n, i in enumerate(ordered) if (base + i.begin) % _ALIGN), len(ordered))
+    settled = next((n for n, i in enumerate(ordered) if (base + i.begin) % ALIGN), len(ordered))
     for info in ordered[:settled]:
         out[info.name] = _region(owner, info.begin, info.end - info.begin)
     for info in reversed(ordered[settled:]):
         size = info.end - info.begin
-        target = (base + limit - size) // _ALIGN * _ALIGN - base
+        target = (base + limit - size) // ALIGN * ALIGN - base
         if room and target >= info.begin:
             if target != info.begin:
                 ctypes.memmove(base + target, base + info.begin, size)
             out[info.name] = _region(owner, target, size)
             limit = target
-        elif (base + info.begin) % _ALIGN == 0:
+        elif (base + info.begin) % ALIGN == 0:
             out[info.name] = _region(owner, info.begin, size)
             limit = info.begin
         else:  # copy now, before a later move can overwrite these bytes
