@@ -19,6 +19,7 @@ from conftest import TinyLM, train_steps
 from safeckpt.format import safetensors as archive
 from safeckpt.pipeline.read import read_checkpoint_files
 from safeckpt.storage import posix as fileio
+from safeckpt.storage import posix_write
 from safeckpt.storage.tuning import TUNING
 from safeckpt.torch import tensors
 
@@ -188,10 +189,10 @@ def test_streamed_write_hashes_what_it_writes(tmp_path: Path, small_pieces: None
     parts = [b"head", bytes(range(200)), memoryview(bytes(1000)), b""]
     dir_fd = fileio.os.open(tmp_path, fileio.os.O_RDONLY)
     try:
-        entry = fileio.write_file(dir_fd, "f.bin", iter(parts))
-        (written,) = fileio.write_files(dir_fd, [("g.bin", iter(parts), 0)], folder=tmp_path)
+        entry = posix_write.write_file(dir_fd, "f.bin", iter(parts))
+        (written,) = posix_write.write_files(dir_fd, [("g.bin", iter(parts), 0)], folder=tmp_path)
         with pytest.raises(FileExistsError) as info:
-            fileio.write_files(dir_fd, [("h.bin", [b"x"], 1), ("f.bin", [b"y"], 1)], folder=tmp_path)
+            posix_write.write_files(dir_fd, [("h.bin", [b"x"], 1), ("f.bin", [b"y"], 1)], folder=tmp_path)
     finally:
         fileio.os.close(dir_fd)
     data = b"".join(bytes(p) for p in parts)

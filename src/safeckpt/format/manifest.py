@@ -46,7 +46,7 @@ class Chunks:
     sha256: tuple[str, ...]
     """Lower-case hex digests, one per chunk, in file order."""
 
-    def spans(self, file_size: int) -> list[tuple[int, int, str]]:
+    def digest_spans(self, file_size: int) -> list[tuple[int, int, str]]:
         """``(start, end, digest)`` of each chunk of a file of ``file_size`` bytes."""
         return [
             (start, min(start + self.size, file_size), digest)

@@ -1,7 +1,7 @@
 """Checkpoints on a local (POSIX) file system: the first implementation of :mod:`.base`.
 
 :class:`LocalStorage` is a root folder of checkpoints; saves go through
-:class:`~safeckpt.storage.posix_commit.PendingCheckpoint` (temporary folder, ``flock``,
+:class:`~safeckpt.storage.posix_commit.PosixPendingWrite` (temporary folder, ``flock``,
 ``renameat2``), reads through :class:`LocalFolder`, which holds the checkpoint folder open by
 descriptor so every file is opened relative to it (``O_NOFOLLOW``: a file swapped for a symlink
 is refused).
@@ -18,7 +18,7 @@ from ..errors import CheckpointNotFoundError
 from ..format import limits
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .posix import audit_files, read_bounded, read_files
-from .posix_commit import PendingCheckpoint, list_checkpoints, remove_checkpoint
+from .posix_commit import PosixPendingWrite, list_checkpoints, remove_checkpoint
 
 __all__ = ["LocalFolder", "LocalStorage"]
 
@@ -32,9 +32,9 @@ class LocalStorage:
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
-    def begin(self, step: int, *, name: str | None = None) -> PendingCheckpoint:
+    def begin(self, step: int, *, name: str | None = None) -> PosixPendingWrite:
         """A temporary folder for ``step`` that commits to ``root/step-N`` (or ``root/name``)."""
-        return PendingCheckpoint(self.root, step, name=name)
+        return PosixPendingWrite(self.root, step, name=name)
 
     def open(self, location: Path) -> LocalFolder:
         """The checkpoint folder ``location`` (a path, not relative to the root), for reading."""

@@ -1,14 +1,4 @@
-"""Hashed writes and verified reads of the files inside one checkpoint folder.
-
-Writes stream the caller's buffers (tensor memory, never a whole-file copy) to the file in
-pieces; each piece is hashed on a helper thread while it is being written, and writeback to the
-disk is started every few pieces (``sync_file_range`` on Linux), so the closing ``fsync`` has
-little left to wait for. :func:`write_files` writes several files at once, one per core, which
-is what makes a save as fast as the hashing of its largest file. A written file is never read
-back to hash it.
-
-With enough cores, a large file's writer also digests each fixed-size chunk on a second thread
-(the manifest's ``chunks``, format 1.1), so that reads can verify one file on every core.
+"""Verified reads of the files inside one checkpoint folder (writes: :mod:`.posix_write`).
 
 Reads open the file without following symlinks and insist on a regular file of exactly the
 manifest's size. With verification, the file is read once into fresh page-aligned memory and
@@ -17,7 +7,7 @@ verified. A file with chunk digests is read and hashed chunk by chunk on all cor
 without is read in pieces, each hashed on a helper thread while the next is read. A safetensors
 archive's buffer is allocated with spare room after the file (sized from the 8-byte header
 length alone, nothing is parsed) so its tensors can later be moved in place to aligned
-addresses, see :func:`safeckpt.tensors.tensors_from_buffer`. Without verification the file is
+addresses, see :func:`safeckpt.torch.tensors.tensors_from_buffer`. Without verification the file is
 memory-mapped privately (copy-on-write) and nothing is read until it is used: for storage you
 trust, which must also not truncate the file while it is mapped.
 """
@@ -25,7 +15,6 @@ trust, which must also not truncate the file while it is mapped.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import hashlib
@@ -33,12 +22,12 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
 from ..format import limits
-from ..format.manifest import Chunks, FileEntry
+from ..format.manifest import FileEntry
 from .hashing import Hasher, check_chunk_digest, check_digest, chunk_size
 from .parallel import in_parallel
 from .tuning import TUNING, cores
@@ -46,110 +35,13 @@ from .tuning import TUNING, cores
 __all__ = [
     "audit_files",
     "chunk_size",
-    "fsync_dir",
     "read_bounded",
     "read_files",
     "realign_room",
-    "write_file",
-    "write_files",
 ]
 
-Buffer = bytes | bytearray | memoryview
 
 
-
-
-def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # the C library already linked in: no lookup
-        function = libc.sync_file_range
-    except (OSError, AttributeError):  # not Linux / not glibc: fsync alone is still correct
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range to disk now, without waiting (a hint only)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
-
-
-def write_file(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int = 0) -> FileEntry:
-    """Create ``name`` in the folder ``dir_fd``, write ``parts`` in order, fsync it.
-
-    Returns the manifest entry: size and SHA-256 computed while writing, plus per-chunk digests
-    (on a second hashing thread) when ``size_hint``, about the total of ``parts``, is large
-    enough (:func:`chunk_size`). Raises ``OSError`` from the underlying calls; the caller owns
-    cleanup of the folder.
-    """
-    chunk = chunk_size(size_hint)
-    sha = Hasher()
-    chunks = Hasher(chunk) if chunk else None
-    size = flushed = 0
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-    try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            for start in range(0, len(view), TUNING.piece):
-                piece = view[start : start + TUNING.piece]
-                sha.hand_off(piece)
-                if chunks is not None:
-                    chunks.hand_off(piece)
-                _write_all(fd, piece)
-                size += len(piece)
-                if size - flushed >= TUNING.writeback:
-                    _start_writeback(fd, flushed, size - flushed)
-                    flushed = size
-        os.fsync(fd)
-    finally:
-        try:
-            sha.close()
-            if chunks is not None:
-                chunks.close()
-        finally:
-            os.close(fd)
-    digests = Chunks(chunk, tuple(chunks.digests())) if chunks is not None and size else None
-    return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
-
-
-def write_files(
-    dir_fd: int, files: Sequence[tuple[str, Iterable[Buffer], int]], *, folder: Path, workers: int | None = None
-) -> list[FileEntry]:
-    """:func:`write_file` for each ``(name, parts, size_hint)``, several at once; entries in the
-    given order.
-
-    Files are started in order, ``workers`` (default: one per core, at least two) at a time, so
-    put the largest first. On failure the files not yet started are skipped and the first error
-    is raised as an ``OSError`` whose ``filename`` is the failing file's path under ``folder``.
-    """
-    jobs = [functools.partial(_write_named, dir_fd, *file, folder) for file in files]
-    return in_parallel(jobs, workers or max(2, cores()), name="safeckpt-write")
-
-
-def _write_named(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int, folder: Path) -> FileEntry:
-    try:
-        return write_file(dir_fd, name, parts, size_hint)
-    except OSError as exc:
-        if exc.filename in (None, name):
-            exc.filename = str(folder / name)
-        raise
-
-
-def fsync_dir(dir_fd: int) -> None:
-    """Make the folder's entries (created and renamed names) durable."""
-    os.fsync(dir_fd)
 
 
 def _open_regular(dir_fd: int, name: str, *, source: str, missing: str) -> tuple[int, int]:
@@ -379,7 +271,7 @@ def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: boo
                 if file.entry.chunks is None:
                     jobs.append((file.entry.size, file.check_whole))
                     continue
-                spans = file.entry.chunks.spans(file.entry.size)
+                spans = file.entry.chunks.digest_spans(file.entry.size)
                 jobs.extend(
                     (span[1] - span[0], functools.partial(file.check_chunk, index, *span))
                     for index, span in enumerate(spans)
@@ -425,6 +317,6 @@ def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
         os.close(file.fd)
     check_digest(file.source, entry, whole.hexdigest())
     if chunks is not None and entry.chunks is not None:
-        spans = entry.chunks.spans(entry.size)
+        spans = entry.chunks.digest_spans(entry.size)
         for index, (span, found) in enumerate(zip(spans, chunks.digests(), strict=True)):
             check_chunk_digest(file.source, entry, index, span, found)

@@ -46,14 +46,14 @@ from pathlib import Path
 
 from ..errors import CheckpointExistsError, CheckpointWriteError, checkpoint_exists
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
-from .posix import Buffer, fsync_dir, write_file, write_files
+from .posix_write import Buffer, fsync_dir, write_file, write_files
 
 __all__ = [
     "LOCK_NAME",
     "STEP_PREFIX",
     "TMP_PREFIX",
     "TRASH_PREFIX",
-    "PendingCheckpoint",
+    "PosixPendingWrite",
     "list_checkpoints",
     "parse_step",
     "remove_checkpoint",
@@ -206,7 +206,7 @@ def _remove_if_unlocked(path: str) -> None:
     _remove_tree(path)
 
 
-class PendingCheckpoint:
+class PosixPendingWrite:
     """A temporary folder being filled by this process; :meth:`commit` publishes it.
 
     Use as a context manager: leaving the block without committing removes the folder.
@@ -223,9 +223,9 @@ class PendingCheckpoint:
         self.committed = False
 
     def __repr__(self) -> str:
-        return f"PendingCheckpoint(step={self.step}, path={str(self.path)!r}, committed={self.committed})"
+        return f"PosixPendingWrite(step={self.step}, path={str(self.path)!r}, committed={self.committed})"
 
-    def __enter__(self) -> PendingCheckpoint:
+    def __enter__(self) -> PosixPendingWrite:
         try:
             _make_root(self.root)
             with _root_lock(self.root):

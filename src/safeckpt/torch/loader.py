@@ -26,7 +26,7 @@ from ..format.documents import load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME
 from ..format.tree import decode_document
 from ..pipeline.read import CheckpointContents, locate_checkpoint, read_checkpoint_files
-from ..storage.posix import Buffer
+from ..storage.base import Buffer
 from .rng import restore_rng as restore_rng_state
 from .state import ALIASES_KEY, check_model, check_optimizer, restore_types
 from .tensors import tensors_from_buffer

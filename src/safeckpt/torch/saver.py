@@ -27,7 +27,7 @@ from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .rng import capture_rng
 from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
-from .tensors import TensorArchive, archive_parts
+from .tensors import TensorCollector, archive_parts
 
 __all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint", "write_checkpoint_async"]
 
@@ -43,7 +43,7 @@ class CheckpointPlan:
 
     step: int
     metadata: dict[str, object]
-    archives: dict[str, tuple[TensorArchive, dict[str, str] | None]] = field(default_factory=dict)
+    archives: dict[str, tuple[TensorCollector, dict[str, str] | None]] = field(default_factory=dict)
     documents: dict[str, bytes] = field(default_factory=dict)
 
     def snapshot(self) -> None:
@@ -116,7 +116,7 @@ def plan_checkpoint(
     for name in TREES:
         if trees[name] is None:
             continue
-        archive = TensorArchive(name)
+        archive = TensorCollector(name)
         document = encode_document(
             trees[name],
             name=name,

@@ -1,6 +1,6 @@
 """Torch tensors <-> safetensors archives: validation, sharing, zero-copy bytes.
 
-:class:`TensorArchive` collects the tensors of one state tree before anything is written,
+:class:`TensorCollector` collects the tensors of one state tree before anything is written,
 rejecting layouts the format cannot hold (sparse, quantized, meta, unsupported dtypes) with the
 key path of the offender, and storing a tensor referenced several times (tied weights, the
 same view twice) once. :func:`archive_parts` streams an archive straight from tensor memory;
@@ -19,9 +19,10 @@ from ..errors import UnsupportedValueError
 from ..format.limits import ALIGN
 from ..format.safetensors import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
 from ..format.tree import key_path
-from ..storage.posix import Buffer, realign_room
+from ..storage.base import Buffer
+from ..storage.posix import realign_room
 
-__all__ = ["TensorArchive", "archive_parts", "tensors_from_buffer"]
+__all__ = ["TensorCollector", "archive_parts", "tensors_from_buffer"]
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("safeckpt stores tensors little-endian and supports little-endian hosts only")
@@ -44,7 +45,7 @@ def _identity(t: torch.Tensor) -> tuple[object, ...]:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, t.shape, t.stride())
 
 
-class TensorArchive:
+class TensorCollector:
     """The tensors of one archive, collected (and validated) while a state tree is encoded."""
 
     def __init__(self, label: str) -> None:
