@@ -12,14 +12,16 @@ With ``verify=False`` files are memory-mapped and only their sizes are checked. 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
-from ..format.documents import load_json
+from ..format.documents import load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, Manifest
+from ..format.tree import decode_document
+from ..storage.base import Buffer
 from ..storage.local import LocalFolder
 from ..storage.posix_commit import list_checkpoints, parse_step
 
@@ -132,3 +134,31 @@ def model_aliases(metadata: dict[str, str], stored: Collection[str], *, source: 
             "that are not stored to names that are); the file is damaged"
         )
     return aliases
+
+
+def decode_tree(
+    name: str,
+    buffers: Mapping[str, Buffer],
+    folder: Path,
+    make_arrays: Callable[[Buffer, str], Mapping[str, TensorT]],
+) -> object | None:
+    """The state tree ``name`` (``name.msgpack`` + ``name.safetensors``), or None if the checkpoint
+    has none: the one decode every reader shares. ``make_arrays(buffer, source)`` turns the
+    verified archive into the reader's arrays (torch tensors, numpy arrays) by stored name."""
+    doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
+    if doc_name not in buffers and archive_name not in buffers:
+        return None
+    for needed in (doc_name, archive_name):
+        if needed not in buffers:
+            raise CheckpointCorruptedError(
+                f"{folder / MANIFEST_NAME}: lists {name} state without {needed}; the checkpoint is invalid"
+            )
+    arrays = make_arrays(buffers[archive_name], str(folder / archive_name))
+    document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
+
+    def resolve(stored: str) -> TensorT:
+        if stored not in arrays:
+            raise CheckpointCorruptedError(f"{folder / doc_name}: refers to tensor {stored!r}, absent from {archive_name}")
+        return arrays[stored]
+
+    return decode_document(document, source=str(folder / doc_name), resolve_tensor=resolve)
