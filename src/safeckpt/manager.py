@@ -19,8 +19,8 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -32,7 +32,9 @@ from .errors import (
 )
 from .format.manifest import MANIFEST_NAME
 from .pipeline.verify import verify_checkpoint
-from .storage.posix_commit import list_checkpoints, remove_checkpoint, scan_steps, step_dirname
+from .storage.base import Location
+from .storage.locate import as_location, storage_for
+from .storage.posix_commit import step_dirname
 from .torch.loader import Checkpoint, load_checkpoint
 from .torch.saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
 
@@ -63,6 +65,8 @@ class CheckpointManager:
         async_save: ``save`` returns as soon as the state is copied and writes in the
             background, applying retention right after the commit; the next ``save``, ``wait``,
             ``restore``, ``latest`` or ``close`` waits for it and raises its error if any.
+        storage_options: when ``directory`` is an fsspec URL (``s3://bucket/run``), the
+            options of its file system (e.g. ``{"endpoint_url": ...}``).
 
     Example:
         >>> mgr = CheckpointManager("checkpoints", keep_last=3, keep_every=1000)  # doctest: +SKIP
@@ -76,16 +80,19 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Location,
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
         async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"CheckpointManager: {name} must be a positive int or None, got {value!r}")
-        self.directory = Path(directory)
+        self.directory = as_location(directory)
+        self.storage_options = dict(storage_options) if storage_options else None
+        self._storage = storage_for(self.directory, self.storage_options)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
@@ -104,20 +111,20 @@ class CheckpointManager:
 
         With ``async_save``, a save in flight may still commit, and its retention remove old
         steps, after this returns: call :meth:`wait` first for a list that stays true."""
-        return [step for step, _ in list_checkpoints(self.directory)]
+        return [step for step, _ in self._storage.list_checkpoints()]
 
-    def path(self, step: int) -> Path:
+    def path(self, step: int) -> Location:
         """Where the checkpoint for ``step`` lives (whether or not it exists)."""
         return self.directory / step_dirname(step)
 
-    def _candidates(self) -> list[tuple[int, Path, str | None]]:
+    def _candidates(self) -> list[tuple[int, Location, str | None]]:
         """Every ``step-*`` folder, newest first, with why it is unusable when that is already known
         (a folder without a manifest was never committed, e.g. a partial copy of a run)."""
         missing = f"{MANIFEST_NAME} is missing (it was never committed)"
-        found = [(step, path, None if committed else missing) for step, path, committed in scan_steps(self.directory)]
+        found = [(step, path, None if committed else missing) for step, path, committed in self._storage.scan_steps()]
         return sorted(found, key=lambda item: item[0], reverse=True)
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Location | None:
         """The newest checkpoint that verifies completely, or None when there is none at all.
 
         "Completely" is :func:`~safeckpt.verify_checkpoint`'s audit: every digest the manifest
@@ -129,11 +136,14 @@ class CheckpointManager:
         :class:`~safeckpt.errors.CheckpointCorruptedError` when checkpoints exist but none verifies.
         """
         self.wait()
-        return self._first_good(verify_checkpoint)
+        return self._first_good(self._verify)
 
-    def _first_good(self, attempt: Callable[[Path], object]) -> Path | None:
+    def _verify(self, path: Location) -> object:
+        return verify_checkpoint(path, storage_options=self.storage_options)
+
+    def _first_good(self, attempt: Callable[[Location], object]) -> Location | None:
         """Try ``attempt(path)`` on each checkpoint, newest first; returns the first that succeeds."""
-        failures: list[tuple[Path, str]] = []
+        failures: list[tuple[Location, str]] = []
         for _, path, known_bad in self._candidates():
             if known_bad is not None:
                 failures.append((path, known_bad))
@@ -154,7 +164,7 @@ class CheckpointManager:
             )
         return None
 
-    def _announce_fallback(self, failures: list[tuple[Path, str]], chosen: Path) -> None:
+    def _announce_fallback(self, failures: list[tuple[Location, str]], chosen: Location) -> None:
         newest, why = failures[0]
         skipped = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         message = (
@@ -179,7 +189,7 @@ class CheckpointManager:
         metadata: Mapping[str, object] | None = None,
         rng: bool | Mapping[str, object] = True,
         overwrite: bool = False,
-    ) -> Path:
+    ) -> Location:
         """Save a checkpoint for ``step`` and apply retention once it is committed.
 
         Arguments are those of :func:`~safeckpt.save_checkpoint`. A checkpoint already present
@@ -199,22 +209,26 @@ class CheckpointManager:
                 model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
             )
             self._pending = write_checkpoint_async(
-                plan, self.directory, overwrite=overwrite, on_commit=lambda _: self._apply_retention(step)
+                plan,
+                self.directory,
+                overwrite=overwrite,
+                on_commit=lambda _: self._apply_retention(step),
+                storage_options=self.storage_options,
             )
             return self._pending.path
         path = save_checkpoint(
             model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler,
-            extra=extra, metadata=metadata, rng=rng, overwrite=overwrite,
+            extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, storage_options=self.storage_options,
         )
         self._apply_retention(step)
         return path
 
     def _replace_if_damaged(self, step: int) -> bool:
         path = self.path(step)
-        if not path.exists():
+        if not self._storage.exists(path):
             return False
         try:
-            verify_checkpoint(path)
+            self._verify(path)
         except _UNREADABLE as exc:
             logger.warning("replacing damaged checkpoint %s: %s", path, exc)
             return True
@@ -225,14 +239,14 @@ class CheckpointManager:
     def _apply_retention(self, just_saved: int) -> None:
         if self.keep_last is None:
             return
-        committed = list_checkpoints(self.directory)
+        committed = self._storage.list_checkpoints()
         keep = {step for step, _ in committed[-self.keep_last :]} | {just_saved}
         if self.keep_every is not None:
             keep |= {step for step, _ in committed if step % self.keep_every == 0}
         for step, path in committed:
             if step not in keep:
                 try:
-                    remove_checkpoint(path)
+                    self._storage.remove(path)
                 except OSError as exc:  # the new checkpoint is committed: that save succeeded
                     message = (
                         f"{path}: could not remove this old checkpoint ({exc.strerror or exc}); "
@@ -304,7 +318,7 @@ class CheckpointManager:
         }
         loaded: list[Checkpoint] = []
 
-        def attempt(path: Path) -> None:
+        def attempt(path: Location) -> None:
             loaded.append(
                 load_checkpoint(
                     path,
@@ -315,12 +329,13 @@ class CheckpointManager:
                     map_location=map_location,
                     strict=strict,
                     restore_rng=restore_rng,
+                    storage_options=self.storage_options,
                 )
             )
 
         if step is not None:
             path = self.path(step)
-            if not (path / MANIFEST_NAME).is_file():
+            if not self._storage.committed(path):
                 raise CheckpointNotFoundError(
                     f"{path}: no committed checkpoint for step {step} (available: {self.steps()})"
                 )

@@ -29,6 +29,7 @@ MANIFEST_NAME = "manifest.json"
 JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]  # noqa: UP007
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_OBJECTS = re.compile(r"objects-[0-9A-Za-z-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class Manifest:
     """User metadata passed to ``save_checkpoint(metadata=...)``."""
     format_version: tuple[int, int] = (1, 0)
     """(major, minor) of the format the checkpoint was written in (see :func:`writer_version`)."""
+    objects: str = ""
+    """Object stores only: the sub-prefix (``objects-...``) holding the files of this save; ""
+    (never written on a local disk) means the files sit next to the manifest."""
 
     def file(self, name: str) -> FileEntry | None:
         """The entry named ``name``, or None."""
@@ -114,6 +118,8 @@ class Manifest:
             "metadata": self.metadata,
             "files": {e.name: e.to_json() for e in sorted(self.files, key=lambda e: e.name)},
         }
+        if self.objects:
+            doc["objects"] = self.objects
         return (json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
     @classmethod
@@ -173,6 +179,9 @@ def _parse(doc: object, source: str) -> Manifest:
     if len(files) > limits.MAX_FILES:
         raise _fail(source, f"lists {len(files)} files, more than the limit of {limits.MAX_FILES}")
     entries = tuple(_parse_entry(name, e, source) for name, e in sorted(files.items()))
+    objects = doc.get("objects", "")
+    if not isinstance(objects, str) or (objects and not _OBJECTS.fullmatch(objects)):
+        raise _fail(source, f"'objects' is {_short(objects)}, expected 'objects-' and 1 to 64 letters, digits or '-'")
     return Manifest(
         step=step,
         files=entries,
@@ -180,6 +189,7 @@ def _parse(doc: object, source: str) -> Manifest:
         producer={str(k): v for k, v in producer.items() if isinstance(v, str)},
         metadata=metadata,
         format_version=(major, minor),
+        objects=objects,
     )
 
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..errors import CheckpointCorruptedError
 from ..format.documents import load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.tree import decode_document
-from ..storage.base import Buffer
-from ..storage.local import LocalFolder
-from ..storage.posix_commit import list_checkpoints, parse_step
+from ..storage.base import Buffer, Location
+from ..storage.locate import as_location, storage_for
 
 __all__ = [
     "MODEL_ALIASES_KEY",
@@ -41,7 +39,8 @@ TensorT = TypeVar("TensorT")
 class CheckpointContents(Generic[TensorT]):
     """What a checkpoint holds; each reader fixes the tensor type (torch or numpy)."""
 
-    path: Path
+    path: Location
+    """The checkpoint's folder (a :class:`~pathlib.Path`, or an ``ObjectPath`` for a URL)."""
     step: int
     config: object | None
     vocab: object | None
@@ -68,49 +67,36 @@ MODEL_ALIASES_KEY = "safeckpt.aliases"
 """``model.safetensors`` metadata key: JSON ``{alias: stored name}`` of tied tensors stored once."""
 
 
-def locate_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """Resolve a checkpoint folder, its ``manifest.json``, or a root of checkpoints (newest)."""
-    path = Path(path)
-    if path.name == MANIFEST_NAME and path.is_file():
-        return path.parent
-    if (path / MANIFEST_NAME).exists():
-        return path
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if found:
-            return found[-1][1]
-        if parse_step(path.name) is not None:
-            raise CheckpointNotFoundError(
-                f"{path / MANIFEST_NAME}: missing; the checkpoint was never committed (its save "
-                "was interrupted) — load an earlier checkpoint"
-            )
-        raise CheckpointNotFoundError(
-            f"{path}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* folders)"
-        )
-    raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
+def locate_checkpoint(path: str | os.PathLike[str] | Location, *, storage_options: Mapping[str, Any] | None = None) -> Location:
+    """Resolve a checkpoint folder, its ``manifest.json``, or a root of checkpoints (newest);
+    ``path`` may be an fsspec URL (``s3://bucket/run``), opened with ``storage_options``."""
+    location = as_location(path)
+    return storage_for(location, storage_options).locate(location)
 
 
-def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifest, dict[str, memoryview]]:
+def read_checkpoint_files(
+    folder: Location, *, verify: bool = True, storage_options: Mapping[str, Any] | None = None
+) -> tuple[Manifest, dict[str, memoryview]]:
     """Parse the manifest, then read every listed file and check size and hash, in parallel.
 
     Returns only once all files verified: a single bad file fails the whole load before any
     of them is parsed.
     """
-    with LocalFolder(folder) as opened:
+    with storage_for(folder, storage_options).open(folder) as opened:
         manifest = _checked(opened.read_manifest(), folder)
         return manifest, opened.read_files(manifest.files, verify=verify)
 
 
-def audit_checkpoint_files(folder: Path) -> Manifest:
+def audit_checkpoint_files(folder: Location, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Parse the manifest and check every file's size and every digest it records, in bounded
     memory (see :func:`safeckpt.storage.posix.audit_files`); returns the manifest."""
-    with LocalFolder(folder) as opened:
+    with storage_for(folder, storage_options).open(folder) as opened:
         manifest = _checked(opened.read_manifest(), folder)
         opened.audit(manifest.files)
         return manifest
 
 
-def _checked(manifest: Manifest, folder: Path) -> Manifest:
+def _checked(manifest: Manifest, folder: Location) -> Manifest:
     if manifest.file("model.safetensors") is None:
         raise CheckpointCorruptedError(
             f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
@@ -139,7 +125,7 @@ def model_aliases(metadata: dict[str, str], stored: Collection[str], *, source: 
 def decode_tree(
     name: str,
     buffers: Mapping[str, Buffer],
-    folder: Path,
+    folder: Location,
     make_arrays: Callable[[Buffer, str], Mapping[str, TensorT]],
 ) -> object | None:
     """The state tree ``name`` (``name.msgpack`` + ``name.safetensors``), or None if the checkpoint

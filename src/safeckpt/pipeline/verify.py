@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from ..format.manifest import Manifest
+from ..storage.base import Location
 from .read import audit_checkpoint_files, locate_checkpoint
 
 __all__ = ["verify_checkpoint"]
 
 
-def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
+def verify_checkpoint(
+    path: str | os.PathLike[str] | Location, *, storage_options: Mapping[str, Any] | None = None
+) -> Manifest:
     """Check every file's size and SHA-256 against the manifest; returns the manifest.
 
     Checks every digest the manifest records: the whole-file SHA-256 and, for large files,
     each chunk's (loading trusts either, so an audit checks both). Files are streamed, so the
-    memory used stays small whatever the size of the checkpoint.
+    memory used stays small whatever the size of the checkpoint. ``path`` may be an fsspec URL
+    (``s3://bucket/run/step-00000100``), opened with ``storage_options``.
 
     Raises :class:`~safeckpt.errors.CheckpointNotFoundError` or
     :class:`~safeckpt.errors.CheckpointCorruptedError` naming the first bad file.
@@ -24,4 +30,5 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Manifest:
         >>> safeckpt.verify_checkpoint("checkpoints/step-00000100").step  # doctest: +SKIP
         100
     """
-    return audit_checkpoint_files(locate_checkpoint(path))
+    folder = locate_checkpoint(path, storage_options=storage_options)
+    return audit_checkpoint_files(folder, storage_options=storage_options)

@@ -43,25 +43,67 @@ Contract every implementation keeps:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Union
 
 from ..format.manifest import FileEntry, Manifest
 
-__all__ = ["Buffer", "CheckpointFolder", "CheckpointStorage", "FileSource", "PendingWrite"]
+__all__ = ["Buffer", "CheckpointFolder", "CheckpointStorage", "FileSource", "Location", "ObjectPath", "PendingWrite"]
 
 Buffer = bytes | bytearray | memoryview
 FileSource = tuple[str, Iterable[Buffer], int]
-"""A file to write: its name, its bytes as a sequence of buffers, and its size if known (0 if not)."""
+"""A file to write: its name, its bytes as a sequence of buffers, and its size if known (0 if not).
+
+An implementation that may retry an upload iterates the buffers again when ``iter()`` of them
+returns a fresh iterator (a list, or an object whose ``__iter__`` restarts); a one-shot
+generator is written once."""
+
+
+@dataclass(frozen=True)
+class ObjectPath:
+    """A location in an fsspec file system (``s3://bucket/run/step-00000100``): the
+    object-store counterpart of :class:`~pathlib.Path`, with just what the pipelines use."""
+
+    protocol: str
+    """fsspec protocol (``s3``, ``memory``, ``gs``, ...)."""
+    path: str
+    """The path after ``protocol://``, without a trailing slash."""
+
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.path}"
+
+    def __truediv__(self, name: str) -> ObjectPath:
+        return ObjectPath(self.protocol, f"{self.path}/{name}" if self.path else name)
+
+    @property
+    def name(self) -> str:
+        """The last segment (``step-00000100``)."""
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> ObjectPath:
+        """The location one segment up."""
+        return ObjectPath(self.protocol, self.path.rsplit("/", 1)[0] if "/" in self.path else "")
+
+
+Location = Union[Path, ObjectPath]  # noqa: UP007
+"""Where a checkpoint or a root of checkpoints is: a local path or an object-store location."""
 
 
 class PendingWrite(Protocol):
     """One checkpoint being written (a context manager; leaving it uncommitted discards it)."""
 
-    step: int
-    final: Path
-    """Where the checkpoint appears once committed."""
+    @property
+    def step(self) -> int:
+        """The training step being saved."""
+        ...
+
+    @property
+    def final(self) -> Location:
+        """Where the checkpoint appears once committed."""
+        ...
 
     def __enter__(self) -> PendingWrite: ...
 
@@ -73,7 +115,7 @@ class PendingWrite(Protocol):
         """Write, hash and make durable every file (in parallel); their manifest entries."""
         ...
 
-    def commit(self, manifest: Manifest, *, overwrite: bool = False) -> Path:
+    def commit(self, manifest: Manifest, *, overwrite: bool = False) -> Location:
         """Write ``manifest`` last and publish the checkpoint atomically; returns :attr:`final`."""
         ...
 
@@ -107,14 +149,30 @@ class CheckpointStorage(Protocol):
         """Start writing the checkpoint of ``step`` (as ``name`` instead of ``step-N``)."""
         ...
 
-    def open(self, location: Path) -> CheckpointFolder:
+    def open(self, location: Location) -> CheckpointFolder:
         """Open a committed checkpoint for reading."""
         ...
 
-    def list_checkpoints(self) -> list[tuple[int, Path]]:
+    def locate(self, location: Location) -> Location:
+        """Resolve what a user passed (a checkpoint, its manifest, or a root: its newest)."""
+        ...
+
+    def list_checkpoints(self) -> list[tuple[int, Location]]:
         """Committed checkpoints, oldest step first."""
         ...
 
-    def remove(self, location: Path) -> None:
+    def scan_steps(self) -> list[tuple[int, Location, bool]]:
+        """Every ``step-N`` checkpoint of the root, committed or not: ``(step, location, committed)``."""
+        ...
+
+    def exists(self, location: Location) -> bool:
+        """Whether anything (committed or not) is at ``location``."""
+        ...
+
+    def committed(self, location: Location) -> bool:
+        """Whether ``location`` holds a committed checkpoint (its manifest is present)."""
+        ...
+
+    def remove(self, location: Location) -> None:
         """Delete a committed checkpoint so that no half-deleted one is ever visible."""
         ...

@@ -17,8 +17,9 @@ from types import TracebackType
 from ..errors import CheckpointNotFoundError
 from ..format import limits
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
+from .base import Location
 from .posix import audit_files, read_bounded, read_files
-from .posix_commit import PosixPendingWrite, list_checkpoints, remove_checkpoint
+from .posix_commit import PosixPendingWrite, list_checkpoints, parse_step, remove_checkpoint, scan_steps
 
 __all__ = ["LocalFolder", "LocalStorage"]
 
@@ -36,17 +37,50 @@ class LocalStorage:
         """A temporary folder for ``step`` that commits to ``root/step-N`` (or ``root/name``)."""
         return PosixPendingWrite(self.root, step, name=name)
 
-    def open(self, location: Path) -> LocalFolder:
+    def open(self, location: Location) -> LocalFolder:
         """The checkpoint folder ``location`` (a path, not relative to the root), for reading."""
-        return LocalFolder(location)
+        return LocalFolder(Path(str(location)))
 
-    def list_checkpoints(self) -> list[tuple[int, Path]]:
+    def locate(self, location: Location) -> Path:
+        """A checkpoint folder, its ``manifest.json``, or a root of checkpoints (its newest)."""
+        path = Path(str(location))
+        if path.name == MANIFEST_NAME and path.is_file():
+            return path.parent
+        if (path / MANIFEST_NAME).exists():
+            return path
+        if path.is_dir():
+            found = list_checkpoints(path)
+            if found:
+                return found[-1][1]
+            if parse_step(path.name) is not None:
+                raise CheckpointNotFoundError(
+                    f"{path / MANIFEST_NAME}: missing; the checkpoint was never committed (its save "
+                    "was interrupted) — load an earlier checkpoint"
+                )
+            raise CheckpointNotFoundError(
+                f"{path}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* folders)"
+            )
+        raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
+
+    def list_checkpoints(self) -> list[tuple[int, Location]]:
         """Committed ``step-N`` folders, oldest first."""
-        return list_checkpoints(self.root)
+        return list(list_checkpoints(self.root))
 
-    def remove(self, location: Path) -> None:
+    def scan_steps(self) -> list[tuple[int, Location, bool]]:
+        """Every ``step-N`` folder with whether it is committed."""
+        return list(scan_steps(self.root))
+
+    def exists(self, location: Location) -> bool:
+        """Whether the folder exists (committed or not)."""
+        return Path(str(location)).exists()
+
+    def committed(self, location: Location) -> bool:
+        """Whether the folder holds a ``manifest.json``."""
+        return (Path(str(location)) / MANIFEST_NAME).is_file()
+
+    def remove(self, location: Location) -> None:
         """Delete a committed checkpoint (hidden rename first, then the files)."""
-        remove_checkpoint(location)
+        remove_checkpoint(Path(str(location)))
 
 
 class LocalFolder:

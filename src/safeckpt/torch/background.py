@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from ..storage.base import Location
 
 __all__ = ["PendingSave", "acquire_slot", "keep_snapshot", "release_snapshot_memory", "take_snapshot"]
 
@@ -88,10 +89,10 @@ class PendingSave:
     def __init__(
         self,
         step: int,
-        path: Path,
-        write: Callable[[], Path],
+        path: Location,
+        write: Callable[[], Location],
         *,
-        on_commit: Callable[[Path], object] | None = None,
+        on_commit: Callable[[Location], object] | None = None,
         on_exit: Callable[[], None] | None = None,
     ) -> None:
         """Start ``write()`` (which must commit ``path``) on a new thread; ``on_commit(path)``
@@ -100,7 +101,7 @@ class PendingSave:
         global _last
         self.step = step
         self.path = path
-        self._result: Path | None = None
+        self._result: Location | None = None
         self._error: BaseException | None = None
         self._collected = False
         self._thread = threading.Thread(
@@ -111,8 +112,8 @@ class PendingSave:
 
     def _run(
         self,
-        write: Callable[[], Path],
-        on_commit: Callable[[Path], object] | None,
+        write: Callable[[], Location],
+        on_commit: Callable[[Location], object] | None,
         on_exit: Callable[[], None] | None,
     ) -> None:
         try:
@@ -130,7 +131,7 @@ class PendingSave:
         """True once the save has committed or failed."""
         return not self._thread.is_alive()
 
-    def wait(self, timeout: float | None = None) -> Path:
+    def wait(self, timeout: float | None = None) -> Location:
         """Block until committed; returns the checkpoint path or raises the save's error.
 
         Raises ``TimeoutError`` if ``timeout`` seconds pass first (the save goes on).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +24,7 @@ from ..errors import (
 )
 from ..format.documents import load_json
 from ..pipeline.read import CheckpointContents, decode_tree, locate_checkpoint, read_checkpoint_files
-from ..storage.base import Buffer
+from ..storage.base import Buffer, Location
 from .rng import restore_rng as restore_rng_state
 from .state import ALIASES_KEY, check_model, check_optimizer, restore_types
 from .tensors import tensors_from_buffer
@@ -45,7 +45,7 @@ class Checkpoint(CheckpointContents[torch.Tensor]):
 def _decode_tree(
     name: str,
     buffers: Mapping[str, Buffer],
-    folder: Path,
+    folder: Location,
     device: str | torch.device,
     *,
     aligned: bool = True,
@@ -60,7 +60,7 @@ def _decode_tree(
     return decode_tree(name, buffers, folder, make_tensors)
 
 
-def _model_state(buffers: Mapping[str, Buffer], folder: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def _model_state(buffers: Mapping[str, Buffer], folder: Location, device: str | torch.device) -> dict[str, torch.Tensor]:
     source = str(folder / "model.safetensors")
     tensors, metadata = tensors_from_buffer(buffers["model.safetensors"], source=source, device=device)
     aliases = load_json(metadata[ALIASES_KEY].encode(), source=source) if ALIASES_KEY in metadata else {}
@@ -74,7 +74,7 @@ def _model_state(buffers: Mapping[str, Buffer], folder: Path, device: str | torc
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Location,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     *,
@@ -84,12 +84,14 @@ def load_checkpoint(
     strict: bool = True,
     verify: bool = True,
     restore_rng: bool | Mapping[str, object] = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Verify a checkpoint, restore it into the given objects, and return all it holds.
 
     Args:
         path: a checkpoint folder, its ``manifest.json``, or a root holding ``step-*`` folders
-            (the newest committed one is loaded).
+            (the newest committed one is loaded); or an fsspec URL such as
+            ``s3://bucket/run`` (needs ``safeckpt[remote]``).
         model: module to load the weights into (tied weights stay tied).
         optimizer: optimizer to load the state into; must be built over the same parameters.
         scheduler: LR scheduler, ``GradScaler`` or other object with ``load_state_dict``.
@@ -101,6 +103,8 @@ def load_checkpoint(
             storage you trust; returned tensors may be views of the mapped files.
         restore_rng: restore the captured RNG state (default); a mapping of names to
             generators restores those too. Raises if the checkpoint has no RNG state.
+        storage_options: options of the fsspec file system of a URL ``path`` (e.g.
+            ``{"endpoint_url": ...}`` for s3fs).
 
     Returns:
         A :class:`Checkpoint` with step, config, vocab and all state trees.
@@ -115,8 +119,8 @@ def load_checkpoint(
         >>> ckpt.step  # doctest: +SKIP
         100
     """
-    folder = locate_checkpoint(path)
-    manifest, buffers = read_checkpoint_files(folder, verify=verify)
+    folder = locate_checkpoint(path, storage_options=storage_options)
+    manifest, buffers = read_checkpoint_files(folder, verify=verify, storage_options=storage_options)
     device = map_location
     model_state = _model_state(buffers, folder, device)
     # Unverified buffers are lazy memory maps: state restored into live objects must not stay

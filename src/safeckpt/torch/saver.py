@@ -12,17 +12,16 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 
 from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
 from ..format.documents import dump_json, dump_msgpack
-from ..format.manifest import MANIFEST_NAME
 from ..format.manifest import build as build_manifest
 from ..format.tree import encode_document
-from ..storage.local import LocalStorage
+from ..storage.base import Location
+from ..storage.locate import as_location, storage_for
 from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .rng import capture_rng
@@ -68,9 +67,19 @@ class CheckpointPlan:
         in writing order."""
         for name, (archive, meta) in self.archives.items():
             file = f"{name}.safetensors"
-            yield file, archive_parts(archive.tensors, meta), self.file_size(file)
+            yield file, _Restartable(archive.tensors, meta), self.file_size(file)
         for name, data in self.documents.items():
             yield name, (data,), len(data)
+
+
+class _Restartable:
+    """An archive's buffers, produced afresh by each ``iter()``, so an upload can be retried."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+        self.tensors, self.metadata = tensors, metadata
+
+    def __iter__(self) -> Iterator[memoryview | bytes]:
+        return archive_parts(self.tensors, self.metadata)
 
 
 def _check_step(step: object) -> int:
@@ -140,37 +149,42 @@ def _as_json_object(value: Mapping[str, object], label: str) -> dict[str, object
     return plain
 
 
-def checkpoint_target(directory: str | os.PathLike[str] | None, path: str | os.PathLike[str] | None, step: int) -> Path:
-    """The folder a save commits to: ``directory/step-NNNNNNNN``, or exactly ``path``."""
+def checkpoint_target(
+    directory: str | os.PathLike[str] | Location | None, path: str | os.PathLike[str] | Location | None, step: int
+) -> Location:
+    """The folder a save commits to: ``directory/step-NNNNNNNN``, or exactly ``path`` (either may
+    be an fsspec URL)."""
     if directory is not None and path is not None:
         raise CheckpointUsageError(
             f"save_checkpoint: pass either directory= (a root of step-N folders) or path= (the exact "
             f"checkpoint folder), not both (got directory={str(directory)!r}, path={str(path)!r})"
         )
     if path is not None:
-        target = Path(path)
+        target = as_location(path)
         if target.name in ("", ".", "..") or target.name.startswith("."):
             raise CheckpointUsageError(
                 f"{path}: path= must name the checkpoint folder itself, not '.', '..' or a hidden name; "
                 "pass e.g. path='runs/final'"
             )
         return target
-    return Path("checkpoints" if directory is None else directory) / step_dirname(step)
+    return as_location("checkpoints" if directory is None else directory) / step_dirname(step)
 
 
 def write_checkpoint(
     plan: CheckpointPlan,
-    directory: str | os.PathLike[str] | None = None,
+    directory: str | os.PathLike[str] | Location | None = None,
     *,
-    path: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | Location | None = None,
     overwrite: bool = False,
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Location:
     """Write the planned files and commit them as ``directory/step-NNNNNNNN`` or exactly ``path``;
     returns that folder."""
     final = checkpoint_target(directory, path, plan.step)
-    if not overwrite and (final / MANIFEST_NAME).exists():
+    storage = storage_for(final.parent, storage_options)
+    if not overwrite and storage.committed(final):
         raise checkpoint_exists(final, plan.step)
-    with LocalStorage(final.parent).begin(plan.step, name=final.name) as pending:
+    with storage.begin(plan.step, name=final.name) as pending:
         entries = pending.write_files(sorted(plan.files(), key=lambda f: -f[2]))
         manifest = build_manifest(
             plan.step, entries, metadata=plan.metadata, producer={"torch": torch.__version__}  # type: ignore[arg-type]
@@ -186,15 +200,16 @@ def save_checkpoint(
     vocab: object | None,
     step: int,
     *,
-    directory: str | os.PathLike[str] | None = ...,
-    path: str | os.PathLike[str] | None = ...,
+    directory: str | os.PathLike[str] | Location | None = ...,
+    path: str | os.PathLike[str] | Location | None = ...,
     scheduler: object | None = ...,
     extra: Mapping[str, object] | None = ...,
     metadata: Mapping[str, object] | None = ...,
     rng: bool | Mapping[str, object] = ...,
     overwrite: bool = ...,
     async_: Literal[False] = ...,
-) -> Path: ...
+    storage_options: Mapping[str, Any] | None = ...,
+) -> Location: ...
 
 
 @overload
@@ -205,14 +220,15 @@ def save_checkpoint(
     vocab: object | None,
     step: int,
     *,
-    directory: str | os.PathLike[str] | None = ...,
-    path: str | os.PathLike[str] | None = ...,
+    directory: str | os.PathLike[str] | Location | None = ...,
+    path: str | os.PathLike[str] | Location | None = ...,
     scheduler: object | None = ...,
     extra: Mapping[str, object] | None = ...,
     metadata: Mapping[str, object] | None = ...,
     rng: bool | Mapping[str, object] = ...,
     overwrite: bool = ...,
     async_: Literal[True],
+    storage_options: Mapping[str, Any] | None = ...,
 ) -> PendingSave: ...
 
 
@@ -223,15 +239,16 @@ def save_checkpoint(
     vocab: object | None,
     step: int,
     *,
-    directory: str | os.PathLike[str] | None = None,
-    path: str | os.PathLike[str] | None = None,
+    directory: str | os.PathLike[str] | Location | None = None,
+    path: str | os.PathLike[str] | Location | None = None,
     scheduler: object | None = None,
     extra: Mapping[str, object] | None = None,
     metadata: Mapping[str, object] | None = None,
     rng: bool | Mapping[str, object] = True,
     overwrite: bool = False,
     async_: bool = False,
-) -> Path | PendingSave:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Location | PendingSave:
     """Save the complete training state as one verified checkpoint folder.
 
     Args:
@@ -258,6 +275,10 @@ def save_checkpoint(
         async_: copy the state to CPU memory, then write and commit it on a background thread
             and return a :class:`PendingSave` at once; its ``wait()`` returns the path. One
             save is in flight at a time: any save first waits for the one before it.
+        storage_options: options of the fsspec file system when ``directory`` or ``path`` is
+            a URL (``s3://bucket/run``, ``memory://run``; needs ``safeckpt[remote]``), e.g.
+            ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for s3fs. Object stores
+            commit by writing the manifest last with a create-only write (spec/FORMAT.md).
 
     Returns:
         The committed checkpoint folder (or a :class:`PendingSave` with ``async_=True``).
@@ -271,21 +292,22 @@ def save_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )
     if async_:
-        return write_checkpoint_async(plan, directory, path=path, overwrite=overwrite)
+        return write_checkpoint_async(plan, directory, path=path, overwrite=overwrite, storage_options=storage_options)
     release = acquire_slot()
     try:
-        return write_checkpoint(plan, directory, path=path, overwrite=overwrite)
+        return write_checkpoint(plan, directory, path=path, overwrite=overwrite, storage_options=storage_options)
     finally:
         release()
 
 
 def write_checkpoint_async(
     plan: CheckpointPlan,
-    directory: str | os.PathLike[str] | None = None,
+    directory: str | os.PathLike[str] | Location | None = None,
     *,
-    path: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | Location | None = None,
     overwrite: bool = False,
-    on_commit: Callable[[Path], object] | None = None,
+    on_commit: Callable[[Location], object] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> PendingSave:
     """:func:`write_checkpoint` in the background: what ``save_checkpoint(..., async_=True)`` does
     once the state is planned, for callers that plan themselves (e.g. a checkpoint manager).
@@ -298,7 +320,7 @@ def write_checkpoint_async(
     release = acquire_slot()
     try:
         final = checkpoint_target(directory, path, plan.step)
-        if not overwrite and (final / MANIFEST_NAME).exists():
+        if not overwrite and storage_for(final.parent, storage_options).committed(final):
             raise checkpoint_exists(final, plan.step)
         plan.snapshot()
 
@@ -309,7 +331,7 @@ def write_checkpoint_async(
         return PendingSave(
             plan.step,
             final,
-            lambda: write_checkpoint(plan, path=final, overwrite=overwrite),
+            lambda: write_checkpoint(plan, path=final, overwrite=overwrite, storage_options=storage_options),
             on_commit=on_commit,
             on_exit=finish,
         )

@@ -1,0 +1,238 @@
+"""Streamed, hashed, retried transfers of single objects through an fsspec file system.
+
+Uploads write the caller's buffers (tensor memory) in part-sized pieces, so an object-store
+file (s3fs ``S3File``) sends each piece as one multipart part as soon as it is full and never
+holds more than one part; each piece is hashed while it is sent. Downloads fetch byte ranges in
+parallel straight into the buffer the loader keeps, verifying each chunk digest as its range
+arrives (or the whole-file digest in order). Transient failures (5xx, throttling, connection
+resets: whatever fsspec surfaces as a non-"not found" ``OSError`` after its client's own
+retries) are retried with exponential backoff, a bounded number of times
+(:data:`REMOTE`); what persists becomes a :class:`~safeckpt.errors.CheckpointWriteError` or
+:class:`~safeckpt.errors.CheckpointCorruptedError` naming the object.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointWriteError
+from ..format.manifest import Chunks, FileEntry
+from .base import Buffer
+from .hashing import Hasher, check_chunk_digest, check_digest, chunk_size
+from .posix import _archive_room, _arena
+
+__all__ = ["REMOTE", "RemoteTuning", "audit_object", "download_object", "retrying", "upload_object"]
+
+logger = logging.getLogger("safeckpt")
+T = TypeVar("T")
+
+
+@dataclass
+class RemoteTuning:
+    """Knobs of object-store transfers."""
+
+    part: int = 32 * 1024 * 1024
+    """Bytes per multipart part sent and per range fetched (S3 needs >= 5 MiB parts)."""
+    transfers: int = 8
+    """Ranges of one object fetched at once; objects uploaded at once."""
+    attempts: int = 4
+    """Tries of one transfer before its error is raised (the first try included)."""
+    backoff_s: float = 0.25
+    """Wait before the second try; doubled before each next one (capped at ``max_backoff_s``)."""
+    max_backoff_s: float = 8.0
+    stale_after_s: float = 24 * 3600.0
+    """Age after which an uncommitted ``objects-*`` prefix is deleted by the next save: longer
+    than any save takes, so a live writer's objects are never touched, and the time readers of
+    an overwritten checkpoint have to finish."""
+
+
+REMOTE = RemoteTuning()
+
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, CheckpointError) or isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno != errno.EINVAL  # s3fs: EINVAL is a failed precondition or a bad request
+    module = type(exc).__module__.split(".")[0]
+    return module in ("aiohttp", "botocore", "aiobotocore", "urllib3", "http")
+
+
+def retrying(action: Callable[[], T], *, what: str, can_retry: bool = True) -> T:
+    """``action()``, tried again after transient failures with backoff, at most ``REMOTE.attempts`` times."""
+    delay = REMOTE.backoff_s
+    for attempt in range(1, REMOTE.attempts + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if not can_retry or attempt == REMOTE.attempts or not _transient(exc):
+                raise
+            logger.warning("%s: transient error (%s), try %d of %d in %.2fs", what, exc, attempt + 1, REMOTE.attempts, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, REMOTE.max_backoff_s)
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def upload_object(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hint: int) -> FileEntry:
+    """Upload ``parts`` as the object ``url``; its manifest entry (size, SHA-256, chunk digests).
+
+    Retried as a whole when ``parts`` can be iterated again; raises CheckpointWriteError naming
+    the object when the upload keeps failing (the partial upload is discarded).
+    """
+    try:
+        return retrying(
+            lambda: _upload_once(fs, url, name, parts, size_hint), what=url, can_retry=iter(parts) is not parts
+        )
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointWriteError(
+            f"{url}: upload failed after retries ({_describe(exc)}); no checkpoint was committed and "
+            "earlier ones are untouched — check the connection and credentials, then save again"
+        ) from exc
+
+
+def _upload_once(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hint: int) -> FileEntry:
+    chunk = chunk_size(size_hint)
+    sha, chunks = Hasher(), Hasher(chunk) if chunk else None
+    size = 0
+    file = fs.open(url, "wb", block_size=REMOTE.part)
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), REMOTE.part):
+                piece = view[start : start + REMOTE.part]
+                sha.hand_off(piece)
+                if chunks is not None:
+                    chunks.hand_off(piece)
+                file.write(piece)
+                size += len(piece)
+        file.close()
+    except BaseException:
+        discard = getattr(file, "discard", None)
+        try:
+            if callable(discard):
+                discard()  # s3fs: abort the multipart upload instead of committing a truncated object
+        finally:
+            sha.close()
+            if chunks is not None:
+                chunks.close()
+        raise
+    digests = Chunks(chunk, tuple(chunks.digests())) if chunks is not None and size else None
+    return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
+
+
+def _size_of(fs: Any, url: str) -> int:
+    try:
+        info = retrying(lambda: fs.info(url), what=url)
+    except FileNotFoundError:
+        raise CheckpointCorruptedError(
+            f"{url}: file listed in manifest.json is missing; the checkpoint is incomplete, load an earlier one"
+        ) from None
+    except Exception as exc:
+        raise _unreadable(url, exc) from exc
+    return int(info.get("size") or 0)
+
+
+def _unreadable(url: str, exc: BaseException) -> CheckpointCorruptedError:
+    return CheckpointCorruptedError(
+        f"{url}: could not be read ({_describe(exc)}) after retries; check the connection, or load an earlier checkpoint"
+    )
+
+
+def _checked_size(fs: Any, url: str, entry: FileEntry) -> None:
+    size = _size_of(fs, url)
+    if size != entry.size:
+        raise CheckpointCorruptedError(
+            f"{url}: size is {size} bytes, manifest.json says {entry.size}; the object is truncated "
+            "or damaged, load an earlier checkpoint"
+        )
+
+
+def _fetch(fs: Any, url: str, start: int, end: int, into: memoryview) -> None:
+    """Bytes ``start`` to ``end`` of ``url`` into ``into`` (retried; short reads are errors)."""
+
+    def once() -> None:
+        data = fs.cat_file(url, start=start, end=end)
+        if len(data) != end - start:
+            raise OSError(errno.EIO, f"got {len(data)} bytes of range {start}-{end}")
+        into[:] = data
+
+    try:
+        retrying(once, what=url)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise _unreadable(url, exc) from exc
+
+
+def download_object(fs: Any, url: str, entry: FileEntry, *, verify: bool, pool: ThreadPoolExecutor) -> memoryview:
+    """The object's bytes in fresh memory (with room to align a safetensors archive's tensors,
+    as :func:`safeckpt.storage.posix.read_files` leaves), checked against ``entry``.
+
+    Ranges are fetched on ``pool``; with chunk digests each range is a chunk, verified on
+    arrival; otherwise ranges are hashed in order as they arrive. Returns only once verified.
+    """
+    _checked_size(fs, url, entry)
+    size = entry.size
+    room = 0
+    if entry.name.endswith(".safetensors") and size >= 8:
+        prefix = bytearray(8)
+        _fetch(fs, url, 0, 8, memoryview(prefix))
+        room = _archive_room(bytes(prefix), size)
+    view = memoryview(_arena(size + room))[:size]
+    if entry.chunks is not None:
+        spans = entry.chunks.digest_spans(size)
+
+        def chunk_job(index: int, start: int, end: int, expected: str) -> None:
+            _fetch(fs, url, start, end, view[start:end])
+            if verify:
+                found = hashlib.sha256(view[start:end]).hexdigest()
+                check_chunk_digest(url, entry, index, (start, end, expected), found)
+
+        futures = [pool.submit(chunk_job, i, *span) for i, span in enumerate(spans)]
+        for future in futures:
+            future.result()
+        return view
+    ranges = [(start, min(start + REMOTE.part, size)) for start in range(0, size, REMOTE.part)]
+    futures = [pool.submit(_fetch, fs, url, start, end, view[start:end]) for start, end in ranges]
+    sha = hashlib.sha256()
+    for (start, end), future in zip(ranges, futures, strict=True):
+        future.result()
+        if verify:
+            sha.update(view[start:end])
+    if verify:
+        check_digest(url, entry, sha.hexdigest())
+    return view
+
+
+def audit_object(fs: Any, url: str, entry: FileEntry) -> None:
+    """Stream the object through one part-sized buffer and check every digest ``entry`` records."""
+    _checked_size(fs, url, entry)
+    sha = hashlib.sha256()
+    chunks = Hasher(entry.chunks.size) if entry.chunks is not None else None
+    buffer = memoryview(bytearray(REMOTE.part))
+    for start in range(0, entry.size, REMOTE.part):
+        end = min(start + REMOTE.part, entry.size)
+        piece = buffer[: end - start]
+        _fetch(fs, url, start, end, piece)
+        sha.update(piece)
+        if chunks is not None:
+            chunks.consume(piece)
+    check_digest(url, entry, sha.hexdigest())
+    if chunks is not None and entry.chunks is not None:
+        for index, (span, found) in enumerate(zip(entry.chunks.digest_spans(entry.size), chunks.digests(), strict=True)):
+            check_chunk_digest(url, entry, index, span, found)

@@ -1,0 +1,269 @@
+"""Checkpoints in an object store (any fsspec URL: ``s3://``, ``memory://``, ``gs://``...): the
+second implementation of :mod:`.base`, with a *manifest-last* commit (spec/FORMAT.md,
+"Object stores").
+
+Layout under a root ``R``::
+
+    R/step-00000100/manifest.json                          the commit marker
+    R/step-00000100/objects-20261202T031500Z-1a2b3c4d5e6f/model.safetensors, ...   one save's files
+
+A save uploads its files under a fresh ``objects-<UTC start>-<random>`` prefix, then writes
+``manifest.json`` (which names that prefix in ``"objects"``) with a create-only conditional
+write (``If-None-Match: *``): of two writers of one step exactly one commits; the other's
+objects are deleted. ``overwrite=True`` replaces the manifest with one plain PUT (atomic for a
+single object), so a reader gets the old manifest, whose objects stay in place, or the new one;
+the old prefix is deleted by a later save once older than ``REMOTE.stale_after_s``, as is any
+uncommitted prefix. Removal deletes the manifest first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+from ..errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    checkpoint_exists,
+)
+from ..format import limits
+from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
+from .base import FileSource, Location, ObjectPath
+from .objectio import REMOTE, audit_object, download_object, retrying, upload_object
+from .parallel import in_parallel
+from .posix_commit import parse_step, step_dirname
+
+__all__ = ["ObjectFolder", "ObjectPendingWrite", "ObjectStorage"]
+
+OBJECTS_PREFIX = "objects-"
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def _filesystem(protocol: str, storage_options: Mapping[str, Any] | None) -> Any:
+    try:
+        import fsspec
+    except ImportError:
+        raise CheckpointError(
+            f"{protocol}:// locations need fsspec (and s3fs for s3://): pip install 'safeckpt[remote]'"
+        ) from None
+    options = {"use_listings_cache": False, **(storage_options or {})}
+    try:
+        return fsspec.filesystem(protocol, **options)
+    except (ImportError, ValueError) as exc:
+        raise CheckpointError(f"{protocol}://: no usable fsspec file system ({exc}); pip install 'safeckpt[remote]'") from exc
+
+
+def _object(location: Location) -> ObjectPath:
+    if not isinstance(location, ObjectPath):
+        raise CheckpointError(f"{location}: not an object-store location (expected protocol://...)")
+    return location
+
+
+def _children(fs: Any, location: ObjectPath) -> list[str]:
+    """Names one level below ``location`` ([] when there is nothing)."""
+    try:
+        names = retrying(lambda: fs.ls(str(location), detail=False), what=str(location))
+    except FileNotFoundError:
+        return []
+    return sorted({str(n).rstrip("/").rsplit("/", 1)[-1] for n in names})
+
+
+def _started(prefix: str) -> datetime.datetime | None:
+    try:
+        stamp = prefix[len(OBJECTS_PREFIX) :].split("-", 1)[0]
+        return datetime.datetime.strptime(stamp, _STAMP).replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
+
+
+class ObjectStorage:
+    """A root of checkpoints in an fsspec file system (see :mod:`.base` for the contract)."""
+
+    def __init__(self, root: ObjectPath, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.root = root
+        self.fs = _filesystem(root.protocol, storage_options)
+
+    def __repr__(self) -> str:
+        return f"ObjectStorage({str(self.root)!r})"
+
+    def begin(self, step: int, *, name: str | None = None) -> ObjectPendingWrite:
+        """A fresh ``objects-*`` prefix under ``root/step-N`` (or ``root/name``)."""
+        return ObjectPendingWrite(self, step, self.root / (name or step_dirname(step)))
+
+    def open(self, location: Location) -> ObjectFolder:
+        return ObjectFolder(self.fs, _object(location))
+
+    def committed(self, location: Location) -> bool:
+        url = str(_object(location) / MANIFEST_NAME)
+        return bool(retrying(lambda: self.fs.exists(url), what=url))
+
+    def exists(self, location: Location) -> bool:
+        return bool(_children(self.fs, _object(location)))
+
+    def scan_steps(self) -> list[tuple[int, Location, bool]]:
+        found = [(parse_step(name), self.root / name) for name in _children(self.fs, self.root)]
+        return sorted((step, path, self.committed(path)) for step, path in found if step is not None)
+
+    def list_checkpoints(self) -> list[tuple[int, Location]]:
+        return [(step, path) for step, path, committed in self.scan_steps() if committed]
+
+    def locate(self, location: Location) -> Location:
+        place = _object(location)
+        if place.name == MANIFEST_NAME:
+            return place.parent
+        if self.committed(place):
+            return place
+        found = ObjectStorage.__new__(ObjectStorage)
+        found.root, found.fs = place, self.fs
+        committed = found.list_checkpoints()
+        if committed:
+            return committed[-1][1]
+        if parse_step(place.name) is not None and _children(self.fs, place):
+            raise CheckpointNotFoundError(
+                f"{place / MANIFEST_NAME}: missing; the checkpoint was never committed (its save was "
+                "interrupted) — load an earlier checkpoint"
+            )
+        raise CheckpointNotFoundError(f"{place}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* prefixes)")
+
+    def remove(self, location: Location) -> None:
+        """Delete the manifest first (the checkpoint is then uncommitted), then its objects."""
+        place = _object(location)
+        manifest = str(place / MANIFEST_NAME)
+        try:
+            retrying(lambda: self.fs.rm_file(manifest), what=manifest)
+        except FileNotFoundError:
+            pass
+        retrying(lambda: self.fs.rm(str(place), recursive=True), what=str(place))
+
+    def clean_stale(self, now: datetime.datetime | None = None) -> None:
+        """Delete ``objects-*`` prefixes older than ``REMOTE.stale_after_s`` that no manifest names."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        for step_name in _children(self.fs, self.root):
+            place = self.root / step_name
+            names = _children(self.fs, place)
+            stale = [
+                n for n in names
+                if n.startswith(OBJECTS_PREFIX)
+                and (started := _started(n)) is not None
+                and (now - started).total_seconds() > REMOTE.stale_after_s
+            ]
+            if not stale:
+                continue
+            if MANIFEST_NAME in names:
+                try:
+                    with self.open(place) as folder:
+                        stale = [n for n in stale if n != folder.read_manifest().objects]
+                except CheckpointError:
+                    continue  # an unreadable manifest: leave its objects for a person to look at
+            for name in stale:
+                retrying(lambda: self.fs.rm(str(place / name), recursive=True), what=str(place / name))
+
+
+class ObjectPendingWrite:
+    """One checkpoint being uploaded (see the module docstring for the protocol)."""
+
+    def __init__(self, storage: ObjectStorage, step: int, final: ObjectPath) -> None:
+        self.storage, self.step, self.final = storage, step, final
+        started = datetime.datetime.now(datetime.timezone.utc).strftime(_STAMP)
+        self.prefix = f"{OBJECTS_PREFIX}{started}-{secrets.token_hex(6)}"
+        self.location = final / self.prefix
+        self._committed = False
+
+    def __repr__(self) -> str:
+        return f"ObjectPendingWrite({str(self.location)!r})"
+
+    def __enter__(self) -> ObjectPendingWrite:
+        try:
+            self.storage.clean_stale()
+        except Exception as exc:  # tidying must not fail a save
+            import logging
+
+            logging.getLogger("safeckpt").warning("%s: could not clean stale uploads: %s", self.storage.root, exc)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._committed:
+            self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self.storage.fs.rm(str(self.location), recursive=True)
+        except Exception:
+            pass
+
+    def write_files(self, files: Sequence[FileSource]) -> list[FileEntry]:
+        """Upload every file under this save's prefix, several at once; their manifest entries."""
+        fs = self.storage.fs
+        jobs = [
+            (lambda f=file: upload_object(fs, str(self.location / f[0]), f[0], f[1], f[2])) for file in files
+        ]
+        return in_parallel(jobs, REMOTE.transfers, name="safeckpt-upload")
+
+    def commit(self, manifest: Manifest, *, overwrite: bool = False) -> ObjectPath:
+        """Write the manifest (naming this save's prefix): create-only unless ``overwrite``."""
+        import dataclasses
+
+        data = dataclasses.replace(manifest, objects=self.prefix).to_json_bytes()
+        url = str(self.final / MANIFEST_NAME)
+        mode = "overwrite" if overwrite else "create"
+        try:
+            retrying(lambda: self.storage.fs.pipe_file(url, data, mode=mode), what=url)
+        except FileExistsError:
+            raise checkpoint_exists(self.final, self.step) from None
+        except Exception as exc:
+            raise CheckpointWriteError(
+                f"{url}: writing the manifest failed ({type(exc).__name__}: {exc}); the checkpoint "
+                "is not committed and earlier ones are untouched — save again"
+            ) from exc
+        self._committed = True
+        return self.final
+
+
+class ObjectFolder:
+    """One committed checkpoint in an object store, open for reading."""
+
+    def __init__(self, fs: Any, location: ObjectPath) -> None:
+        self.fs, self.location = fs, location
+        self._objects = location
+
+    def __enter__(self) -> ObjectFolder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
+
+    def read_manifest(self) -> Manifest:
+        url = str(self.location / MANIFEST_NAME)
+        try:
+            raw = retrying(lambda: self.fs.cat_file(url, start=0, end=limits.MAX_MANIFEST_BYTES + 1), what=url)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{url}: missing; the checkpoint was never committed, load an earlier one"
+            ) from None
+        except Exception as exc:
+            raise CheckpointCorruptedError(f"{url}: could not be read ({exc}); check the connection") from exc
+        manifest = Manifest.from_json_bytes(bytes(raw), source=url)
+        self._objects = self.location / manifest.objects if manifest.objects else self.location
+        return manifest
+
+    def read_files(self, entries: Sequence[FileEntry], *, verify: bool = True) -> dict[str, memoryview]:
+        ordered = sorted(entries, key=lambda e: -e.size)
+        with ThreadPoolExecutor(REMOTE.transfers, thread_name_prefix="safeckpt-download") as pool:
+            return {
+                e.name: download_object(self.fs, str(self._objects / e.name), e, verify=verify, pool=pool)
+                for e in ordered
+            }
+
+    def audit(self, entries: Iterable[FileEntry]) -> None:
+        jobs = [(lambda e=e: audit_object(self.fs, str(self._objects / e.name), e)) for e in entries]
+        in_parallel(jobs, REMOTE.transfers, name="safeckpt-verify")
