@@ -1,0 +1,272 @@
+"""Checkpoints in object storage: s3:// against a real S3 API server (moto) on loopback, and
+memory://. What a user relies on: a round trip, retention, the manifest-last create-only commit
+(an interrupted upload or a losing writer leaves no checkpoint), retries of transient errors
+with a clear error when they persist, verification before parsing, safe overwrites, and the
+cleanup of stale uploads."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import fsspec
+import pytest
+import torch
+
+import safeckpt
+from s3_server import FaultProxy, Faults, S3Server, options
+from safeckpt.errors import CheckpointCorruptedError, CheckpointExistsError, CheckpointWriteError
+from safeckpt.format.manifest import build
+from safeckpt.storage import objectio
+from safeckpt.storage.base import ObjectPath
+from safeckpt.storage.locate import as_location, storage_for
+from safeckpt.storage.objectstore import ObjectStorage
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[S3Server]:
+    s3 = S3Server()
+    s3.start()
+    yield s3
+    s3.stop()
+
+
+@pytest.fixture()
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small parts (5 MiB, S3's minimum) so a few MiB make a multipart upload; short backoff."""
+    monkeypatch.setattr(objectio.REMOTE, "part", 5 * 1024 * 1024)
+    monkeypatch.setattr(objectio.REMOTE, "backoff_s", 0.01)
+    monkeypatch.setattr(objectio.REMOTE, "attempts", 3)
+
+
+@pytest.fixture()
+def bucket(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket=name)
+    return name
+
+
+def _model(seed: int, size: int = 64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(size, size), torch.nn.Linear(size, 4))
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def _keys(fs: fsspec.AbstractFileSystem, url: str) -> list[str]:
+    return [k.split("/", 1)[1] for k in fs.find(url)]
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+def test_s3_round_trip_restores_model_optimizer_and_config(server: S3Server, bucket: str) -> None:
+    opts = options(server.url)
+    model = _model(0)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 64)).sum().backward()
+    opt.step()
+    path = safeckpt.save_checkpoint(model, opt, {"lr": 0.1}, ["a"], 7, directory=f"s3://{bucket}/run", storage_options=opts)
+    assert str(path) == f"s3://{bucket}/run/step-00000007"
+
+    fresh = _model(1)
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    ckpt = safeckpt.load_checkpoint(f"s3://{bucket}/run", fresh, fresh_opt, storage_options=opts)
+    assert ckpt.step == 7 and ckpt.config == {"lr": 0.1} and ckpt.vocab == ["a"]
+    assert _same(model, fresh)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    manifest = safeckpt.verify_checkpoint(path, storage_options=opts)
+    keys = _keys(fsspec.filesystem("s3", **opts), f"{bucket}/run")
+    assert f"run/step-00000007/{manifest.objects}/model.safetensors" in keys
+    assert "run/step-00000007/manifest.json" in keys
+
+
+def test_memory_url_round_trip_and_file_url_is_a_local_path(tmp_path: object) -> None:
+    model = _model(2)
+    root = f"memory://{uuid.uuid4().hex}"
+    safeckpt.save_checkpoint(model, None, None, None, 3, directory=root)
+    fresh = _model(3)
+    assert safeckpt.load_checkpoint(root, fresh).step == 3 and _same(model, fresh)
+    assert as_location(f"file://{tmp_path}") == tmp_path
+
+
+def test_import_safeckpt_does_not_import_fsspec() -> None:
+    code = "import sys, safeckpt; print(sorted(m for m in ('fsspec', 's3fs', 'botocore') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_manager_keeps_the_newest_and_deletes_older_checkpoints_entirely(server: S3Server, bucket: str) -> None:
+    opts = options(server.url)
+    root = f"s3://{bucket}/managed"
+    manager = safeckpt.CheckpointManager(root, keep_last=2, storage_options=opts)
+    model = _model(4)
+    for step in range(1, 5):
+        with torch.no_grad():
+            model[0].bias.fill_(step)
+        manager.save(step, model=model)
+    assert manager.steps() == [3, 4]
+    keys = _keys(fsspec.filesystem("s3", **opts), f"{bucket}/managed")
+    assert not [k for k in keys if "step-00000001" in k or "step-00000002" in k]
+    fresh = _model(5)
+    assert manager.restore(model=fresh).step == 4
+    assert torch.all(fresh[0].bias == 4)
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+def test_server_stopped_during_an_upload_commits_nothing_and_the_previous_loads(
+    server: S3Server, bucket: str, fast_retries: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = options(server.url, attempts=1)
+    root = f"s3://{bucket}/run"
+    first = _model(6, size=1200)  # ~5.8 MB of weights: a multipart upload of two parts
+    safeckpt.save_checkpoint(first, None, None, None, 1, directory=root, storage_options=opts)
+    real = objectio._upload_once
+
+    def stop_after_first_part(fs, url, name, parts, size_hint):  # type: ignore[no-untyped-def]
+        def pieces():  # type: ignore[no-untyped-def]
+            for index, part in enumerate(parts):
+                if index == 1 and name == "model.safetensors":
+                    server.stop()  # the multipart upload is under way
+                yield part
+
+        return real(fs, url, name, pieces(), size_hint)
+
+    monkeypatch.setattr(objectio, "_upload_once", stop_after_first_part)
+    try:  # any file of the save may be the first to fail: they are uploaded in parallel
+        with pytest.raises(CheckpointWriteError, match=r"step-00000002/objects-\S+\.(safetensors|msgpack): upload failed"):
+            safeckpt.save_checkpoint(_model(7, size=1200), None, None, None, 2, directory=root, storage_options=opts)
+    finally:
+        server.start()  # same port, same buckets
+    fs = fsspec.filesystem("s3", **opts)
+    assert not fs.exists(f"{bucket}/run/step-00000002/manifest.json")
+    fresh = _model(8, size=1200)
+    assert safeckpt.load_checkpoint(root, fresh, storage_options=opts).step == 1
+    assert _same(first, fresh)
+
+
+@pytest.mark.parametrize(("status", "code"), [(500, "InternalError"), (503, "SlowDown")])
+def test_transient_errors_are_retried_until_the_save_succeeds(
+    server: S3Server, bucket: str, fast_retries: None, status: int, code: str
+) -> None:
+    faults = Faults(count=3, status=status, code=code)
+    proxy = FaultProxy(server.port, faults)
+    try:
+        opts = options(proxy.url, attempts=2)
+        model = _model(9, size=1200)
+        path = safeckpt.save_checkpoint(model, None, None, None, 1, directory=f"s3://{bucket}/run", storage_options=opts)
+        assert faults.injected == 3 and faults.count == 0
+        fresh = _model(10, size=1200)
+        safeckpt.load_checkpoint(path, fresh, storage_options=opts)
+        assert _same(model, fresh)
+    finally:
+        proxy.close()
+
+
+def test_errors_that_persist_raise_a_write_error_naming_the_object(
+    server: S3Server, bucket: str, fast_retries: None
+) -> None:
+    proxy = FaultProxy(server.port, Faults(count=10**6, path_part="model.safetensors"))
+    try:
+        opts = options(proxy.url, attempts=1)
+        root = f"s3://{bucket}/run"
+        with pytest.raises(CheckpointWriteError, match=r"model\.safetensors: upload failed after retries"):
+            safeckpt.save_checkpoint(_model(11), None, None, None, 1, directory=root, storage_options=opts)
+        assert safeckpt.CheckpointManager(root, storage_options=opts).steps() == []
+    finally:
+        proxy.close()
+
+
+def test_two_writers_of_one_step_exactly_one_commits(server: S3Server, bucket: str) -> None:
+    opts = options(server.url)
+    storage = storage_for(ObjectPath("s3", f"{bucket}/run"), opts)
+    payload = [("config.json", [b'{"writer": "a"}'], 15)], [("config.json", [b'{"writer": "b"}'], 15)]
+    with storage.begin(5) as first, storage.begin(5) as second:
+        entries_a = first.write_files(payload[0])
+        entries_b = second.write_files(payload[1])
+        second.commit(build(5, entries_b))
+        with pytest.raises(CheckpointExistsError):
+            first.commit(build(5, entries_a))
+    assert isinstance(storage, ObjectStorage)
+    fs, place = storage.fs, f"{bucket}/run/step-00000005"
+    manifest = json.loads(fs.cat_file(f"{place}/manifest.json"))
+    assert [n for n in fs.ls(place, detail=False) if "/objects-" in n] == [f"{place}/{manifest['objects']}"]
+    assert fs.cat_file(f"{place}/{manifest['objects']}/config.json") == b'{"writer": "b"}'
+
+
+def test_a_corrupted_object_is_refused_before_parsing(server: S3Server, bucket: str) -> None:
+    opts = options(server.url)
+    path = safeckpt.save_checkpoint(_model(12), None, None, None, 1, directory=f"s3://{bucket}/run", storage_options=opts)
+    fs = fsspec.filesystem("s3", **opts)
+    objects = safeckpt.verify_checkpoint(path, storage_options=opts).objects
+    key = f"{bucket}/run/step-00000001/{objects}/model.safetensors"
+    data = bytearray(fs.cat_file(key))
+    data[8] ^= 0xFF  # the safetensors header's first byte: a parser would fail differently
+    fs.pipe_file(key, bytes(data))
+    for action in (
+        lambda: safeckpt.load_checkpoint(path, _model(13), storage_options=opts),
+        lambda: safeckpt.verify_checkpoint(path, storage_options=opts),
+    ):
+        with pytest.raises(CheckpointCorruptedError, match=rf"s3://{key}: SHA-256 is [0-9a-f]+, manifest.json says"):
+            action()
+    fs.pipe_file(key, bytes(data[:-1]))
+    with pytest.raises(CheckpointCorruptedError, match=r"model\.safetensors: size is \d+ bytes, manifest.json says"):
+        safeckpt.load_checkpoint(path, _model(13), storage_options=opts)
+
+
+# -- overwrite and cleanup -------------------------------------------------------------------
+
+
+def test_overwrite_keeps_the_old_objects_for_readers_until_they_are_stale() -> None:
+    root = ObjectPath("memory", uuid.uuid4().hex)
+    old, new = _model(14), _model(15)
+    safeckpt.save_checkpoint(old, None, None, None, 1, directory=root)
+    storage = ObjectStorage(root)
+    with storage.open(root / "step-00000001") as reader:  # a reader that got the old manifest
+        old_manifest = reader.read_manifest()
+        with pytest.raises(CheckpointExistsError):
+            safeckpt.save_checkpoint(new, None, None, None, 1, directory=root)
+        safeckpt.save_checkpoint(new, None, None, None, 1, directory=root, overwrite=True)
+        buffers = reader.read_files(old_manifest.files)  # still the old, complete checkpoint
+    assert buffers["model.safetensors"].nbytes == old_manifest.file("model.safetensors").size  # type: ignore[union-attr]
+    fresh = _model(16)
+    safeckpt.load_checkpoint(root, fresh)
+    assert _same(new, fresh)
+    step = f"{root.path}/step-00000001"
+    prefixes = lambda: sorted(n.rsplit("/", 1)[1] for n in storage.fs.ls(step, detail=False) if "/objects-" in n)  # noqa: E731
+    assert len(prefixes()) == 2
+    now = datetime.datetime.now(datetime.timezone.utc)
+    storage.clean_stale(now + datetime.timedelta(hours=1))  # younger than the documented age: kept
+    assert len(prefixes()) == 2
+    storage.clean_stale(now + datetime.timedelta(seconds=objectio.REMOTE.stale_after_s + 60))
+    current = safeckpt.verify_checkpoint(root / "step-00000001").objects
+    assert prefixes() == [current]
+
+
+def test_an_interrupted_save_leaves_nothing_a_reader_sees_and_is_cleaned_once_stale() -> None:
+    root = ObjectPath("memory", uuid.uuid4().hex)
+    storage = ObjectStorage(root)
+    with storage.begin(9) as pending:
+        pending.write_files([("config.json", [b"{}"], 2)])
+        pending._discard = lambda: None  # type: ignore[method-assign]  # a writer killed before commit
+    assert storage.list_checkpoints() == []
+    with pytest.raises(safeckpt.CheckpointNotFoundError, match="never committed"):
+        safeckpt.load_checkpoint(root / "step-00000009")
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=objectio.REMOTE.stale_after_s + 60)
+    storage.clean_stale(later)
+    assert storage.exists(root / "step-00000009") is False
