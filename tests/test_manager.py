@@ -14,7 +14,6 @@ import torch
 import safeckpt
 from ckpt_tools import flip_bits, same_state
 from conftest import TinyLM, train_steps
-from safeckpt import manager as manager_module
 from safeckpt.format.manifest import MANIFEST_NAME
 from safeckpt.storage import local as local_module
 from safeckpt.torch import saver as saver_module
