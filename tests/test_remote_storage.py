@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -270,3 +271,27 @@ def test_an_interrupted_save_leaves_nothing_a_reader_sees_and_is_cleaned_once_st
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=objectio.REMOTE.stale_after_s + 60)
     storage.clean_stale(later)
     assert storage.exists(root / "step-00000009") is False
+
+
+def test_an_object_store_checkpoint_copied_to_disk_loads_locally(tmp_path: object) -> None:
+    root = ObjectPath("memory", uuid.uuid4().hex)
+    model = _model(17)
+    safeckpt.save_checkpoint(model, None, None, None, 4, directory=root)
+    storage = ObjectStorage(root)
+    storage.fs.get(f"{root.path}/step-00000004", f"{tmp_path}/step-00000004", recursive=True)
+    fresh = _model(18)
+    assert safeckpt.load_checkpoint(tmp_path, fresh).step == 4 and _same(model, fresh)
+    assert safeckpt.verify_checkpoint(tmp_path).objects
+
+
+def test_the_command_line_verifies_an_s3_url_with_the_endpoint_from_the_environment(
+    server: S3Server, bucket: str
+) -> None:
+    path = safeckpt.save_checkpoint(_model(19), None, None, None, 2, directory=f"s3://{bucket}/run", storage_options=options(server.url))
+    env = {**os.environ, "AWS_ENDPOINT_URL": server.url, "AWS_DEFAULT_REGION": "us-east-1"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, safeckpt.cli; sys.exit(safeckpt.cli.main())", "verify", f"s3://{bucket}/run"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"OK s3://{bucket}/run: step 2")
+    assert str(path) == f"s3://{bucket}/run/step-00000002"

@@ -89,6 +89,8 @@ class LocalFolder:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self._fd = -1
+        self._data_fd = -1
+        self._data = self.folder
 
     def __enter__(self) -> LocalFolder:
         try:
@@ -102,9 +104,9 @@ class LocalFolder:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in {self._fd, self._data_fd} - {-1}:
+            os.close(fd)
+        self._fd = self._data_fd = -1
 
     def read_manifest(self) -> Manifest:
         """The strictly parsed manifest, read with a size limit."""
@@ -116,12 +118,27 @@ class LocalFolder:
             source=source,
             missing="missing; the checkpoint was never committed, load an earlier one",
         )
-        return Manifest.from_json_bytes(bytes(raw), source=source)
+        manifest = Manifest.from_json_bytes(bytes(raw), source=source)
+        if manifest.objects:  # an object-store checkpoint copied to disk: files in a sub-folder
+            self._data = self.folder / manifest.objects
+            try:
+                self._data_fd = os.open(
+                    manifest.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fd
+                )
+            except OSError:
+                raise CheckpointNotFoundError(
+                    f"{self._data}: missing; manifest.json keeps its files there (an object-store "
+                    "checkpoint copied without them), copy the whole checkpoint"
+                ) from None
+        return manifest
+
+    def _files_fd(self) -> int:
+        return self._data_fd if self._data_fd >= 0 else self._fd
 
     def read_files(self, entries: Sequence[FileEntry], *, verify: bool = True) -> dict[str, memoryview]:
         """Every file, checked against its entry (see :func:`safeckpt.storage.posix.read_files`)."""
-        return read_files(self._fd, entries, folder=self.folder, verify=verify)
+        return read_files(self._files_fd(), entries, folder=self._data, verify=verify)
 
     def audit(self, entries: Iterable[FileEntry]) -> None:
         """Every file's size and digests, streamed (see :func:`safeckpt.storage.posix.audit_files`)."""
-        audit_files(self._fd, entries, folder=self.folder)
+        audit_files(self._files_fd(), entries, folder=self._data)
