@@ -18,6 +18,7 @@ import boto3
 import fsspec
 import pytest
 import torch
+from s3fs import S3FileSystem
 
 import safeckpt
 from s3_server import FaultProxy, Faults, S3Server, options
@@ -137,18 +138,15 @@ def test_server_stopped_during_an_upload_commits_nothing_and_the_previous_loads(
     root = f"s3://{bucket}/run"
     first = _model(6, size=1200)  # ~5.8 MB of weights: a multipart upload of two parts
     safeckpt.save_checkpoint(first, None, None, None, 1, directory=root, storage_options=opts)
-    real = objectio._upload_once
+    real = S3FileSystem.call_s3
 
-    def stop_after_first_part(fs, url, name, parts, size_hint):  # type: ignore[no-untyped-def]
-        def pieces():  # type: ignore[no-untyped-def]
-            for index, part in enumerate(parts):
-                if index == 1 and name == "model.safetensors":
-                    server.stop()  # the multipart upload is under way
-                yield part
+    def stop_after_first_part(self, method, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(self, method, *args, **kwargs)
+        if method == "upload_part" and kwargs["Key"].endswith("model.safetensors"):
+            server.stop()  # one part is in, the multipart upload is under way
+        return out
 
-        return real(fs, url, name, pieces(), size_hint)
-
-    monkeypatch.setattr(objectio, "_upload_once", stop_after_first_part)
+    monkeypatch.setattr(S3FileSystem, "call_s3", stop_after_first_part)
     try:  # any file of the save may be the first to fail: they are uploaded in parallel
         with pytest.raises(CheckpointWriteError, match=r"step-00000002/objects-\S+\.(safetensors|msgpack): upload failed"):
             safeckpt.save_checkpoint(_model(7, size=1200), None, None, None, 2, directory=root, storage_options=opts)

@@ -106,6 +106,10 @@ def upload_object(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hi
 
 
 def _upload_once(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hint: int) -> FileEntry:
+    if callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None)):
+        from .s3parts import upload_parts
+
+        return upload_parts(fs, url, name, parts, size_hint)
     chunk = chunk_size(size_hint)
     sha, chunks = Hasher(), Hasher(chunk) if chunk else None
     size = 0
