@@ -293,3 +293,44 @@ def test_the_command_line_verifies_an_s3_url_with_the_endpoint_from_the_environm
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"OK s3://{bucket}/run: step 2")
     assert str(path) == f"s3://{bucket}/run/step-00000002"
+
+
+def test_transient_errors_while_loading_are_retried(server: S3Server, bucket: str, fast_retries: None) -> None:
+    faults = Faults(count=3, status=503, code="SlowDown", methods=("GET",))
+    proxy = FaultProxy(server.port, faults)
+    try:
+        opts = options(proxy.url, attempts=1)
+        model = _model(20)
+        path = safeckpt.save_checkpoint(model, None, None, None, 1, directory=f"s3://{bucket}/run", storage_options=opts)
+        fresh = _model(21)
+        safeckpt.load_checkpoint(path, fresh, storage_options=opts)
+        assert faults.injected == 3 and _same(model, fresh)
+    finally:
+        proxy.close()
+
+
+def test_retention_uncommits_before_deleting_and_works_with_async_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = f"memory://{uuid.uuid4().hex}"
+    manager = safeckpt.CheckpointManager(root, keep_last=1, async_save=True)
+    fs = manager._storage.fs  # type: ignore[attr-defined]
+    events: list[tuple[str, bool]] = []
+    real_rm, real_rm_file = fs.rm, fs.rm_file
+
+    def rm_file(path: str, *args: object, **kwargs: object) -> None:
+        if path.endswith("manifest.json"):  # (fs.rm also removes the data objects one by one)
+            events.append(("rm_file " + path.rsplit("/", 1)[-1], fs.exists(path)))
+        real_rm_file(path, *args, **kwargs)
+
+    def rm(path: str, *args: object, **kwargs: object) -> None:
+        manifest = f"{path.rstrip('/')}/manifest.json"
+        events.append(("rm " + path.rsplit("/", 1)[-1], fs.exists(manifest)))
+        real_rm(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "rm", rm)
+    monkeypatch.setattr(fs, "rm_file", rm_file)
+    model = _model(22)
+    manager.save(1, model=model)
+    manager.save(2, model=model)
+    manager.wait()
+    assert manager.steps() == [2]
+    assert events == [("rm_file manifest.json", True), ("rm step-00000001", False)]

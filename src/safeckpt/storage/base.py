@@ -2,8 +2,9 @@
 
 Everything above this package (the torch adapter, the numpy reader, the manager, the CLI) talks
 to storage only through these protocols; :mod:`safeckpt.storage.local` is the first
-implementation (POSIX files, see :mod:`safeckpt.storage.posix_commit` for its commit protocol).
-An object store implements the same protocols with a *manifest-last* commit.
+implementation (POSIX files, see :mod:`safeckpt.storage.posix_commit` for its commit protocol);
+:mod:`safeckpt.storage.objectstore` is the second (any fsspec URL, a *manifest-last* commit).
+:func:`safeckpt.storage.locate.storage_for` picks one from the location.
 
 Call sequence of a save (one process, or a coordinator and several ranks)::
 
@@ -31,9 +32,10 @@ Contract every implementation keeps:
 * ``commit`` never replaces an existing checkpoint unless ``overwrite`` is True
   (:class:`~safeckpt.errors.CheckpointExistsError` otherwise); with ``overwrite`` readers see the
   old checkpoint or the new one, never a mixture. POSIX: ``renameat2`` NOREPLACE / EXCHANGE of a
-  temporary folder. An object store (no rename): files go to their final keys, then the manifest
-  with a create-only conditional PUT (``If-None-Match: *``); an overwrite removes the old
-  manifest's files only after the new manifest is in place.
+  temporary folder. An object store (no rename, :mod:`.objectstore`): files go under a prefix
+  unique to the save, then the manifest naming it with a create-only conditional PUT
+  (``If-None-Match: *``); an overwrite replaces the manifest in one PUT and leaves the old
+  prefix for readers until it is stale.
 * A failed save raises :class:`~safeckpt.errors.CheckpointWriteError` and leaves earlier
   checkpoints untouched; its leftovers are invisible to readers and cleaned by a later save.
 * ``read_files`` returns only once every file verified; no parser sees unverified bytes.

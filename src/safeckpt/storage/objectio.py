@@ -39,9 +39,12 @@ class RemoteTuning:
     """Knobs of object-store transfers."""
 
     part: int = 32 * 1024 * 1024
-    """Bytes per multipart part sent and per range fetched (S3 needs >= 5 MiB parts)."""
-    transfers: int = 8
-    """Ranges of one object fetched at once; objects uploaded at once."""
+    """Bytes per multipart part sent, and per range an audit reads (S3 needs >= 5 MiB parts)."""
+    fetch: int = 64 * 1024 * 1024
+    """Bytes per range a load fetches (without chunk digests; with them, one range per chunk).
+    A load holds up to ``transfers`` ranges in flight besides the checkpoint itself."""
+    transfers: int = 10
+    """Ranges of one object fetched at once; parts of one object, and objects, sent at once."""
     attempts: int = 4
     """Tries of one transfer before its error is raised (the first try included)."""
     backoff_s: float = 0.25
@@ -211,7 +214,7 @@ def download_object(fs: Any, url: str, entry: FileEntry, *, verify: bool, pool: 
         for future in futures:
             future.result()
         return view
-    ranges = [(start, min(start + REMOTE.part, size)) for start in range(0, size, REMOTE.part)]
+    ranges = [(start, min(start + REMOTE.fetch, size)) for start in range(0, size, REMOTE.fetch)]
     futures = [pool.submit(_fetch, fs, url, start, end, view[start:end]) for start, end in ranges]
     sha = hashlib.sha256()
     for (start, end), future in zip(ranges, futures, strict=True):

@@ -18,7 +18,9 @@ uncommitted prefix. Removal deletes the manifest first.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,8 @@ from .parallel import in_parallel
 from .posix_commit import parse_step, step_dirname
 
 __all__ = ["ObjectFolder", "ObjectPendingWrite", "ObjectStorage"]
+
+logger = logging.getLogger("safeckpt")
 
 OBJECTS_PREFIX = "objects-"
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -85,9 +89,9 @@ def _started(prefix: str) -> datetime.datetime | None:
 class ObjectStorage:
     """A root of checkpoints in an fsspec file system (see :mod:`.base` for the contract)."""
 
-    def __init__(self, root: ObjectPath, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, root: ObjectPath, storage_options: Mapping[str, Any] | None = None, *, fs: Any = None) -> None:
         self.root = root
-        self.fs = _filesystem(root.protocol, storage_options)
+        self.fs = fs if fs is not None else _filesystem(root.protocol, storage_options)
 
     def __repr__(self) -> str:
         return f"ObjectStorage({str(self.root)!r})"
@@ -119,9 +123,7 @@ class ObjectStorage:
             return place.parent
         if self.committed(place):
             return place
-        found = ObjectStorage.__new__(ObjectStorage)
-        found.root, found.fs = place, self.fs
-        committed = found.list_checkpoints()
+        committed = ObjectStorage(place, fs=self.fs).list_checkpoints()
         if committed:
             return committed[-1][1]
         if parse_step(place.name) is not None and _children(self.fs, place):
@@ -182,9 +184,7 @@ class ObjectPendingWrite:
         try:
             self.storage.clean_stale()
         except Exception as exc:  # tidying must not fail a save
-            import logging
-
-            logging.getLogger("safeckpt").warning("%s: could not clean stale uploads: %s", self.storage.root, exc)
+            logger.warning("%s: could not clean stale uploads: %s", self.storage.root, exc)
         return self
 
     def __exit__(
@@ -209,8 +209,6 @@ class ObjectPendingWrite:
 
     def commit(self, manifest: Manifest, *, overwrite: bool = False) -> ObjectPath:
         """Write the manifest (naming this save's prefix): create-only unless ``overwrite``."""
-        import dataclasses
-
         data = dataclasses.replace(manifest, objects=self.prefix).to_json_bytes()
         url = str(self.final / MANIFEST_NAME)
         mode = "overwrite" if overwrite else "create"
