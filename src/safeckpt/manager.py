@@ -33,6 +33,7 @@ from .errors import (
 )
 from .loader import Checkpoint, load_checkpoint
 from .manifest import MANIFEST_NAME
+from .retention import check_policy, steps_to_keep
 from .saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
 from .verify import verify_checkpoint
 
@@ -82,9 +83,7 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = False,
     ) -> None:
-        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"CheckpointManager: {name} must be a positive int or None, got {value!r}")
+        check_policy(keep_last=keep_last, keep_every=keep_every, caller="CheckpointManager")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -237,9 +236,9 @@ class CheckpointManager:
         if self.keep_last is None:
             return
         committed = list_checkpoints(self.directory)
-        keep = {step for step, _ in committed[-self.keep_last :]} | {just_saved}
-        if self.keep_every is not None:
-            keep |= {step for step, _ in committed if step % self.keep_every == 0}
+        keep = steps_to_keep(
+            [step for step, _ in committed], keep_last=self.keep_last, keep_every=self.keep_every, protect={just_saved}
+        )
         for step, path in committed:
             if step not in keep:
                 try:

@@ -1,0 +1,132 @@
+"""The command line's torch-free access to checkpoints: locate one, read its manifest, verify
+its files with a progress bar, and list archives' tensors from their headers alone.
+
+Every core function the torch-free commands (``verify``, ``inspect``, ``ls``, ``prune``) use is
+imported here, so that moving core modules changes this file only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..archive import TensorInfo, parse_header
+from ..commit import STEP_PREFIX, TMP_PREFIX, TRASH_PREFIX, list_checkpoints, parse_step, remove_checkpoint
+from ..errors import CheckpointNotFoundError
+from ..fileio import audit_files, read_files
+from ..manifest import MANIFEST_NAME, FileEntry, Manifest
+from ..reading import _folder, _manifest, locate_checkpoint, model_aliases
+
+__all__ = [
+    "MANIFEST_NAME",
+    "STEP_PREFIX",
+    "TMP_PREFIX",
+    "TRASH_PREFIX",
+    "TensorInfo",
+    "archive_headers",
+    "audit",
+    "list_checkpoints",
+    "locate",
+    "mapped_files",
+    "model_aliases",
+    "parse_step",
+    "read_manifest",
+    "read_verified",
+    "remove_checkpoint",
+]
+
+
+def locate(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint folder ``path`` names (a folder, its manifest, or a root: the newest).
+
+    A file that is not a checkpoint (a ``.pt`` file, say) is named for what it is.
+    """
+    from ._common import describe_file
+
+    description = describe_file(Path(path))
+    if description is not None:
+        raise CheckpointNotFoundError(description)
+    return locate_checkpoint(path)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse and validate ``folder``'s manifest (nothing else is read)."""
+    with _folder(folder) as dir_fd:
+        return _manifest(dir_fd, folder)
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _each_file(
+    folder: Path, entries: list[FileEntry], job: Callable[[int, FileEntry], object], done: Callable[[int], object]
+) -> list[object]:
+    """Run ``job(dir_fd, entry)`` for every entry on a few threads, largest first; ``done(size)``
+    after each. The first error (in file order, largest first) is raised once all have stopped."""
+    ordered = sorted(entries, key=lambda e: -e.size)
+    with _folder(folder) as dir_fd, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+        futures = [pool.submit(job, dir_fd, entry) for entry in ordered]
+        for future, entry in zip(futures, ordered, strict=True):
+            future.add_done_callback(lambda f, size=entry.size: done(size) if f.exception() is None else None)
+        concurrent.futures.wait(futures)
+        return [future.result() for future in futures]
+
+
+def audit(folder: Path, manifest: Manifest, *, done: Callable[[int], object] = lambda size: None) -> None:
+    """Check every file's size and every digest the manifest records (as ``verify_checkpoint``),
+    streaming through small buffers; ``done(size)`` is called as each file passes."""
+    _each_file(
+        folder, list(manifest.files), lambda dir_fd, entry: audit_files(dir_fd, [entry], folder=folder), done
+    )
+
+
+def read_verified(
+    folder: Path, entries: list[FileEntry], *, done: Callable[[int], object] = lambda size: None
+) -> dict[str, memoryview]:
+    """Read and verify the files ``entries`` name (size and digests); returns their bytes.
+
+    Nothing is returned unless every one of them verified."""
+    results = _each_file(
+        folder, entries, lambda dir_fd, entry: read_files(dir_fd, [entry], folder=folder, verify=True), done
+    )
+    buffers: dict[str, memoryview] = {}
+    for result in results:
+        assert isinstance(result, dict)
+        buffers.update(result)
+    return buffers
+
+
+@contextmanager
+def mapped_files(folder: Path, manifest: Manifest) -> Iterator[dict[str, memoryview]]:
+    """Every file as a lazy memory map (sizes checked, nothing read until touched)."""
+    with _folder(folder) as dir_fd:
+        maps = read_files(dir_fd, manifest.files, folder=folder, verify=False)
+    try:
+        yield maps
+    finally:
+        for view in maps.values():
+            owner = view.obj
+            view.release()
+            close = getattr(owner, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except BufferError:  # still exported elsewhere: the garbage collector unmaps it
+                    pass
+
+
+def archive_headers(folder: Path, maps: dict[str, memoryview]) -> dict[str, tuple[list[TensorInfo], dict[str, str]]]:
+    """Tensors and metadata of every ``.safetensors`` file, parsed strictly from the header only.
+
+    Each file is a memory map, so only the pages of the 8-byte length and the header JSON (and of
+    any bool tensor, whose bytes the parser checks are 0 or 1) are read from disk.
+    """
+    return {
+        name: parse_header(view, source=str(folder / name))
+        for name, view in sorted(maps.items())
+        if name.endswith(".safetensors")
+    }
