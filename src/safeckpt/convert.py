@@ -175,7 +175,7 @@ def load_torch_file(source: str | os.PathLike[str], *, allow_classes: Sequence[s
                 raise _refuse_classes(source, sorted(set(found))) from None
             raise CheckpointCorruptedError(
                 f"{source}: cannot be read with torch.load(weights_only=True): {_clean(str(exc))}. "
-                "Only torch.save files of tensors, plain containers and allowed classes convert"
+                "The file is damaged or not a torch.save file"
             ) from None
     return _plain(doc)
 
@@ -188,6 +188,8 @@ def _plain(value: object) -> object:
         return {k: _plain(v) for k, v in vars(value).items()}
     if isinstance(value, _Record):
         return _plain(value.plain())
+    if isinstance(value, type) and issubclass(value, _Record):  # the class itself, not an instance
+        return value.origin
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
     if isinstance(value, torch.Size):
