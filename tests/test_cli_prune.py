@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import safeckpt
-from cli_tools import cli, cli_process
 from ckpt_tools import leftovers
+from cli_tools import cli, cli_process
 from conftest import TinyLM
 from safeckpt.commit import list_checkpoints
 from safeckpt.retention import check_policy, steps_to_keep, steps_to_remove

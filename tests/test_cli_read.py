@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import safeckpt
-from cli_tools import cli, cli_process
 from ckpt_tools import flip_bits
+from cli_tools import cli, cli_process
 from safeckpt.archive import build_header
 from safeckpt.manifest import FileEntry, Manifest
 

@@ -98,7 +98,7 @@ def _known_safe() -> list[object]:
         import numpy as np
     except ImportError:
         return allowed
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2.x, else 1.x
     for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x names
         allowed += [(multiarray.scalar, f"{prefix}.scalar"), (multiarray._reconstruct, f"{prefix}._reconstruct")]
     allowed += [np.dtype, np.ndarray]
@@ -194,12 +194,14 @@ def _plain(value: object) -> object:
         return str(value)
     if isinstance(value, torch.Size):
         return tuple(value)
-    if type(value) in (list, tuple):
-        return type(value)(_plain(v) for v in value)  # type: ignore[call-arg]
+    if type(value) is list:
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
     if isinstance(value, (set, frozenset)):
         items = [_plain(v) for v in value]
         with contextlib.suppress(TypeError):
-            items.sort()  # type: ignore[call-overload]
+            items.sort()
         return items
     if isinstance(value, Mapping):
         plain = {k: _plain(v) for k, v in value.items()}

@@ -28,16 +28,16 @@ _EXIT_SIGPIPE = 128 + 13
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (``safeckpt demo`` parses its own arguments)."""
-    common: dict[str, object] = {"epilog": EXIT_CODES_HELP, "formatter_class": argparse.RawDescriptionHelpFormatter}
     parser = argparse.ArgumentParser(
         prog="safeckpt",
         description="Verify, inspect, compare, prune, convert and export safeckpt checkpoints.",
-        **common,  # type: ignore[arg-type]
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"safeckpt {__version__}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
-        command.register(sub, **common)
+        command.register(sub)
     sub.add_parser(
         "demo",
         help="train a small language model, kill it, resume it and compare the curves (safeckpt demo --help)",

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Protocol
 
 __all__ = [
+    "EXIT_CODES_HELP",
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_USAGE",
-    "EXIT_CODES_HELP",
     "Progress",
+    "add_command",
     "add_json",
     "add_quiet",
     "describe_file",
@@ -54,6 +55,15 @@ class Progress(Protocol):
 class _NoProgress:
     def update(self, n: float = 1) -> object:
         return None
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the exit codes as its epilog."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description, epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    return parser
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

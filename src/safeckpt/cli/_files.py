@@ -8,6 +8,7 @@ imported here, so that moving core modules changes this file only.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,9 +72,14 @@ def _each_file(
     with _folder(folder) as dir_fd, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
         futures = [pool.submit(job, dir_fd, entry) for entry in ordered]
         for future, entry in zip(futures, ordered, strict=True):
-            future.add_done_callback(lambda f, size=entry.size: done(size) if f.exception() is None else None)
+            future.add_done_callback(functools.partial(_report, done, entry.size))
         concurrent.futures.wait(futures)
         return [future.result() for future in futures]
+
+
+def _report(done: Callable[[int], object], size: int, future: concurrent.futures.Future[object]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        done(size)
 
 
 def audit(folder: Path, manifest: Manifest, *, done: Callable[[int], object] = lambda size: None) -> None:

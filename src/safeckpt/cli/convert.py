@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import CheckpointExistsError
-from ._common import EXIT_OK
+from ._common import EXIT_OK, add_command
 
 __all__ = ["register", "run"]
 
@@ -24,8 +24,9 @@ def _step(text: str) -> int:
     return value
 
 
-def register(sub: argparse._SubParsersAction, **common: object) -> None:
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
         "convert",
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}. Understands a bare state dict and the usual "
@@ -33,7 +34,6 @@ def register(sub: argparse._SubParsersAction, **common: object) -> None:
         "entries go to extra. argparse.Namespace and numpy scalars, dtypes and arrays are allowed; "
         "any other class is refused by name unless --allow-class names it. The result has no RNG "
         "state: load it with load_checkpoint(..., restore_rng=False).",
-        **common,
     )
     p.add_argument("source", metavar="IN", help="torch.save file (.pt, .pth, .bin)")
     p.add_argument("directory", metavar="ROOT", help="checkpoint root to write step-NNNNNNNN into")

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from . import _files
-from ._common import EXIT_FAILED, EXIT_OK, add_json, add_quiet, emit_json, finite, progress
+from ._common import EXIT_FAILED, EXIT_OK, add_command, add_json, add_quiet, emit_json, finite, progress
 
 __all__ = ["diff", "register", "run"]
 
@@ -39,9 +38,9 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def register(sub: argparse._SubParsersAction, **common: object) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     description = "Compare two checkpoints:\n\n" + (__doc__ or "").split("\n\n", 1)[1].replace("``", "")
-    p = sub.add_parser("diff", help=HELP, description=description, **common)
+    p = add_command(sub, "diff", help=HELP, description=description)
     p.add_argument("a", metavar="A", help="first checkpoint (folder, manifest.json, or root: the newest)")
     p.add_argument("b", metavar="B", help="second checkpoint; relative differences are taken against B")
     p.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance (default 0: exact)")
@@ -80,9 +79,9 @@ def _value_changes(a: dict[str, object], b: dict[str, object], *, atol: float, r
 
 
 def _spec(tensor: object) -> dict[str, object]:
-    from ._compare import dtype_name
-
     import torch
+
+    from ._compare import dtype_name
 
     assert isinstance(tensor, torch.Tensor)
     return {"dtype": dtype_name(tensor), "shape": list(tensor.shape)}
@@ -123,10 +122,10 @@ def _compare_part(part: str, a: object, b: object, *, atol: float, rtol: float) 
             "max_rel": finite(result.max_rel), "within_tolerance": result.within,
         })  # fmt: skip
     # A leaf that is a tensor on one side and a plain value on the other:
+    values = report["values"]
+    assert isinstance(values, list)
     for name in sorted((ta.keys() ^ tb.keys()) & (leaves_a.keys() & leaves_b.keys())):
-        report["values"].append(  # type: ignore[union-attr]
-            {"path": name, "change": "changed", "a": _jsonable(leaves_a[name]), "b": _jsonable(leaves_b[name])}
-        )
+        values.append({"path": name, "change": "changed", "a": _jsonable(leaves_a[name]), "b": _jsonable(leaves_b[name])})
     return report
 
 

@@ -11,22 +11,22 @@ from pathlib import Path
 from ..errors import CheckpointExistsError
 from ..export import EXPORT_TARGETS
 from . import _files
-from ._common import EXIT_OK, add_quiet, progress
+from ._common import EXIT_OK, add_command, add_quiet, progress
 
 __all__ = ["register", "run"]
 
 HELP = "write a checkpoint as one torch.save file (default) or the model as a plain safetensors file"
 
 
-def register(sub: argparse._SubParsersAction, **common: object) -> None:
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
         "export",
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}. The checkpoint is verified first. --to torch "
         "writes {model, optimizer, scheduler, config, vocab, step, extra, metadata}, which "
         "`safeckpt convert` turns back into the same checkpoint (without RNG state); --to "
         "safetensors writes the model weights for safetensors.torch.load_file.",
-        **common,
     )
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, its manifest.json, or a root (the newest)")
     p.add_argument("target", metavar="OUT", help="file to write; refused if it exists, unless --overwrite")

@@ -9,20 +9,20 @@ import argparse
 
 from ..documents import load_json
 from . import _files
-from ._common import EXIT_OK, add_json, add_quiet, emit_json, human_size, progress
+from ._common import EXIT_OK, add_command, add_json, add_quiet, emit_json, human_size, progress
 
 __all__ = ["inspect", "register", "run"]
 
 HELP = "show a checkpoint's manifest, config, files and every tensor's dtype and shape (torch-free)"
 
 
-def register(sub: argparse._SubParsersAction, **common: object) -> None:
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
         "inspect",
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}. Files are verified first (streamed, small memory); "
         "tensor listings come from the safetensors headers alone.",
-        **common,
     )
     p.add_argument("path", metavar="PATH", help="checkpoint folder, its manifest.json, or a root of step-* folders (the newest)")
     add_json(p)

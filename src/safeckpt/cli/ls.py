@@ -11,21 +11,31 @@ from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from . import _files
-from ._common import EXIT_FAILED, EXIT_OK, add_json, add_quiet, emit_json, human_size, iso_time, progress
+from ._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_command,
+    add_json,
+    add_quiet,
+    emit_json,
+    human_size,
+    iso_time,
+    progress,
+)
 
 __all__ = ["list_root", "register", "run"]
 
 HELP = "list a run's checkpoints: step, time, size, committed or not, and verified with --verify"
 
 
-def register(sub: argparse._SubParsersAction, **common: object) -> None:
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
         "ls",
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}. Folders left by interrupted saves or removals "
         "(.tmp-*, .trash-*) are listed separately; the next save cleans them. Times are the "
         "manifest's 'created' for committed checkpoints, else the folder's modification time (UTC).",
-        **common,
     )
     p.add_argument("root", metavar="ROOT", help="folder holding step-* checkpoint folders")
     p.add_argument("--verify", action="store_true", help="also verify every committed checkpoint (exit 1 if one fails)")

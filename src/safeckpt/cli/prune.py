@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import CheckpointNotFoundError, CheckpointWriteError
 from ..retention import steps_to_remove
 from . import _files
-from ._common import EXIT_OK, add_json, emit_json
+from ._common import EXIT_OK, add_command, add_json, emit_json
 
 __all__ = ["prune", "register", "run"]
 
@@ -29,15 +29,15 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(sub: argparse._SubParsersAction, **common: object) -> None:
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
         "prune",
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}: keeps the N newest committed checkpoints plus "
         "every step that is a multiple of M, and deletes the other committed ones. Uncommitted "
         "folders are left alone. Each checkpoint is renamed out of sight before its files are "
         "deleted, so an interrupted prune never leaves a half-deleted checkpoint.",
-        **common,
     )
     p.add_argument("root", metavar="ROOT", help="folder holding step-* checkpoint folders")
     p.add_argument("--keep-last", type=_positive, required=True, metavar="N", help="keep the N newest committed checkpoints")
@@ -54,7 +54,7 @@ def prune(root: str, *, keep_last: int, keep_every: int | None = None, dry_run: 
         raise CheckpointNotFoundError(f"{folder}: is not a folder of checkpoints; check the path")
     committed = dict(_files.list_checkpoints(folder))
     remove = steps_to_remove(committed, keep_last=keep_last, keep_every=keep_every)
-    removed = []
+    removed: list[int] = []
     for step in remove:
         if not dry_run:
             try:

@@ -9,21 +9,21 @@ import sys
 
 from ..errors import CheckpointError
 from . import _files
-from ._common import EXIT_FAILED, EXIT_OK, add_json, add_quiet, emit_json, human_size, progress
+from ._common import EXIT_FAILED, EXIT_OK, add_command, add_json, add_quiet, emit_json, human_size, progress
 
 __all__ = ["register", "run"]
 
 HELP = "check every file's size and SHA-256 against the manifest (torch-free)"
 
 
-def register(sub: argparse._SubParsersAction, **common: object) -> None:
-    p = sub.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
         "verify",
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}. Every path is checked and reported, even after "
         "one fails; the exit status is 1 if any failed. A root of step-* folders verifies its "
         "newest committed checkpoint (use `safeckpt ls --verify ROOT` for all of them).",
-        **common,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint folder, its manifest.json, or a root of step-* folders")
     add_json(p)
