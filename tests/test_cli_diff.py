@@ -141,13 +141,25 @@ def test_damaged_file_is_an_error_not_a_difference(pair: tuple[Path, Path], caps
     assert result.code == 1 and "model.safetensors" in result.err and "SHA-256" in result.err
 
 
-def test_diff_in_a_process(pair: tuple[Path, Path]) -> None:
-    result = cli_process("diff", "--json", *pair)
+def test_identical_checkpoints_compare_without_torch(pair: tuple[Path, Path]) -> None:
+    result = cli_process("diff", "--json", *pair, python_flags=("-X", "importtime"))
     assert result.code == 0, result.err
     assert result.json("diff")["within_tolerance"] is True
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.err.splitlines() if line.startswith("import time:")]
+    assert "safeckpt.cli.diff" in imported and "torch" not in imported
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.complex64])
+def test_diff_in_a_process(tmp_path: Path, model: TinyLM) -> None:
+    a = _save(tmp_path / "a", model, None, 1, rng=False)
+    b = _save(tmp_path / "b", model, None, 1, rng=False, config={"lr": 2e-2})
+    result = cli_process("diff", a, b)
+    assert result.code == 1 and "config['lr']: 0.01 -> 0.02" in result.out and "DIFFERENT" in result.out
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.int64, torch.uint64, torch.int8, torch.complex64],
+)
 def test_compare_tensors_numbers(dtype: torch.dtype) -> None:
     a = torch.tensor([2.0, 4.0, 8.0, 0.0]).to(dtype)
     b = torch.tensor([2.0, 5.0, 8.0, 0.0]).to(dtype)

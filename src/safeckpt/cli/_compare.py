@@ -1,7 +1,7 @@
 """How ``safeckpt diff`` compares two values: state trees flattened to key paths, tensors by
 their bytes first and only then numerically (max absolute and relative difference, in float64,
 a slice at a time so memory stays bounded), plain values exactly or, for floats, within the
-tolerance. Tolerance is numpy's and torch's ``allclose`` rule: ``|a - b| <= atol + rtol * |b|``.
+tolerance. Torch is imported only when tensors are compared. Tolerance is numpy's and torch's ``allclose`` rule: ``|a - b| <= atol + rtol * |b|``.
 """
 
 from __future__ import annotations
@@ -9,26 +9,28 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..tree import key_path
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TensorComparison", "close", "compare_tensors", "flatten"]
 
 _SLICE = 1 << 22
 """Elements compared at a time (32 MiB of float64 per operand)."""
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.complex64: "C64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "complex64": "C64", "int64": "I64", "int32": "I32", "int16": "I16",
+    "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
 }  # fmt: skip
 
 
 def dtype_name(tensor: torch.Tensor) -> str:
     """The format's name for a tensor's dtype (``F32``), as ``inspect`` shows it."""
-    return _DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+    name = str(tensor.dtype).removeprefix("torch.")
+    return _DTYPE_NAMES.get(name, name)
 
 
 def flatten(tree: object, *, keys_are_names: bool = False) -> dict[str, object]:
@@ -81,6 +83,8 @@ class TensorComparison:
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
     flat = tensor.reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
 
@@ -88,6 +92,8 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, atol: float, rtol: float) -> TensorComparison:
     """Compare tensors of one dtype and shape: bytes first (equal ones cost one memcmp), then
     values in float64 (complex128 for complex tensors) one slice at a time."""
+    import torch
+
     if torch.equal(_bits(a), _bits(b)):
         return TensorComparison(True, 0.0, 0.0, True)
     wide = torch.complex128 if a.is_complex() else torch.float64

@@ -10,12 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..archive import TensorInfo, parse_header
 from ..commit import STEP_PREFIX, TMP_PREFIX, TRASH_PREFIX, list_checkpoints, parse_step, remove_checkpoint
+from ..documents import load_json
 from ..errors import CheckpointNotFoundError
 from ..fileio import audit_files, read_files
 from ..manifest import MANIFEST_NAME, FileEntry, Manifest
@@ -29,15 +30,39 @@ __all__ = [
     "TensorInfo",
     "archive_headers",
     "audit",
+    "decode_document",
+    "files_of",
     "list_checkpoints",
     "locate",
     "mapped_files",
     "model_aliases",
     "parse_step",
+    "read_document",
     "read_manifest",
     "read_verified",
     "remove_checkpoint",
 ]
+
+
+def files_of(part: str) -> tuple[str, ...]:
+    """The files that hold ``part``: ``model``, ``config``, ``vocab`` or a state tree."""
+    if part == "model":
+        return ("model.safetensors",)
+    if part in ("config", "vocab"):
+        return (f"{part}.json",)
+    return (f"{part}.msgpack", f"{part}.safetensors")
+
+
+def decode_document(part: str, buffers: Mapping[str, memoryview], folder: Path) -> object | None:
+    """``config`` or ``vocab`` from its verified bytes (None when the checkpoint has none)."""
+    name = f"{part}.json"
+    return load_json(bytes(buffers[name]), source=str(folder / name)) if name in buffers else None
+
+
+def read_document(folder: Path, manifest: Manifest, part: str, *, done: Callable[[int], object] = lambda size: None) -> object | None:
+    """Read, verify and parse ``config`` or ``vocab``."""
+    entries = [entry for entry in manifest.files if entry.name in files_of(part)]
+    return decode_document(part, read_verified(folder, entries, done=done), folder)
 
 
 def locate(path: str | os.PathLike[str]) -> Path:

@@ -10,26 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
-
-from ..documents import load_json
 from ..loader import Checkpoint, _decode_tree, _model_state
 from ..manifest import Manifest
 from . import _files
 
-__all__ = ["TREES", "Checkpoint", "files_of", "load", "read_part"]
+__all__ = ["TREES", "Checkpoint", "decode_part", "load", "read_part"]
 
 TREES = ("optimizer", "scheduler", "rng", "extra")
 """The state trees besides the model, each stored as ``NAME.msgpack`` + ``NAME.safetensors``."""
-
-
-def files_of(part: str) -> tuple[str, ...]:
-    """The files that hold ``part`` (``model``, a tree, ``config`` or ``vocab``)."""
-    if part == "model":
-        return ("model.safetensors",)
-    if part in ("config", "vocab"):
-        return (f"{part}.json",)
-    return (f"{part}.msgpack", f"{part}.safetensors")
 
 
 def decode_part(part: str, buffers: Mapping[str, memoryview], folder: Path) -> object | None:
@@ -37,8 +25,7 @@ def decode_part(part: str, buffers: Mapping[str, memoryview], folder: Path) -> o
     if part == "model":
         return _model_state(buffers, folder, "cpu")
     if part in ("config", "vocab"):
-        name = f"{part}.json"
-        return load_json(bytes(buffers[name]), source=str(folder / name)) if name in buffers else None
+        return _files.decode_document(part, buffers, folder)
     return _decode_tree(part, buffers, folder, "cpu", aligned=False)
 
 
@@ -46,7 +33,7 @@ def read_part(
     folder: Path, manifest: Manifest, part: str, *, done: Callable[[int], object] = lambda size: None
 ) -> object | None:
     """Read, verify and decode one part of a checkpoint."""
-    entries = [entry for entry in manifest.files if entry.name in files_of(part)]
+    entries = [entry for entry in manifest.files if entry.name in _files.files_of(part)]
     return decode_part(part, _files.read_verified(folder, entries, done=done), folder)
 
 
@@ -71,7 +58,3 @@ def load(folder: Path, manifest: Manifest, *, done: Callable[[int], object] = la
         scheduler_state=trees["scheduler"],
         rng_state=trees["rng"],
     )
-
-
-def is_tensor(value: object) -> bool:
-    return isinstance(value, torch.Tensor)

@@ -19,6 +19,7 @@ import math
 
 from . import _files
 from ._common import EXIT_FAILED, EXIT_OK, add_command, add_json, add_quiet, emit_json, finite, progress
+from ._compare import close, flatten
 
 __all__ = ["diff", "register", "run"]
 
@@ -65,8 +66,6 @@ def _jsonable(value: object) -> object:
 
 
 def _value_changes(a: dict[str, object], b: dict[str, object], *, atol: float, rtol: float) -> list[dict[str, object]]:
-    from ._compare import close
-
     changes: list[dict[str, object]] = []
     for path in sorted(a.keys() | b.keys()):
         if path not in b:
@@ -90,7 +89,7 @@ def _spec(tensor: object) -> dict[str, object]:
 def _compare_part(part: str, a: object, b: object, *, atol: float, rtol: float) -> dict[str, object]:
     import torch
 
-    from ._compare import compare_tensors, flatten
+    from ._compare import compare_tensors
 
     leaves_a, leaves_b = flatten(a, keys_are_names=part == "model"), flatten(b, keys_are_names=part == "model")
     is_t = lambda v: isinstance(v, torch.Tensor)  # noqa: E731
@@ -142,16 +141,14 @@ def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, parts: tuple[str, ...] = PARTS, quiet: bool = True
 ) -> dict[str, object]:
     """The report ``diff --json`` prints (see spec/cli/diff.schema.json)."""
-    from . import _trees
-
     folders = (_files.locate(a), _files.locate(b))
     manifests = (_files.read_manifest(folders[0]), _files.read_manifest(folders[1]))
 
     def digests(manifest: object, part: str) -> dict[str, str]:
-        return {e.name: e.sha256 for e in manifest.files if e.name in _trees.files_of(part)}  # type: ignore[attr-defined]
+        return {e.name: e.sha256 for e in manifest.files if e.name in _files.files_of(part)}  # type: ignore[attr-defined]
 
     to_read = [p for p in ("config", "vocab", *parts) if digests(manifests[0], p) != digests(manifests[1], p)]
-    total = sum(e.size for m in manifests for e in m.files if any(e.name in _trees.files_of(p) for p in to_read))
+    total = sum(e.size for m in manifests for e in m.files if any(e.name in _files.files_of(p) for p in to_read))
     report: dict[str, object] = {
         "a": str(folders[0]),
         "b": str(folders[1]),
@@ -171,14 +168,15 @@ def diff(
             present = [bool(digests(m, part)) for m in manifests]
             entry: dict[str, object] = {"a": present[0], "b": present[1], "identical": part not in to_read}
             if part in to_read:
-                values = [_trees.read_part(f, m, part, done=bar.update) for f, m in zip(folders, manifests, strict=True)]
                 if part in ("config", "vocab"):
-                    from ._compare import flatten
-
+                    values = [_files.read_document(f, m, part, done=bar.update) for f, m in zip(folders, manifests, strict=True)]
                     changes = _value_changes(flatten(values[0]), flatten(values[1]), atol=0.0, rtol=0.0)
                     entry["count"] = len(changes)
                     entry["changes"] = changes if part == "config" else changes[:_LISTED]
-                else:
+                else:  # tensors: torch is imported only now, when a tree's files differ
+                    from . import _trees
+
+                    values = [_trees.read_part(f, m, part, done=bar.update) for f, m in zip(folders, manifests, strict=True)]
                     entry.update(_compare_part(part, values[0], values[1], atol=atol, rtol=rtol))
                 del values
             results[part] = entry
