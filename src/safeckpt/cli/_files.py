@@ -27,6 +27,7 @@ __all__ = [
     "STEP_PREFIX",
     "TMP_PREFIX",
     "TRASH_PREFIX",
+    "Manifest",
     "TensorInfo",
     "archive_headers",
     "audit",

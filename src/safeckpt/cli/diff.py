@@ -144,8 +144,8 @@ def diff(
     folders = (_files.locate(a), _files.locate(b))
     manifests = (_files.read_manifest(folders[0]), _files.read_manifest(folders[1]))
 
-    def digests(manifest: object, part: str) -> dict[str, str]:
-        return {e.name: e.sha256 for e in manifest.files if e.name in _files.files_of(part)}  # type: ignore[attr-defined]
+    def digests(manifest: _files.Manifest, part: str) -> dict[str, str]:
+        return {e.name: e.sha256 for e in manifest.files if e.name in _files.files_of(part)}
 
     to_read = [p for p in ("config", "vocab", *parts) if digests(manifests[0], p) != digests(manifests[1], p)]
     total = sum(e.size for m in manifests for e in m.files if any(e.name in _files.files_of(p) for p in to_read))
@@ -155,12 +155,7 @@ def diff(
         "atol": atol,
         "rtol": rtol,
         "step": {"a": manifests[0].step, "b": manifests[1].step},
-        "metadata": _value_changes(
-            {f"[{k!r}]": v for k, v in manifests[0].metadata.items()},
-            {f"[{k!r}]": v for k, v in manifests[1].metadata.items()},
-            atol=0.0,
-            rtol=0.0,
-        ),
+        "metadata": _value_changes(flatten(manifests[0].metadata), flatten(manifests[1].metadata), atol=0.0, rtol=0.0),
     }
     results: dict[str, dict[str, object]] = {}
     with progress(total, "diff", quiet=quiet) as bar:
