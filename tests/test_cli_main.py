@@ -129,3 +129,49 @@ def test_no_bar_and_no_error_without_tqdm(saved: Path, capsys: pytest.CaptureFix
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
     assert cli(capsys, "verify", saved).code == 0
     assert terminal.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "schema"),
+    [
+        (["verify", "--json", "{ckpt}"], "verify"),
+        (["inspect", "--json", "{ckpt}"], "inspect"),
+        (["ls", "--json", "--verify", "{root}"], "ls"),
+        (["diff", "--json", "{ckpt}", "{root}"], "diff"),
+        (["prune", "--json", "--dry-run", "--keep-last", "1", "{root}"], "prune"),
+    ],
+)
+def test_json_of_every_read_command_in_a_process(saved: Path, argv: list[str], schema: str) -> None:
+    result = cli_process(*(a.format(ckpt=saved, root=saved.parent) for a in argv))
+    assert result.code == 0, result.err
+    result.json(schema)
+
+
+def test_progress_bar_on_a_real_terminal(saved: Path) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    shown = {}
+    for quiet in (False, True):
+        leader, follower = os.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns, as a terminal has
+        try:
+            argv = [sys.executable, "-m", "safeckpt.cli", "verify", *(["--quiet"] if quiet else []), str(saved)]
+            done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=follower, env=env, timeout=300)
+            os.close(follower)
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the terminal has no writer left
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(leader)
+        assert done.returncode == 0
+        shown[quiet] = b"verify step-00000003" in b"".join(chunks)
+    assert shown == {False: True, True: False}
