@@ -93,13 +93,20 @@ def _each_file(
     folder: Path, entries: list[FileEntry], job: Callable[[int, FileEntry], object], done: Callable[[int], object]
 ) -> list[object]:
     """Run ``job(dir_fd, entry)`` for every entry on a few threads, largest first; ``done(size)``
-    after each. The first error (in file order, largest first) is raised once all have stopped."""
+    after each. After an error no further file is started; the first error (in that order) is
+    raised once the running ones have stopped."""
     ordered = sorted(entries, key=lambda e: -e.size)
     with _folder(folder) as dir_fd, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
         futures = [pool.submit(job, dir_fd, entry) for entry in ordered]
         for future, entry in zip(futures, ordered, strict=True):
             future.add_done_callback(functools.partial(_report, done, entry.size))
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for future in futures:  # after a failure, files not started yet are not read at all
+            future.cancel()
         concurrent.futures.wait(futures)
+        failed = [f for f in futures if not f.cancelled() and f.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
         return [future.result() for future in futures]
 
 
