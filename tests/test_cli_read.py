@@ -16,8 +16,8 @@ import torch
 import safeckpt
 from ckpt_tools import flip_bits
 from cli_tools import cli, cli_process
-from safeckpt.archive import build_header
-from safeckpt.manifest import FileEntry, Manifest
+from safeckpt.format.manifest import FileEntry, Manifest
+from safeckpt.format.safetensors import build_header
 
 
 @pytest.fixture

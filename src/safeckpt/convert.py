@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedValueError
-from .saver import save_checkpoint
+from .torch.saver import save_checkpoint
 
 __all__ = ["EXPORT_MARKER", "Conversion", "convert_torch_file", "export_torch_checkpoint", "import_torch_checkpoint"]
 
@@ -210,7 +211,7 @@ def _plain(value: object) -> object:
 
 
 def _numpy_plain(value: object) -> object:
-    np = __import__("sys").modules.get("numpy")
+    np = sys.modules.get("numpy")  # numpy values can only exist if numpy is imported
     if np is None:
         return value
     if isinstance(value, np.generic):

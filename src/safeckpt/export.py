@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from .errors import CheckpointExistsError, CheckpointWriteError
 
 if TYPE_CHECKING:
-    from .loader import Checkpoint
+    from .torch.loader import Checkpoint
 
 __all__ = ["EXPORT_TARGETS", "export_checkpoint", "write_new_file"]
 
@@ -63,7 +63,7 @@ def export_checkpoint(
     if not overwrite and os.path.lexists(target):  # checked again when publishing
         raise _exists(target)
     if isinstance(checkpoint, (str, os.PathLike)):
-        from .loader import load_checkpoint
+        from .torch.loader import load_checkpoint
 
         checkpoint = load_checkpoint(checkpoint, restore_rng=False)
     module, _, name = EXPORT_TARGETS[to].partition(":")
@@ -142,7 +142,7 @@ def write_torch_file(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -
 
 def write_safetensors_file(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -> Path:
     """The ``safetensors`` target (see the module docstring)."""
-    from .tensors import archive_parts
+    from .torch.tensors import archive_parts
 
     tensors = {name: tensor.detach().cpu() for name, tensor in checkpoint.model_state.items()}
     metadata = {"format": "pt", "safeckpt.step": str(checkpoint.step)}

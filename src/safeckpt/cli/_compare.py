@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..tree import key_path
+from ..format.tree import key_path
 
 if TYPE_CHECKING:
     import torch

@@ -14,13 +14,20 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..archive import TensorInfo, parse_header
-from ..commit import STEP_PREFIX, TMP_PREFIX, TRASH_PREFIX, list_checkpoints, parse_step, remove_checkpoint
-from ..documents import load_json
-from ..errors import CheckpointNotFoundError
-from ..fileio import audit_files, read_files
-from ..manifest import MANIFEST_NAME, FileEntry, Manifest
-from ..reading import _folder, _manifest, locate_checkpoint, model_aliases
+from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..format.documents import load_json
+from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
+from ..format.safetensors import TensorInfo, parse_header
+from ..pipeline.read import locate_checkpoint, model_aliases
+from ..storage.local import LocalFolder
+from ..storage.posix_commit import (
+    STEP_PREFIX,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    list_checkpoints,
+    parse_step,
+    remove_checkpoint,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -81,8 +88,13 @@ def locate(path: str | os.PathLike[str]) -> Path:
 
 def read_manifest(folder: Path) -> Manifest:
     """Parse and validate ``folder``'s manifest (nothing else is read)."""
-    with _folder(folder) as dir_fd:
-        return _manifest(dir_fd, folder)
+    with LocalFolder(folder) as opened:
+        manifest = opened.read_manifest()
+    if manifest.file("model.safetensors") is None:
+        raise CheckpointCorruptedError(
+            f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
+        )
+    return manifest
 
 
 def _workers() -> int:
@@ -90,14 +102,14 @@ def _workers() -> int:
 
 
 def _each_file(
-    folder: Path, entries: list[FileEntry], job: Callable[[int, FileEntry], object], done: Callable[[int], object]
+    folder: Path, entries: list[FileEntry], job: Callable[[LocalFolder, FileEntry], object], done: Callable[[int], object]
 ) -> list[object]:
-    """Run ``job(dir_fd, entry)`` for every entry on a few threads, largest first; ``done(size)``
+    """Run ``job(opened_folder, entry)`` for every entry on a few threads, largest first; ``done(size)``
     after each. After an error no further file is started; the first error (in that order) is
     raised once the running ones have stopped."""
     ordered = sorted(entries, key=lambda e: -e.size)
-    with _folder(folder) as dir_fd, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
-        futures = [pool.submit(job, dir_fd, entry) for entry in ordered]
+    with LocalFolder(folder) as opened, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+        futures = [pool.submit(job, opened, entry) for entry in ordered]
         for future, entry in zip(futures, ordered, strict=True):
             future.add_done_callback(functools.partial(_report, done, entry.size))
         concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
@@ -118,9 +130,7 @@ def _report(done: Callable[[int], object], size: int, future: concurrent.futures
 def audit(folder: Path, manifest: Manifest, *, done: Callable[[int], object] = lambda size: None) -> None:
     """Check every file's size and every digest the manifest records (as ``verify_checkpoint``),
     streaming through small buffers; ``done(size)`` is called as each file passes."""
-    _each_file(
-        folder, list(manifest.files), lambda dir_fd, entry: audit_files(dir_fd, [entry], folder=folder), done
-    )
+    _each_file(folder, list(manifest.files), lambda opened, entry: opened.audit([entry]), done)
 
 
 def read_verified(
@@ -129,9 +139,7 @@ def read_verified(
     """Read and verify the files ``entries`` name (size and digests); returns their bytes.
 
     Nothing is returned unless every one of them verified."""
-    results = _each_file(
-        folder, entries, lambda dir_fd, entry: read_files(dir_fd, [entry], folder=folder, verify=True), done
-    )
+    results = _each_file(folder, entries, lambda opened, entry: opened.read_files([entry], verify=True), done)
     buffers: dict[str, memoryview] = {}
     for result in results:
         assert isinstance(result, dict)
@@ -142,8 +150,8 @@ def read_verified(
 @contextmanager
 def mapped_files(folder: Path, manifest: Manifest) -> Iterator[dict[str, memoryview]]:
     """Every file as a lazy memory map (sizes checked, nothing read until touched)."""
-    with _folder(folder) as dir_fd:
-        maps = read_files(dir_fd, manifest.files, folder=folder, verify=False)
+    with LocalFolder(folder) as opened:
+        maps = opened.read_files(manifest.files, verify=False)
     try:
         yield maps
     finally:

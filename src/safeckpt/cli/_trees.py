@@ -10,8 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..loader import Checkpoint, _decode_tree, _model_state
-from ..manifest import Manifest
+import torch
+
+from ..pipeline.read import decode_tree
+from ..storage.base import Buffer
+from ..torch.loader import Checkpoint
+from ..torch.tensors import tensors_from_buffer
 from . import _files
 
 __all__ = ["TREES", "Checkpoint", "decode_part", "load", "read_part"]
@@ -23,21 +27,29 @@ TREES = ("optimizer", "scheduler", "rng", "extra")
 def decode_part(part: str, buffers: Mapping[str, memoryview], folder: Path) -> object | None:
     """Decode one part from verified buffers (None when the checkpoint does not hold it)."""
     if part == "model":
-        return _model_state(buffers, folder, "cpu")
+        source = str(folder / "model.safetensors")
+        tensors, metadata = tensors_from_buffer(buffers["model.safetensors"], source=source)
+        for alias, stored in _files.model_aliases(metadata, set(tensors), source=source).items():
+            tensors[alias] = tensors[stored]  # tied names: the very same tensor
+        return tensors
     if part in ("config", "vocab"):
         return _files.decode_document(part, buffers, folder)
-    return _decode_tree(part, buffers, folder, "cpu", aligned=False)
+    return decode_tree(part, buffers, folder, _tensors)
+
+
+def _tensors(buffer: Buffer, source: str) -> dict[str, torch.Tensor]:
+    return tensors_from_buffer(buffer, source=source)[0]
 
 
 def read_part(
-    folder: Path, manifest: Manifest, part: str, *, done: Callable[[int], object] = lambda size: None
+    folder: Path, manifest: _files.Manifest, part: str, *, done: Callable[[int], object] = lambda size: None
 ) -> object | None:
     """Read, verify and decode one part of a checkpoint."""
     entries = [entry for entry in manifest.files if entry.name in _files.files_of(part)]
     return decode_part(part, _files.read_verified(folder, entries, done=done), folder)
 
 
-def load(folder: Path, manifest: Manifest, *, done: Callable[[int], object] = lambda size: None) -> Checkpoint:
+def load(folder: Path, manifest: _files.Manifest, *, done: Callable[[int], object] = lambda size: None) -> Checkpoint:
     """Everything the checkpoint holds, verified, as a :class:`~safeckpt.Checkpoint` (nothing is
     restored anywhere)."""
     buffers = _files.read_verified(folder, list(manifest.files), done=done)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..documents import load_json
+from ..format.documents import load_json
 from . import _files
 from ._common import EXIT_OK, add_command, add_json, add_quiet, emit_json, human_size, progress
 
