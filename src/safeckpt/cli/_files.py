@@ -19,14 +19,12 @@ from ..format.documents import load_json
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ..format.safetensors import TensorInfo, parse_header
 from ..pipeline.read import locate_checkpoint, model_aliases
-from ..storage.local import LocalFolder
+from ..storage.local import LocalFolder, LocalStorage
 from ..storage.posix_commit import (
     STEP_PREFIX,
     TMP_PREFIX,
     TRASH_PREFIX,
-    list_checkpoints,
     parse_step,
-    remove_checkpoint,
 )
 
 __all__ = [
@@ -34,13 +32,13 @@ __all__ = [
     "STEP_PREFIX",
     "TMP_PREFIX",
     "TRASH_PREFIX",
+    "LocalStorage",
     "Manifest",
     "TensorInfo",
     "archive_headers",
     "audit",
     "decode_document",
     "files_of",
-    "list_checkpoints",
     "locate",
     "mapped_files",
     "model_aliases",
@@ -48,7 +46,6 @@ __all__ = [
     "read_document",
     "read_manifest",
     "read_verified",
-    "remove_checkpoint",
 ]
 
 

@@ -52,13 +52,14 @@ def prune(root: str, *, keep_last: int, keep_every: int | None = None, dry_run: 
     folder = Path(root)
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: is not a folder of checkpoints; check the path")
-    committed = dict(_files.list_checkpoints(folder))
+    storage = _files.LocalStorage(folder)
+    committed = dict(storage.list_checkpoints())
     remove = steps_to_remove(committed, keep_last=keep_last, keep_every=keep_every)
     removed: list[int] = []
     for step in remove:
         if not dry_run:
             try:
-                _files.remove_checkpoint(committed[step])
+                storage.remove(committed[step])  # uncommitted by a hidden rename, then deleted
             except OSError as exc:
                 raise CheckpointWriteError(
                     exc.errno or 0,
