@@ -28,6 +28,7 @@ from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .rng import capture_rng
 from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
 from .tensors import TensorCollector, archive_parts
+from .usage import check_extra, check_save_arguments
 
 __all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint", "write_checkpoint_async"]
 
@@ -92,6 +93,8 @@ def plan_checkpoint(
     rng: bool | Mapping[str, object] = True,
 ) -> CheckpointPlan:
     """Validate and encode everything :func:`save_checkpoint` will write; writes nothing."""
+    check_save_arguments(model, optimizer, scheduler)
+    check_extra("save_checkpoint", extra)
     plan = CheckpointPlan(step=_check_step(step), metadata={})
     if metadata is not None:
         plan.metadata = dict(_as_json_object(metadata, "metadata"))
