@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import safeckpt
-from tests.conftest import TinyLM
+from conftest import TinyLM
 
 
 def test_scheduler_passed_as_optimizer_is_refused_when_saving(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> None:

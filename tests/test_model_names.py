@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import safeckpt
-from tests.conftest import TinyLM
+from conftest import TinyLM
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

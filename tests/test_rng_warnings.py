@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import safeckpt
-from tests.ckpt_tools import run_python
-from tests.conftest import TinyLM
+from ckpt_tools import run_python
+from conftest import TinyLM
 
 
 def test_named_generators_not_passed_back_are_named_in_a_warning(tmp_path: Path, model: TinyLM) -> None:

@@ -35,6 +35,7 @@ from .pipeline.verify import verify_checkpoint
 from .storage.posix_commit import list_checkpoints, remove_checkpoint, scan_steps, step_dirname
 from .torch.loader import Checkpoint, load_checkpoint
 from .torch.saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
+from .torch.usage import check_extra
 
 __all__ = ["CheckpointManager"]
 
@@ -298,6 +299,7 @@ class CheckpointManager:
             CheckpointMismatchError: the checkpoint does not fit the given objects.
         """
         self.wait()
+        check_extra("CheckpointManager.restore", extra)
         targets = {
             name: value if callable(getattr(value, "load_state_dict", None)) else _Returned()
             for name, value in (extra or {}).items()

@@ -26,11 +26,11 @@ from ..errors import (
 from ..format.documents import load_json
 from ..pipeline.read import CheckpointContents, decode_tree, locate_checkpoint, read_checkpoint_files
 from ..storage.base import Buffer
-from .rng import restore_rng as restore_rng_state
 from .fit import check_model
+from .rng import restore_rng as restore_rng_state
 from .state import ALIASES_KEY, check_optimizer, restore_types
-from .usage import check_extra, check_load_arguments
 from .tensors import tensors_from_buffer
+from .usage import check_extra, check_load_arguments
 
 __all__ = ["Checkpoint", "load_checkpoint", "locate_checkpoint", "read_checkpoint_files"]
 

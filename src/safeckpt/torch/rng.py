@@ -17,7 +17,12 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError, MissingRNGStateWarning
+from ..errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointMismatchError,
+    MissingRNGStateWarning,
+)
 
 __all__ = ["capture_rng", "restore_rng"]
 
