@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_core_dependencies import _closure, _link_distributions
 
 import safeckpt
+from test_core_dependencies import _closure, _link_distributions
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
