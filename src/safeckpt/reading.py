@@ -131,7 +131,7 @@ def _manifest(dir_fd: int, folder: Path) -> Manifest:
         missing="missing; the checkpoint was never committed, load an earlier one",
     )
     manifest = Manifest.from_json_bytes(bytes(raw), source=str(folder / MANIFEST_NAME))
-    if manifest.file("model.safetensors") is None:
+    if manifest.file("model.safetensors") is None and manifest.file("sharding.json") is None:  # 1.2: sharded
         raise CheckpointCorruptedError(
             f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
         )

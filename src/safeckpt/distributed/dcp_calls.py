@@ -1,0 +1,182 @@
+"""``save``, ``load``, ``async_save``: DCP called with safeckpt's pieces, and its errors translated.
+
+DCP collects every rank's exception into a ``CheckpointException``, which derives from
+``BaseException`` (so ``except Exception`` misses it) and is raised on every rank. These calls
+turn it back into the safeckpt error the failing rank raised (``CheckpointCorruptedError``,
+``CheckpointWriteError``, ...), its message prefixed with that rank, so every rank raises the
+same catchable error. They also remove the temporary folder of a save that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from ..errors import CheckpointError, CheckpointMismatchError, CheckpointWriteError
+from ._core import PendingSave, acquire_slot
+from .planner import LoadPlanner, SavePlanner
+from .reader import Reader
+from .writer import Writer
+
+__all__ = ["DistributedCheckpointError", "async_save", "load", "save", "translate"]
+
+StateDict = dict[str, object]
+
+
+class DistributedCheckpointError(CheckpointError, RuntimeError):
+    """A rank failed during a sharded save or load for a reason outside safeckpt's own errors
+    (the message names the rank and the original error, which is also the ``__cause__``)."""
+
+
+def _renamed(error: BaseException, prefix: str) -> BaseException:
+    """A copy of a safeckpt error with ``prefix`` before its message."""
+    if isinstance(error, OSError):
+        return type(error)(error.errno, f"{prefix}: {error.strerror or error}")
+    try:
+        return type(error)(f"{prefix}: {error}")
+    except Exception:
+        return error
+
+
+def translate(exc: CheckpointException, *, loading: bool) -> BaseException:
+    """The error to raise on this rank for DCP's collected failures."""
+    failures = exc.failures
+    for _, (error, _trace) in sorted(failures.items()):
+        if isinstance(error, KeyboardInterrupt):
+            return error
+    rank, (error, _trace) = min(failures.items())
+    where = f"rank {rank}"
+    if len(failures) > 1:
+        where += f" (ranks {sorted(failures)} failed)"
+    if isinstance(error, CheckpointError):
+        new = _renamed(error, where)
+    elif loading and isinstance(error, (ValueError, RuntimeError, KeyError)):
+        # DCP's planner: a key the checkpoint lacks, a shape that differs.
+        new = CheckpointMismatchError(f"{where}: {type(error).__name__}: {error}")
+    elif isinstance(error, OSError):
+        new = CheckpointWriteError(error.errno or 5, f"{where}: {error}")
+    else:
+        new = DistributedCheckpointError(f"{where}: {type(error).__name__}: {error}")
+    new.__cause__ = error if isinstance(error, BaseException) else None
+    return new
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # In a plain process DCP warns that it assumes a single process: that is the intent here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
+def _no_dist(process_group: dist.ProcessGroup | None) -> bool:
+    return process_group is None and not (dist.is_available() and dist.is_initialized())
+
+
+def save(
+    state: StateDict,
+    root: str | Path,
+    *,
+    step: int,
+    overwrite: bool = False,
+    documents: Mapping[str, bytes] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> Path:
+    """``dcp.save`` with :class:`Writer` and :class:`SavePlanner`; returns the committed folder.
+
+    Called on every rank of ``process_group`` (default: the whole job), or in a plain process.
+    """
+    writer = Writer(root, step=step, overwrite=overwrite, documents=documents, metadata=metadata)
+    try:
+        with _quiet_single_process():
+            dcp.save(
+                state, storage_writer=writer, planner=SavePlanner(), process_group=process_group,
+                no_dist=_no_dist(process_group),
+            )  # fmt: skip
+    except CheckpointException as exc:
+        raise translate(exc, loading=False) from None
+    finally:
+        writer.abort()
+    return writer.final
+
+
+def load(
+    state: StateDict,
+    path: str | Path,
+    *,
+    verify: bool = True,
+    allow_partial_load: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    reader: Reader | None = None,
+) -> None:
+    """``dcp.load`` into ``state`` (in place) with :class:`Reader` and :class:`LoadPlanner`."""
+    reader = reader or Reader(path, verify=verify)
+    try:
+        with _quiet_single_process():
+            dcp.load(
+                state, storage_reader=reader, planner=LoadPlanner(allow_partial_load=allow_partial_load),
+                process_group=process_group, no_dist=_no_dist(process_group),
+            )  # fmt: skip
+    except CheckpointException as exc:
+        raise translate(exc, loading=True) from None
+
+
+_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def checkpoint_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """A gloo group over the same ranks, created once, for background saves: their collectives
+    must not interleave with the training's on the same group."""
+    if _no_dist(process_group):
+        return None
+    ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))  # type: ignore[arg-type]
+    if ranks not in _GROUPS:
+        _GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo")
+    return _GROUPS[ranks]
+
+
+def async_save(
+    state: StateDict,
+    root: str | Path,
+    *,
+    step: int,
+    overwrite: bool = False,
+    documents: Mapping[str, bytes] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    on_commit: Callable[[Path], object] | None = None,
+) -> PendingSave:
+    """``dcp.async_save``: returns once ``state`` is copied; ``wait()`` returns the folder.
+
+    One save is in flight at a time (as for single-process saves): this first waits for the
+    previous one, and raises its error if nobody collected it.
+    """
+    release = acquire_slot()
+    try:
+        writer = Writer(root, step=step, overwrite=overwrite, documents=documents, metadata=metadata)
+        group = checkpoint_group(process_group)
+        with _quiet_single_process():
+            future = dcp.async_save(
+                state, storage_writer=writer, planner=SavePlanner(), process_group=group, no_dist=group is None
+            )
+
+        def wait() -> Path:
+            try:
+                future.result()  # type: ignore[union-attr]
+            except CheckpointException as exc:
+                raise translate(exc, loading=False) from None
+            finally:
+                writer.abort()
+            return writer.final
+
+        return PendingSave(step, writer.final, wait, on_commit=on_commit, on_exit=release)
+    except BaseException:
+        release()
+        raise
