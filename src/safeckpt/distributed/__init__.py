@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+from .consolidate import consolidate as consolidate
 from .dcp_calls import async_save as async_save
 from .dcp_calls import load as load
 from .dcp_calls import save as save
@@ -29,4 +30,4 @@ from .reader import Reader as Reader
 from .writer import UsageError as UsageError
 from .writer import Writer as Writer
 
-__all__ = ["LoadPlanner", "Reader", "SavePlanner", "UsageError", "Writer", "async_save", "load", "save"]
+__all__ = ["LoadPlanner", "Reader", "SavePlanner", "UsageError", "Writer", "async_save", "consolidate", "load", "save"]

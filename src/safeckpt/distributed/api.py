@@ -92,21 +92,22 @@ def process_group_of(model: object) -> dist.ProcessGroup | None:
     return None
 
 
-def _agree(group: dist.ProcessGroup | None, run: Callable[[], T]) -> T:
-    """``run()`` on every rank; if it raised a safeckpt error on any rank, raise on every rank."""
+def _agree(group: dist.ProcessGroup | None, run: Callable[[], T], *, together: bool = True) -> T:
+    """``run()`` on every rank; if it raised a safeckpt error on any rank, raise on every rank.
+    With ``together=False`` this process runs it alone."""
     result: T | None = None
     error: CheckpointError | None = None
     try:
         result = run()
     except CheckpointError as exc:
         error = exc
-    if _initialised():
+    if together and _initialised():
         errors: list[CheckpointError | None] = [None] * dist.get_world_size(group)
         dist.all_gather_object(errors, error, group=group)
         failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-        if failed and error is None:
+        if failed:  # every rank raises the same error, naming the rank that hit it
             rank, first = failed[0]
-            raise dcp_calls._renamed(first, f"rank {rank}")
+            raise dcp_calls._renamed(first, f"rank {rank}") from None
     if error is not None:
         raise error
     return result  # type: ignore[return-value]
@@ -163,9 +164,9 @@ def save_checkpoint(
     return dcp_calls.save(state, Path(directory), **options)
 
 
-def _locate(path: str | os.PathLike[str], group: dist.ProcessGroup | None) -> Path:
+def _locate(path: str | os.PathLike[str], group: dist.ProcessGroup | None, *, together: bool) -> Path:
     """The checkpoint folder, as the coordinator resolves it (a root's newest may change)."""
-    if not _initialised():
+    if not (together and _initialised()):
         return locate_checkpoint(path)
     found: list[object] = [None]
     if dist.get_rank(group) == 0:
@@ -234,9 +235,14 @@ def load_checkpoint(
     verify: bool = True,
     restore_rng: bool | Mapping[str, object] = True,
 ) -> Any:
-    """``safeckpt.load_checkpoint`` for a sharded checkpoint or a sharded/DDP model (every rank)."""
-    group = process_group_of(model) if model is not None else None
-    folder = _locate(path, group)
+    """``safeckpt.load_checkpoint`` for a sharded checkpoint or a sharded/DDP model.
+
+    With a sharded or DDP model in a job, every rank of its group calls it together; otherwise
+    (a plain model, or none) this process loads alone, assembling full tensors.
+    """
+    together = model is not None and handles_save(model)
+    group = process_group_of(model) if together else None
+    folder = _locate(path, group, together=together)
     if not is_sharded(folder):
         from .single import load_single_into_sharded
 
@@ -245,9 +251,9 @@ def load_checkpoint(
             folder, model, optimizer, group=group, scheduler=scheduler, extra=extra, strict=strict,
             verify=verify, restore_rng=restore_rng,
         )  # fmt: skip
-    rank, world = group_rank(group)
+    rank, world = group_rank(group) if together else (0, 1)
     reader = Reader(folder, verify=verify)
-    _agree(group, reader.read_metadata)
+    _agree(group, reader.read_metadata, together=together)
     sharding, manifest = reader.sharding, reader.manifest
     assert sharding is not None and manifest is not None
     own = rank_key(rank)
@@ -274,7 +280,7 @@ def load_checkpoint(
         if restore_rng is not False and not has_prefix(sharding, own, "rng"):
             raise CheckpointMismatchError(f"{source}: has no RNG state (saved with rng=False); {_MISSING_RNG}")
 
-    _agree(group, check)
+    _agree(group, check, together=together)
     prefixes = ["scheduler"] + ([own] if mapped else [])
     if model is None:
         prefixes += ["model", "optimizer"]
@@ -283,8 +289,8 @@ def load_checkpoint(
         state["model"] = get_model_state_dict(model)
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp_calls.load(state, folder, process_group=group, reader=reader)
-    documents = _agree(group, lambda: _documents(folder, reader, verify))
+    dcp_calls.load(state, folder, process_group=group, reader=reader, single_process=not together)
+    documents = _agree(group, lambda: _documents(folder, reader, verify), together=together)
 
     source = str(folder)
     trees = {

@@ -10,6 +10,7 @@ same catchable error. They also remove the temporary folder of a save that faile
 from __future__ import annotations
 
 import contextlib
+import errno
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -60,7 +61,8 @@ def translate(exc: CheckpointException, *, loading: bool) -> BaseException:
         # DCP's planner: a key the checkpoint lacks, a shape that differs.
         new = CheckpointMismatchError(f"{where}: {type(error).__name__}: {error}")
     elif isinstance(error, OSError):
-        new = CheckpointWriteError(error.errno or 5, f"{where}: {error}")
+        what = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        new = CheckpointWriteError(error.errno or errno.EIO, f"{where}: {what}; earlier checkpoints are untouched")
     else:
         new = DistributedCheckpointError(f"{where}: {type(error).__name__}: {error}")
     new.__cause__ = error if isinstance(error, BaseException) else None
@@ -115,14 +117,19 @@ def load(
     allow_partial_load: bool = False,
     process_group: dist.ProcessGroup | None = None,
     reader: Reader | None = None,
+    single_process: bool = False,
 ) -> None:
-    """``dcp.load`` into ``state`` (in place) with :class:`Reader` and :class:`LoadPlanner`."""
+    """``dcp.load`` into ``state`` (in place) with :class:`Reader` and :class:`LoadPlanner`.
+
+    Called on every rank of ``process_group`` (default: the whole job), or with
+    ``single_process=True`` by one process alone, which then reads every shard itself.
+    """
     reader = reader or Reader(path, verify=verify)
     try:
         with _quiet_single_process():
             dcp.load(
                 state, storage_reader=reader, planner=LoadPlanner(allow_partial_load=allow_partial_load),
-                process_group=process_group, no_dist=_no_dist(process_group),
+                process_group=process_group, no_dist=single_process or _no_dist(process_group),
             )  # fmt: skip
     except CheckpointException as exc:
         raise translate(exc, loading=True) from None
