@@ -134,7 +134,7 @@ def load_checkpoint(
         from .distributed import api as sharded  # sharded checkpoints, FSDP2/DTensor/DDP models
 
         if sharded.handles_load(path, model):
-            return sharded.load_checkpoint(  # type: ignore[no-any-return]
+            return sharded.load_checkpoint(
                 path, model, optimizer, scheduler=scheduler, extra=extra, strict=strict, verify=verify,
                 restore_rng=restore_rng,
             )  # fmt: skip

@@ -221,7 +221,7 @@ class CheckpointManager:
                 model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler, extra=extra,
                 metadata=metadata, rng=rng, overwrite=overwrite, async_=self.async_save,
                 on_commit=(lambda _: self._apply_retention(step)) if retain else None,
-            )  # type: ignore[arg-type]  # fmt: skip
+            )  # fmt: skip
             if isinstance(result, Path):
                 if retain:
                     self._apply_retention(step)

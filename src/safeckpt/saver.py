@@ -262,7 +262,7 @@ def save_checkpoint(
             return sharded.save_checkpoint(
                 model, optimizer, config, vocab, step, directory=directory, scheduler=scheduler, extra=extra,
                 metadata=metadata, rng=rng, overwrite=overwrite, async_=async_,
-            )  # type: ignore[arg-type]  # fmt: skip
+            )  # fmt: skip
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )

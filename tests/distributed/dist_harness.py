@@ -25,12 +25,12 @@ def start(scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = 
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = []
     for rank in range(world):
-        log = open(out / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed when the process exits
+        log = open(out / f"rank-{rank}.log", "wb")
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(WORKERS), scenario, str(rank), str(world), str(init), str(tmp)],
                 stdout=log, stderr=subprocess.STDOUT, env=environment,
-            )  # fmt: skip
+            )
         )
         log.close()
     return procs

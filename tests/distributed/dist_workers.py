@@ -183,7 +183,7 @@ def main(rank: int, world: int, tmp: Path) -> None:
             with check(f"load_world_{size}_refuses_rng"):
                 expect(
                     safeckpt.CheckpointMismatchError,
-                    lambda: safeckpt.load_checkpoint(root, model=model, optimizer=opt, scheduler=sched),  # noqa: B023
+                    lambda: safeckpt.load_checkpoint(root, model=model, optimizer=opt, scheduler=sched),
                     "saved on 2 rank(s)", f"loaded on {size}", "restore_rng=False",
                 )
                 assert all(torch.equal(a, b) for a, b in zip(before, local_params(model), strict=True))
@@ -232,7 +232,7 @@ def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
             before = local_params(model)
             expect(
                 safeckpt.CheckpointCorruptedError,
-                lambda: safeckpt.load_checkpoint(bad, model=model, optimizer=opt),  # noqa: B023
+                lambda: safeckpt.load_checkpoint(bad, model=model, optimizer=opt),
                 file, "rank",
             )
             assert all(torch.equal(a, b) for a, b in zip(before, local_params(model), strict=True))

@@ -15,11 +15,11 @@ import json
 import signal
 from pathlib import Path
 
+import dist_harness
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import dist_harness
 import safeckpt
 
 Results = dict[int, dict[str, str]]

@@ -5,6 +5,8 @@ The core is being reorganised; keeping the imports here means that only this mod
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from .._version import __version__
 from ..archive import DTYPE_SIZES
 from ..background import PendingSave, acquire_slot
@@ -19,14 +21,14 @@ from ..tensors import DTYPE_NAMES, TORCH_DTYPES, TensorArchive, archive_parts, t
 from ..tree import decode_document, encode_document
 
 
-def core_loader():
+def core_loader() -> ModuleType:
     """``safeckpt.loader`` (imported on use: it dispatches to this package)."""
     from .. import loader
 
     return loader
 
 
-def core_saver():
+def core_saver() -> ModuleType:
     """``safeckpt.saver`` (imported on use: it dispatches to this package)."""
     from .. import saver
 

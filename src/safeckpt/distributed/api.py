@@ -84,7 +84,7 @@ def process_group_of(model: object) -> dist.ProcessGroup | None:
     if not _initialised():
         return None
     if isinstance(model, DistributedDataParallel):
-        return model.process_group  # type: ignore[no-any-return]
+        return model.process_group
     if isinstance(model, torch.nn.Module):
         for param in model.parameters():
             if isinstance(param, DTensor) and param.device_mesh.ndim == 1:
@@ -92,29 +92,8 @@ def process_group_of(model: object) -> dist.ProcessGroup | None:
     return None
 
 
-def _agree(group: dist.ProcessGroup | None, run: Callable[[], T], *, together: bool = True) -> T:
-    """``run()`` on every rank; if it raised a safeckpt error on any rank, raise on every rank.
-    With ``together=False`` this process runs it alone."""
-    result: T | None = None
-    error: CheckpointError | None = None
-    try:
-        result = run()
-    except CheckpointError as exc:
-        error = exc
-    if together and _initialised():
-        errors: list[CheckpointError | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(errors, error, group=group)
-        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-        if failed:  # every rank raises the same error, naming the rank that hit it
-            rank, first = failed[0]
-            raise dcp_calls._renamed(first, f"rank {rank}") from None
-    if error is not None:
-        raise error
-    return result  # type: ignore[return-value]
-
-
 def save_checkpoint(
-    model: torch.nn.Module,
+    model: object,
     optimizer: object | None,
     config: object | None,
     vocab: object | None,
@@ -130,6 +109,8 @@ def save_checkpoint(
     on_commit: Callable[[Path], object] | None = None,
 ) -> Path | PendingSave:
     """``safeckpt.save_checkpoint`` for a sharded or DDP model; called on every rank."""
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedValueError(f"model: a sharded save needs the nn.Module itself, got {type(model).__qualname__}")
     group = process_group_of(model)
     rank, _ = group_rank(group)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -253,7 +234,7 @@ def load_checkpoint(
         )  # fmt: skip
     rank, world = group_rank(group) if together else (0, 1)
     reader = Reader(folder, verify=verify)
-    _agree(group, reader.read_metadata, together=together)
+    dcp_calls.agree(group, reader.read_metadata, together=together)
     sharding, manifest = reader.sharding, reader.manifest
     assert sharding is not None and manifest is not None
     own = rank_key(rank)
@@ -280,7 +261,7 @@ def load_checkpoint(
         if restore_rng is not False and not has_prefix(sharding, own, "rng"):
             raise CheckpointMismatchError(f"{source}: has no RNG state (saved with rng=False); {_MISSING_RNG}")
 
-    _agree(group, check, together=together)
+    dcp_calls.agree(group, check, together=together)
     prefixes = ["scheduler"] + ([own] if mapped else [])
     if model is None:
         prefixes += ["model", "optimizer"]
@@ -290,7 +271,7 @@ def load_checkpoint(
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     dcp_calls.load(state, folder, process_group=group, reader=reader, single_process=not together)
-    documents = _agree(group, lambda: _documents(folder, reader, verify), together=together)
+    documents = dcp_calls.agree(group, lambda: _documents(folder, reader, verify), together=together)
 
     source = str(folder)
     trees = {

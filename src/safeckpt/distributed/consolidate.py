@@ -79,7 +79,7 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
     else:
         rng = None
         extra = {rank_key(rank): own["extra"] for rank, own in ranks.items() if "extra" in own} or None
-    metadata = {
+    metadata: dict[str, object] = {
         **manifest.metadata,
         "consolidated_from": {"world_size": sharding.world_size, "checkpoint": folder.name},
     }
@@ -93,4 +93,4 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
         document = encode_document(rng, name="rng", is_tensor=lambda v: isinstance(v, torch.Tensor), add_tensor=archive.add)
         plan.archives["rng"] = (archive, None)
         plan.documents["rng.msgpack"] = dump_msgpack(document)
-    return saver.write_checkpoint(plan, Path(dst), overwrite=overwrite)  # type: ignore[no-any-return]
+    return saver.write_checkpoint(plan, Path(dst), overwrite=overwrite)

@@ -14,6 +14,7 @@ import errno
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -25,9 +26,10 @@ from .planner import LoadPlanner, SavePlanner
 from .reader import Reader
 from .writer import Writer
 
-__all__ = ["DistributedCheckpointError", "async_save", "load", "save", "translate"]
+__all__ = ["DistributedCheckpointError", "agree", "async_save", "load", "save", "translate"]
 
 StateDict = dict[str, object]
+T = TypeVar("T")
 
 
 class DistributedCheckpointError(CheckpointError, RuntimeError):
@@ -81,6 +83,27 @@ def _no_dist(process_group: dist.ProcessGroup | None) -> bool:
     return process_group is None and not (dist.is_available() and dist.is_initialized())
 
 
+def agree(group: dist.ProcessGroup | None, run: Callable[[], T], *, together: bool = True) -> T:
+    """``run()`` on every rank; if it raised a safeckpt error on any rank, raise on every rank.
+    With ``together=False`` this process runs it alone."""
+    result: T | None = None
+    error: CheckpointError | None = None
+    try:
+        result = run()
+    except CheckpointError as exc:
+        error = exc
+    if together and dist.is_available() and dist.is_initialized():
+        errors: list[CheckpointError | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        if failed:  # every rank raises the same error, naming the rank that hit it
+            rank, first = failed[0]
+            raise _renamed(first, f"rank {rank}") from None
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
 def save(
     state: StateDict,
     root: str | Path,
@@ -125,6 +148,8 @@ def load(
     ``single_process=True`` by one process alone, which then reads every shard itself.
     """
     reader = reader or Reader(path, verify=verify)
+    # DCP would turn an error here into an AssertionError without its type: read it first.
+    agree(process_group, reader.read_metadata, together=not single_process)
     try:
         with _quiet_single_process():
             dcp.load(
@@ -143,7 +168,7 @@ def checkpoint_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGro
     must not interleave with the training's on the same group."""
     if _no_dist(process_group):
         return None
-    ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))  # type: ignore[arg-type]
+    ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
     if ranks not in _GROUPS:
         _GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo")
     return _GROUPS[ranks]

@@ -60,7 +60,7 @@ def decode_tree(entry: object, *, source: str) -> object:
     def resolve(name: str) -> torch.Tensor:
         if name not in tensors:
             raise CheckpointCorruptedError(f"{source}: refers to tensor {name!r}, which is not stored")
-        return tensors[name]  # type: ignore[no-any-return]
+        return tensors[name]
 
     return decode_document(document, source=source, resolve_tensor=resolve)
 

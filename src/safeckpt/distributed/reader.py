@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 from torch.distributed.checkpoint.planner import LoadPlanner as DCPLoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
@@ -182,7 +182,8 @@ class Reader(StorageReader):
         tensor = self._tensors[location.file].get(location.name)
         if tensor is None:
             raise CheckpointCorruptedError(f"{source}: has no tensor {location.name!r}, which {SHARDING_NAME} places there")
-        dtype = self.sharding.metadata.state_dict_metadata[fqn].properties.dtype
+        md = self.sharding.metadata.state_dict_metadata[fqn]
+        dtype = md.properties.dtype if isinstance(md, TensorStorageMetadata) else None
         if tensor.dtype != dtype or tuple(tensor.shape) != location.shape:
             raise CheckpointCorruptedError(
                 f"{source}: tensor {location.name!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, "

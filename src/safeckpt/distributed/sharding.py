@@ -72,7 +72,7 @@ class Sharding:
 
     @property
     def locations(self) -> dict[MetadataIndex, Location]:
-        return self.metadata.storage_data  # type: ignore[no-any-return]
+        return self.metadata.storage_data
 
     def files(self) -> set[str]:
         """Names of every shard file the document refers to."""
@@ -144,7 +144,7 @@ class _Parser:
     def ints(self, value: object, count: int, what: str) -> list[int]:
         if not isinstance(value, list) or len(value) != count or not all(_is_int(v) for v in value):
             raise self.fail(f"{what} must be a list of {count} non-negative integers, found {_short(value)}")
-        return value  # type: ignore[return-value]
+        return value
 
     def tensor(self, fqn: str, entry: object) -> tuple[TensorStorageMetadata, list[tuple[MetadataIndex, Location]]]:
         where = f"tensor {_short(fqn)}"
@@ -247,5 +247,5 @@ def parse_sharding(data: bytes | bytearray | memoryview, *, files: Mapping[str, 
         extra = sorted(set(paths) ^ set(state))[:3]
         raise parser.fail(f"'paths' must list exactly the tensors and values (differs at {extra})")
     planner_data = {fqn: parser.path(fqn, path) for fqn, path in paths.items()}
-    metadata = Metadata(state_dict_metadata=state, planner_data=planner_data, storage_data=where)  # type: ignore[arg-type]
+    metadata = Metadata(state_dict_metadata=state, planner_data=planner_data, storage_data=where)
     return Sharding(metadata=metadata, world_size=doc["world_size"])

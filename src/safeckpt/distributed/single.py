@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..errors import CheckpointMismatchError
 from ._core import core_loader
 from ._core import restore_rng as restore_rng_state
+from .dcp_calls import agree
 from .layout import group_rank
 
 __all__ = ["load_single_into_sharded"]
@@ -70,8 +71,6 @@ def load_single_into_sharded(
     restore_rng: bool | Mapping[str, object],
 ) -> Any:
     """Load the single-process checkpoint ``folder`` into a sharded ``model`` (every rank)."""
-    from .api import _agree
-
     _, world = group_rank(group)
     loader = core_loader()
     source = str(folder)
@@ -111,7 +110,7 @@ def load_single_into_sharded(
                 raise CheckpointMismatchError(f"{source}: has no extra state {name!r} (saved: {sorted(map(str, ckpt.extra))})")
         return ckpt, named
 
-    ckpt, named = _agree(group, read_and_check)
+    ckpt, named = agree(group, read_and_check)
     options = StateDictOptions(full_state_dict=True, strict=strict)
     set_model_state_dict(model, ckpt.model_state, options=options)
     if optimizer is not None:
