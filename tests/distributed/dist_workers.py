@@ -405,7 +405,8 @@ def direct(tmp: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, group:
 
 
 def sigkill(rank: int, world: int, tmp: Path) -> None:
-    """Step 1 commits; during step 2 rank 1 kills itself in the middle of writing its shard."""
+    """Step 1 commits; during step 2 the coordinator (rank 0, which owns the temporary folder)
+    kills itself in the middle of writing its shard."""
     mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # type: ignore[arg-type]
     model, opt, sched = build(mesh)
     train(model, opt, sched, range(2))
@@ -417,7 +418,7 @@ def sigkill(rank: int, world: int, tmp: Path) -> None:
     real = writer.write_file
 
     def die_midway(dir_fd: int, name: str, parts: object, size_hint: int = 0) -> object:
-        if rank == 1 and name.endswith(".safetensors"):
+        if rank == 0 and name.endswith(".safetensors"):
             fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dir_fd)
             os.write(fd, b"partial shard")
             os.close(fd)

@@ -176,3 +176,16 @@ def test_load_never_unpickles(saved: Path, monkeypatch: pytest.MonkeyPatch) -> N
     target = empty()
     sd.load(target, saved)
     assert target["meta"]["betas"] == (0.9, 0.99)  # type: ignore[index]
+
+
+def test_written_documents_satisfy_the_json_schemas(saved: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = Path(__file__).resolve().parents[2] / "spec"
+    for schema_name, file in (("sharding.schema.json", "sharding.json"), ("manifest.schema.json", "manifest.json")):
+        schema = json.loads((spec / schema_name).read_text())
+        jsonschema.Draft202012Validator.check_schema(schema)
+        jsonschema.Draft202012Validator(schema).validate(json.loads((saved / file).read_text()))
+    broken = json.loads((saved / "sharding.json").read_text())
+    broken["tensors"]["model.w"]["chunks"][0]["file"] = "../x.safetensors"
+    sharding = json.loads((spec / "sharding.schema.json").read_text())
+    assert not jsonschema.Draft202012Validator(sharding).is_valid(broken)

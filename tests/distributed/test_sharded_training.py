@@ -127,13 +127,13 @@ def test_consolidated_checkpoint_is_an_ordinary_one(job: tuple[Path, Results]) -
 def test_sigkill_of_one_rank_mid_save_commits_nothing(tmp_path: Path) -> None:
     procs = dist_harness.start("sigkill", 2, tmp_path)
     try:
-        assert procs[1].wait(dist_harness.TIMEOUT) == -signal.SIGKILL, dist_harness.log(tmp_path, 1)
+        assert procs[0].wait(dist_harness.TIMEOUT) == -signal.SIGKILL, dist_harness.log(tmp_path, 0)
     finally:
-        procs[0].kill()  # the coordinator may be stuck in a collective with the dead rank
-        procs[0].wait()
+        procs[1].kill()  # it may be stuck in a collective with the dead coordinator
+        procs[1].wait()
     results = dist_harness.results(tmp_path, 2)
-    assert results[1].get("killed_while_writing") == "ok", dist_harness.log(tmp_path, 1)
-    assert "step_2_returned" not in results[0]
+    assert results[0].get("killed_while_writing") == "ok", dist_harness.log(tmp_path, 0)
+    assert "step_2_returned" not in results[1]
     root = tmp_path / "run"
     assert safeckpt.CheckpointManager(root).steps() == [1]
     leftovers = [p for p in root.iterdir() if p.name.startswith(".tmp-")]
