@@ -170,7 +170,7 @@ def checkpoint_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGro
         return None
     ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
     if ranks not in _GROUPS:
-        _GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo")
+        _GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
     return _GROUPS[ranks]
 
 
