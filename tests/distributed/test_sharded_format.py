@@ -189,3 +189,20 @@ def test_written_documents_satisfy_the_json_schemas(saved: Path) -> None:
     broken["tensors"]["model.w"]["chunks"][0]["file"] = "../x.safetensors"
     sharding = json.loads((spec / "sharding.schema.json").read_text())
     assert not jsonschema.Draft202012Validator(sharding).is_valid(broken)
+
+
+def test_manager_falls_back_from_a_damaged_sharded_checkpoint(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    for step in (1, 2):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        sd.save({"model": {k: v.clone() for k, v in model.state_dict().items()}}, tmp_path, step=step)
+    flip(tmp_path / "step-00000002" / "shard-00000.safetensors")
+    manager = safeckpt.CheckpointManager(tmp_path)
+    fresh = torch.nn.Linear(3, 2)
+    with pytest.warns(safeckpt.CheckpointFallbackWarning, match="step-00000002"):
+        ckpt = manager.restore(model=fresh, restore_rng=False)
+    assert ckpt is not None and ckpt.step == 1
+    assert torch.equal(fresh.weight, torch.ones(2, 3))
+    with pytest.warns(safeckpt.CheckpointFallbackWarning):
+        assert manager.latest() == tmp_path / "step-00000001"
