@@ -39,7 +39,7 @@ def _read(folder: Path) -> dict[str, object]:
     reader = sd.Reader(folder)
     reader.read_metadata()
     assert reader.sharding is not None
-    paths = reader.sharding.metadata.planner_data
+    paths = reader.sharding.paths
     state = template(reader.sharding, {p[0] for p in paths.values()})
     sd.load(state, folder, reader=reader, single_process=True)
     flat = {}

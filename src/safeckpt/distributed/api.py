@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -30,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import CheckpointError, CheckpointMismatchError, MissingRNGStateWarning, UnsupportedValueError
 from . import dcp_calls
 from ._core import (
+    TORCH_DTYPES,
     PendingSave,
     capture_rng,
     config_to_json,
@@ -164,9 +164,9 @@ def _locate(path: str | os.PathLike[str], group: dist.ProcessGroup | None, *, to
 def _check_model(model_state: Mapping[str, Any], sharding: Sharding, *, strict: bool, source: str) -> None:
     """Keys, shapes and dtypes of the model against the checkpoint, before anything is copied."""
     saved = {
-        path[1]: md
-        for fqn, md in sharding.metadata.state_dict_metadata.items()
-        if (path := (sharding.metadata.planner_data or {})[fqn])[0] == "model" and len(path) == 2
+        path[1]: sharding.tensors.get(fqn)
+        for fqn, path in sharding.paths.items()
+        if path[0] == "model" and len(path) == 2
     }
     problems = []
     for key, value in model_state.items():
@@ -175,11 +175,9 @@ def _check_model(model_state: Mapping[str, Any], sharding: Sharding, *, strict: 
             continue
         if md is None:
             problems.append(f"{key!r} is missing from the checkpoint")
-        elif not isinstance(md, TensorStorageMetadata):
-            problems.append(f"{key!r} is not a tensor in the checkpoint")
-        elif tuple(md.size) != tuple(value.shape) or md.properties.dtype != value.dtype:
+        elif md.shape != tuple(value.shape) or TORCH_DTYPES[md.dtype] != value.dtype:
             problems.append(
-                f"{key!r} is {md.properties.dtype} {tuple(md.size)} in the checkpoint, "
+                f"{key!r} is {TORCH_DTYPES[md.dtype]} {md.shape} in the checkpoint, "
                 f"{value.dtype} {tuple(value.shape)} in the model"
             )
     if strict:

@@ -62,7 +62,7 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
     reader.read_metadata()
     sharding, manifest = reader.sharding, reader.manifest
     assert sharding is not None and manifest is not None
-    prefixes = {str(path[0]) for path in (sharding.metadata.planner_data or {}).values()}
+    prefixes = {str(path[0]) for path in sharding.paths.values()}
     state = template(sharding, prefixes)
     load(state, folder, reader=reader, single_process=True)
     documents = _documents(folder, reader, verify=True)

@@ -20,10 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from ..errors import CheckpointCorruptedError
-from ._core import TensorArchive, decode_document, dump_msgpack, encode_document, load_msgpack
+from ._core import TORCH_DTYPES, TensorArchive, decode_document, dump_msgpack, encode_document, load_msgpack
 from .sharding import Sharding
 
 __all__ = ["RANK_PREFIX", "decode_tree", "encode_tree", "group_rank", "has_prefix", "rank_key", "template"]
@@ -67,8 +66,7 @@ def decode_tree(entry: object, *, source: str) -> object:
 
 def has_prefix(sharding: Sharding, *prefix: str | int) -> bool:
     """Whether any entry of the checkpoint lives under ``prefix`` (a path of keys)."""
-    paths = sharding.metadata.planner_data or {}
-    return any(tuple(path[: len(prefix)]) == prefix for path in paths.values())
+    return any(tuple(path[: len(prefix)]) == prefix for path in sharding.paths.values())
 
 
 def template(sharding: Sharding, prefixes: Iterable[str]) -> dict[str, Any]:
@@ -76,13 +74,9 @@ def template(sharding: Sharding, prefixes: Iterable[str]) -> dict[str, Any]:
     an empty full-size tensor per tensor entry, None per value. DCP loads into it in place."""
     wanted = set(prefixes)
     state: dict[str, Any] = {}
-    paths = sharding.metadata.planner_data or {}
-    for fqn, md in sharding.metadata.state_dict_metadata.items():
-        path = paths[fqn]
+    for fqn, path in sharding.paths.items():
         if path[0] not in wanted:
             continue
-        if isinstance(md, TensorStorageMetadata):
-            set_element(state, path, torch.empty(md.size, dtype=md.properties.dtype))
-        elif isinstance(md, BytesStorageMetadata):
-            set_element(state, path, None)
+        entry = sharding.tensors.get(fqn)
+        set_element(state, path, None if entry is None else torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype]))
     return state

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 from torch.distributed.checkpoint.planner import LoadPlanner as DCPLoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
@@ -34,6 +41,7 @@ from .. import limits
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
 from ._core import (
     MANIFEST_NAME,
+    TORCH_DTYPES,
     FileEntry,
     Manifest,
     load_msgpack,
@@ -55,6 +63,22 @@ def is_sharded(folder: Path) -> bool:
         return b'"' + SHARDING_NAME.encode() + b'"' in (folder / MANIFEST_NAME).read_bytes()[: limits.MAX_MANIFEST_BYTES]
     except OSError:
         return False
+
+
+def dcp_metadata(sharding: Sharding) -> tuple[Metadata, dict[MetadataIndex, Location]]:
+    """DCP's ``Metadata`` for a parsed ``sharding.json``, and where each chunk or value lives."""
+    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    where: dict[MetadataIndex, Location] = {}
+    for fqn, entry in sharding.tensors.items():
+        chunks = [ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in entry.chunks]
+        properties = TensorProperties(dtype=TORCH_DTYPES[entry.dtype])
+        state[fqn] = TensorStorageMetadata(properties=properties, size=torch.Size(entry.shape), chunks=chunks)
+        where.update((MetadataIndex(fqn, c.offsets), c.location) for c in entry.chunks)
+    for fqn, location in sharding.values.items():
+        state[fqn] = BytesStorageMetadata()
+        where[MetadataIndex(fqn)] = location
+    metadata = Metadata(state_dict_metadata=state, planner_data=dict(sharding.paths), storage_data=where)
+    return metadata, where
 
 
 def _open_folder(folder: Path) -> int:
@@ -107,6 +131,8 @@ class Reader(StorageReader):
         self.folder: Path | None = None
         self.manifest: Manifest | None = None
         self.sharding: Sharding | None = None
+        self.metadata: Metadata | None = None
+        self._where: dict[MetadataIndex, Location] = {}
         self.rank = 0
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
         self._values: dict[str, dict[str, object]] = {}
@@ -117,7 +143,7 @@ class Reader(StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None and Path(checkpoint_id) != self.path:
             self.path = Path(checkpoint_id)
-            self.folder = self.manifest = self.sharding = None
+            self.folder = self.manifest = self.sharding = self.metadata = None
         self._tensors, self._values = {}, {}
 
     @classmethod
@@ -125,11 +151,12 @@ class Reader(StorageReader):
         return False  # never chosen automatically: pass storage_reader=Reader(...) explicitly
 
     def read_metadata(self) -> Metadata:
-        if self.sharding is None:
+        if self.metadata is None:
             folder = locate_checkpoint(self.path)
             self.manifest, self.sharding = read_sharding(folder)
+            self.metadata, self._where = dcp_metadata(self.sharding)
             self.folder = folder
-        return self.sharding.metadata
+        return self.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = int(kwargs.get("rank", 0))
@@ -145,7 +172,7 @@ class Reader(StorageReader):
         if not plan.items:
             return plan
         assert self.folder is not None and self.manifest is not None and self.sharding is not None
-        locations = self.sharding.locations
+        locations = self._where
         needed: dict[str, FileEntry] = {}
         for item in plan.items:
             name = locations[item.storage_index].file
@@ -182,8 +209,7 @@ class Reader(StorageReader):
         tensor = self._tensors[location.file].get(location.name)
         if tensor is None:
             raise CheckpointCorruptedError(f"{source}: has no tensor {location.name!r}, which {SHARDING_NAME} places there")
-        md = self.sharding.metadata.state_dict_metadata[fqn]
-        dtype = md.properties.dtype if isinstance(md, TensorStorageMetadata) else None
+        dtype = TORCH_DTYPES[self.sharding.tensors[fqn].dtype]
         if tensor.dtype != dtype or tuple(tensor.shape) != location.shape:
             raise CheckpointCorruptedError(
                 f"{source}: tensor {location.name!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, "
@@ -197,7 +223,7 @@ class Reader(StorageReader):
         if not isinstance(planner, LoadPlanner):
             raise UsageError("safeckpt.distributed.Reader needs planner=safeckpt.distributed.LoadPlanner()")
         assert self.folder is not None and self.sharding is not None
-        locations = self.sharding.locations
+        locations = self._where
         try:
             for item in plan.items:
                 location = locations[item.storage_index]

@@ -6,7 +6,8 @@ tensor (offsets and sizes inside the full tensor, and the shard file and tensor 
 each chunk) or the shard file holding a non-tensor value, plus the path that rebuilds the nested
 state dict. :func:`parse_sharding` validates it completely before DCP sees any of it: names of
 files listed in the manifest only, chunk boxes inside their tensor, chunks that tile each tensor
-exactly (no gap, no overlap), paths that spell their key.
+exactly (no gap, no overlap), paths that spell their key. It needs no torch (the numpy reader
+uses it too); the Reader turns a :class:`Sharding` into DCP's ``Metadata``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-
 from .. import limits
+from ..archive import DTYPE_SIZES
+from ..documents import load_json
 from ..errors import CheckpointCorruptedError, UnsupportedValueError
-from ._core import DTYPE_NAMES, TORCH_DTYPES, FileEntry, check_file_name, load_json
+from ..manifest import FileEntry, check_file_name
 
 __all__ = [
     "MAX_CHUNKS_PER_TENSOR",
@@ -36,8 +29,10 @@ __all__ = [
     "SHARDING_FORMAT",
     "SHARDING_NAME",
     "SHARDING_VERSION",
+    "Chunk",
     "Location",
     "Sharding",
+    "TensorEntry",
     "dump_sharding",
     "parse_sharding",
 ]
@@ -64,45 +59,65 @@ class Location:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One box of a tensor: ``offsets`` .. ``offsets + sizes``, stored at ``location``."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    location: Location
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor of the flattened state dict: dtype (safetensors name), full shape, its chunks."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
 class Sharding:
-    """A parsed ``sharding.json``: DCP metadata plus the world size that wrote it."""
+    """A parsed ``sharding.json``."""
 
-    metadata: Metadata
     world_size: int
-
-    @property
-    def locations(self) -> dict[MetadataIndex, Location]:
-        return self.metadata.storage_data
+    tensors: dict[str, TensorEntry]
+    values: dict[str, Location]
+    """Non-tensor entries: the ``.msgpack`` shard holding each (under its key)."""
+    paths: dict[str, tuple[str | int, ...]]
+    """Where each key goes in the nested state dict."""
 
     def files(self) -> set[str]:
         """Names of every shard file the document refers to."""
-        return {location.file for location in self.locations.values()}
+        found = {location.file for location in self.values.values()}
+        found.update(chunk.location.file for entry in self.tensors.values() for chunk in entry.chunks)
+        return found
 
 
-def dump_sharding(metadata: Metadata, locations: Mapping[MetadataIndex, Location], world_size: int) -> bytes:
-    """Encode DCP's global metadata and where each item was written as ``sharding.json``."""
-    tensors: dict[str, object] = {}
-    values: dict[str, object] = {}
-    for fqn, md in sorted(metadata.state_dict_metadata.items()):
-        if isinstance(md, BytesStorageMetadata):
-            values[fqn] = {"file": locations[MetadataIndex(fqn)].file}
-            continue
-        dtype = DTYPE_NAMES.get(md.properties.dtype)
-        if dtype is None:
-            raise UnsupportedValueError(f"{fqn}: tensor dtype {md.properties.dtype} is not one the format stores")
-        chunks = []
-        for chunk in md.chunks:
-            where = locations[MetadataIndex(fqn, chunk.offsets)]
-            chunks.append({"offsets": list(chunk.offsets), "sizes": list(chunk.sizes), "file": where.file, "name": where.name})
-        tensors[fqn] = {"dtype": dtype, "shape": list(md.size), "chunks": chunks}
-    paths = {fqn: list(path) for fqn, path in sorted((metadata.planner_data or {}).items())}
+def dump_sharding(
+    tensors: Mapping[str, TensorEntry],
+    values: Mapping[str, Location],
+    paths: Mapping[str, tuple[str | int, ...]],
+    world_size: int,
+) -> bytes:
+    """Encode ``sharding.json`` (deterministic: sorted keys, compact)."""
     doc = {
         "format": SHARDING_FORMAT,
         "version": SHARDING_VERSION,
         "world_size": world_size,
-        "tensors": tensors,
-        "values": values,
-        "paths": paths,
+        "tensors": {
+            key: {
+                "dtype": entry.dtype,
+                "shape": list(entry.shape),
+                "chunks": [
+                    {"offsets": list(c.offsets), "sizes": list(c.sizes), "file": c.location.file, "name": c.location.name}
+                    for c in entry.chunks
+                ],
+            }
+            for key, entry in sorted(tensors.items())
+        },
+        "values": {key: {"file": location.file} for key, location in sorted(values.items())},
+        "paths": {key: list(path) for key, path in sorted(paths.items())},
     }
     data = (json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n").encode()
     if len(data) > MAX_SHARDING_BYTES:
@@ -146,12 +161,12 @@ class _Parser:
             raise self.fail(f"{what} must be a list of {count} non-negative integers, found {_short(value)}")
         return value
 
-    def tensor(self, fqn: str, entry: object) -> tuple[TensorStorageMetadata, list[tuple[MetadataIndex, Location]]]:
+    def tensor(self, fqn: str, entry: object) -> TensorEntry:
         where = f"tensor {_short(fqn)}"
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "chunks"}:
             raise self.fail(f"{where} must be an object with exactly dtype, shape and chunks")
         dtype = entry["dtype"]
-        if dtype not in TORCH_DTYPES:
+        if dtype not in DTYPE_SIZES:
             raise self.fail(f"{where} has unsupported dtype {_short(dtype)}")
         shape = entry["shape"]
         if not isinstance(shape, list) or len(shape) > limits.MAX_TENSOR_NDIM:
@@ -162,8 +177,7 @@ class _Parser:
         chunks = entry["chunks"]
         if not isinstance(chunks, list) or not 1 <= len(chunks) <= MAX_CHUNKS_PER_TENSOR:
             raise self.fail(f"{where}: 'chunks' must be a list of 1 to {MAX_CHUNKS_PER_TENSOR} chunks")
-        parsed: list[ChunkStorageMetadata] = []
-        located: list[tuple[MetadataIndex, Location]] = []
+        parsed: list[Chunk] = []
         volume = 0
         for number, chunk in enumerate(chunks):
             at = f"{where}, chunk {number}"
@@ -176,18 +190,14 @@ class _Parser:
             if not isinstance(chunk["name"], str) or not chunk["name"]:
                 raise self.fail(f"{at}: 'name' must be a non-empty string")
             location = Location(self.file(chunk["file"], ".safetensors", at), chunk["name"], tuple(sizes))
-            parsed.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
-            located.append((MetadataIndex(fqn, offsets), location))
+            parsed.append(Chunk(tuple(offsets), tuple(sizes), location))
             volume += math.prod(sizes)
         if volume != math.prod(shape):
             raise self.fail(f"{where}: its chunks hold {volume} elements, the tensor has {math.prod(shape)}")
         self.check_disjoint(where, parsed)
-        md = TensorStorageMetadata(
-            properties=TensorProperties(dtype=TORCH_DTYPES[dtype]), size=torch.Size(shape), chunks=parsed
-        )
-        return md, located
+        return TensorEntry(dtype, tuple(shape), tuple(parsed))
 
-    def check_disjoint(self, where: str, chunks: list[ChunkStorageMetadata]) -> None:
+    def check_disjoint(self, where: str, chunks: list[Chunk]) -> None:
         """No two chunks overlap (with equal volumes, they then tile the tensor exactly)."""
         boxes = sorted(
             ((list(c.offsets), list(c.sizes)) for c in chunks if math.prod(c.sizes) > 0),
@@ -231,21 +241,17 @@ def parse_sharding(data: bytes | bytearray | memoryview, *, files: Mapping[str, 
     tensors, values, paths = doc["tensors"], doc["values"], doc["paths"]
     if not isinstance(tensors, dict) or not isinstance(values, dict) or not isinstance(paths, dict):
         raise parser.fail("'tensors', 'values' and 'paths' must be objects")
-    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    where: dict[MetadataIndex, Location] = {}
-    for fqn, entry in tensors.items():
-        state[fqn], located = parser.tensor(fqn, entry)
-        where.update(located)
+    parsed_tensors = {fqn: parser.tensor(fqn, entry) for fqn, entry in tensors.items()}
+    parsed_values: dict[str, Location] = {}
     for fqn, entry in values.items():
-        if fqn in state:
+        if fqn in parsed_tensors:
             raise parser.fail(f"{_short(fqn)} is both a tensor and a value")
         if not isinstance(entry, dict) or set(entry) != {"file"}:
             raise parser.fail(f"value {_short(fqn)} must be an object with exactly 'file'")
-        state[fqn] = BytesStorageMetadata()
-        where[MetadataIndex(fqn)] = Location(parser.file(entry["file"], ".msgpack", f"value {_short(fqn)}"), fqn)
-    if set(paths) != set(state):
-        extra = sorted(set(paths) ^ set(state))[:3]
+        parsed_values[fqn] = Location(parser.file(entry["file"], ".msgpack", f"value {_short(fqn)}"), fqn)
+    keys = set(parsed_tensors) | set(parsed_values)
+    if set(paths) != keys:
+        extra = sorted(set(paths) ^ keys)[:3]
         raise parser.fail(f"'paths' must list exactly the tensors and values (differs at {extra})")
-    planner_data = {fqn: parser.path(fqn, path) for fqn, path in paths.items()}
-    metadata = Metadata(state_dict_metadata=state, planner_data=planner_data, storage_data=where)
-    return Sharding(metadata=metadata, world_size=doc["world_size"])
+    parsed_paths = {fqn: parser.path(fqn, path) for fqn, path in paths.items()}
+    return Sharding(doc["world_size"], parsed_tensors, parsed_values, parsed_paths)

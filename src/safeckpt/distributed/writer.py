@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 from torch.distributed.checkpoint.planner import SavePlanner as DCPSavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -42,6 +42,7 @@ from torch.futures import Future
 
 from ..errors import CheckpointError, CheckpointExistsError
 from ._core import (
+    DTYPE_NAMES,
     MANIFEST_NAME,
     FileEntry,
     Manifest,
@@ -55,7 +56,7 @@ from ._core import (
     write_file,
 )
 from .planner import PLANNER_MARK, SavePlanner
-from .sharding import SHARDING_NAME, Location, dump_sharding
+from .sharding import SHARDING_NAME, Chunk, Location, TensorEntry, dump_sharding
 
 __all__ = ["SHARDED_FORMAT_VERSION", "Writer", "shard_name"]
 
@@ -88,6 +89,25 @@ class _Written:
 
     location: Location
     entry: FileEntry
+
+
+def _sharding(metadata: Metadata, locations: dict[MetadataIndex, Location], world_size: int) -> bytes:
+    """``sharding.json`` from DCP's global metadata and where the ranks wrote each item."""
+    tensors: dict[str, TensorEntry] = {}
+    values: dict[str, Location] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            values[fqn] = locations[MetadataIndex(fqn)]
+            continue
+        dtype = DTYPE_NAMES.get(md.properties.dtype)
+        if dtype is None:
+            raise UsageError(f"{fqn}: tensor dtype {md.properties.dtype} is not one the format stores")
+        chunks = tuple(
+            Chunk(tuple(c.offsets), tuple(c.sizes), locations[MetadataIndex(fqn, c.offsets)]) for c in md.chunks
+        )
+        tensors[fqn] = TensorEntry(dtype, tuple(md.size), chunks)
+    paths = {fqn: tuple(path) for fqn, path in (metadata.planner_data or {}).items()}
+    return dump_sharding(tensors, values, paths, world_size)
 
 
 class Writer(StorageWriter):
@@ -240,7 +260,7 @@ class Writer(StorageWriter):
                         raise UsageError("safeckpt.distributed.Writer: a rank reported results of another writer")
                     entries[written.entry.name] = written.entry
                     locations[result.index] = written.location
-            sharding = dump_sharding(metadata, locations, self.world_size)
+            sharding = _sharding(metadata, locations, self.world_size)
             name = SHARDING_NAME
             try:
                 for name, data in (*self.documents.items(), (SHARDING_NAME, sharding)):
