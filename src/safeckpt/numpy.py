@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - the numpy extra installs it
 
 from .archive import DTYPE_SIZES, parse_header
 from .documents import load_json, load_msgpack
-from .errors import CheckpointCorruptedError, UnsupportedFormatError
+from .errors import CheckpointCorruptedError
 from .manifest import MANIFEST_NAME
 from .reading import CheckpointContents, locate_checkpoint, model_aliases, read_checkpoint_files
 from .tree import decode_document
@@ -125,11 +125,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         (100, ['embed.weight'])
     """
     folder = locate_checkpoint(path)
-    if (folder / "sharding.json").exists():
-        raise UnsupportedFormatError(
-            f"{folder}: is a sharded checkpoint (format 1.2), which this reader cannot assemble yet; "
-            "turn it into a single-process one with `safeckpt consolidate SRC DST` and read that"
-        )
+    if (folder / "sharding.json").exists():  # format 1.2, sharded: assembled from its shards
+        from .distributed.numpy_shards import load_sharded
+
+        return load_sharded(folder, verify=verify)
     manifest, buffers = read_checkpoint_files(folder, verify=verify)
     source = str(folder / "model.safetensors")
     model_state, model_meta = arrays_from_buffer(buffers["model.safetensors"], source=source)

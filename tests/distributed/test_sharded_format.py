@@ -153,8 +153,24 @@ def test_dcp_default_planners_and_no_collectives_are_refused(saved: Path, tmp_pa
     assert not list((tmp_path / "other").glob("step-*"))
 
 
-def test_single_process_readers_point_to_consolidate(saved: Path) -> None:
-    with pytest.raises(safeckpt.UnsupportedFormatError, match="safeckpt consolidate"):
+def test_numpy_reader_assembles_a_sharded_checkpoint_without_torch(saved: Path) -> None:
+    import subprocess
+    import sys
+
+    ckpt = safeckpt.numpy.load_checkpoint(saved)
+    original = state()
+    assert ckpt.step == 5 and ckpt.optimizer_state is None
+    for key, tensor in original["model"].items():  # type: ignore[union-attr]
+        assert ckpt.model_state[key].tolist() == tensor.float().tolist(), key
+    code = (
+        "import sys, safeckpt.numpy as n; c = n.load_checkpoint(sys.argv[1]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(sorted(c.model_state))"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "['b', 'w']"
+    flip(saved / "shard-00000.safetensors")
+    with pytest.raises(safeckpt.CheckpointCorruptedError, match="shard-00000.safetensors: SHA-256"):
         safeckpt.numpy.load_checkpoint(saved)
 
 

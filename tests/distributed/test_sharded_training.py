@@ -96,6 +96,21 @@ def test_plain_process_load_without_model_returns_full_tensors(job: tuple[Path, 
     assert ckpt.scheduler_state is not None and ckpt.scheduler_state["last_epoch"] == 3
 
 
+def test_numpy_reader_assembles_the_two_rank_checkpoint(job: tuple[Path, Results]) -> None:
+    import safeckpt.numpy
+
+    tmp, _ = job
+    reference = load_file(str(tmp / "out" / "reference.safetensors"))
+    ckpt = safeckpt.numpy.load_checkpoint(tmp / "run")
+    assert ckpt.step == 3 and ckpt.config == {"lr": 0.01, "dims": [5, 7, 3]}
+    for key, array in ckpt.model_state.items():
+        assert torch.equal(torch.from_numpy(array), reference[f"model.{key}"]), key
+    for name, state in ckpt.optimizer_state["state"].items():  # type: ignore[index]
+        assert torch.equal(torch.from_numpy(state["exp_avg"]), reference[f"optim.{name}.exp_avg"]), name
+    assert ckpt.rng_state is None and ckpt.extra["rank-00001"]["data"] == {"offset": 11, "order": (11, 12)}
+    assert ckpt.scheduler_state["last_epoch"] == 3  # type: ignore[index]
+
+
 def test_sharded_checkpoint_verifies_and_lists_every_file(job: tuple[Path, Results]) -> None:
     tmp, _ = job
     manifest = safeckpt.verify_checkpoint(tmp / "run")

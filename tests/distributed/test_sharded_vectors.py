@@ -13,6 +13,7 @@ from types import ModuleType
 import pytest
 
 import safeckpt
+import safeckpt.numpy
 from safeckpt import distributed as sd
 from safeckpt.distributed.layout import template
 
@@ -62,6 +63,16 @@ def test_valid_vector_decodes_exactly(vector: Path) -> None:
     assert {k: gen.tensor_facts(flat[k]) for k in expected["tensors"]} == expected["tensors"]
     values = {k: gen.canonical(flat[k]) for k in expected["values"]}
     assert json.dumps(values, sort_keys=True) == json.dumps(expected["values"], sort_keys=True)
+    ckpt = safeckpt.numpy.load_checkpoint(folder)  # the torch-free reader assembles the same tensors
+    for key, facts in expected["tensors"].items():
+        assert key.startswith("model.") and gen.tensor_facts(ckpt.model_state[key.removeprefix("model.")]) == facts
+
+
+@pytest.mark.parametrize("vector", _vectors("invalid"), ids=lambda p: p.name)
+def test_invalid_vector_fails_in_the_numpy_reader(vector: Path) -> None:
+    expected = json.loads((vector / "expected.json").read_text())
+    with pytest.raises(getattr(safeckpt, expected["error"]), match=expected["error_file"].replace(".", r"\.")):
+        safeckpt.numpy.load_checkpoint(vector / expected["path"])
 
 
 @pytest.mark.parametrize("vector", _vectors("invalid"), ids=lambda p: p.name)

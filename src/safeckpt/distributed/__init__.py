@@ -20,14 +20,46 @@ Example:
 
 from __future__ import annotations
 
-from .consolidate import consolidate as consolidate
-from .dcp_calls import async_save as async_save
-from .dcp_calls import load as load
-from .dcp_calls import save as save
-from .planner import LoadPlanner as LoadPlanner
-from .planner import SavePlanner as SavePlanner
-from .reader import Reader as Reader
-from .writer import UsageError as UsageError
-from .writer import Writer as Writer
+import importlib
+from typing import TYPE_CHECKING
+
+# Loaded on first use, so that the torch-free parts (``sharding``, ``numpy_shards``) import
+# without torch.
+_LAZY = {
+    "LoadPlanner": ".planner",
+    "Reader": ".reader",
+    "SavePlanner": ".planner",
+    "UsageError": ".writer",
+    "Writer": ".writer",
+    "async_save": ".dcp_calls",
+    "consolidate": ".consolidate",
+    "load": ".dcp_calls",
+    "save": ".dcp_calls",
+}
+
+if TYPE_CHECKING:
+    from .consolidate import consolidate as consolidate
+    from .dcp_calls import async_save as async_save
+    from .dcp_calls import load as load
+    from .dcp_calls import save as save
+    from .planner import LoadPlanner as LoadPlanner
+    from .planner import SavePlanner as SavePlanner
+    from .reader import Reader as Reader
+    from .writer import UsageError as UsageError
+    from .writer import Writer as Writer
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safeckpt.distributed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = ["LoadPlanner", "Reader", "SavePlanner", "UsageError", "Writer", "async_save", "consolidate", "load", "save"]
