@@ -118,7 +118,7 @@ INVALID: dict[str, tuple[str, Callable[[Path], None], str]] = {
             _sharding(lambda d: d["tensors"]["model.embed.weight"].update(shape=[7, 4])), "sharding.json"),
     "overlap": ("two chunks of a tensor overlap",
                 _sharding(lambda d: d["tensors"]["model.embed.weight"].update(
-                    shape=[9, 4], chunks=[_chunk(d), dict(_chunk(d), offsets=[3, 0], sizes=[6, 4], name="x")])),
+                    shape=[9, 4], chunks=[_chunk(d), dict(_chunk(d), offsets=[3, 0], sizes=[3, 4], name="x")])),
                 "sharding.json"),
     "bad-path": ("a path does not spell its key",
                  _sharding(lambda d: d["paths"].update({"meta.epoch": ["meta", "epochs"]})), "sharding.json"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -90,3 +92,34 @@ def test_regenerating_gives_the_committed_bytes(tmp_path: Path) -> None:
     assert fresh == committed
     for relative in committed:
         assert (tmp_path / "sharded" / relative).read_bytes() == (SHARDED / relative).read_bytes(), relative
+
+
+JS = VECTORS.parent / "readers" / "js"
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(
+    NODE is None or not (JS / "node_modules" / "@msgpack" / "msgpack").is_dir(),
+    reason="node or the JavaScript reader's dependencies are missing (`npm ci --prefix spec/readers/js`)",
+)
+
+
+def _js(path: Path) -> subprocess.CompletedProcess[str]:
+    assert NODE is not None
+    return subprocess.run([NODE, str(JS / "cli.mjs"), str(path)], capture_output=True, text=True, timeout=120, check=False)
+
+
+@needs_node
+@pytest.mark.parametrize("vector", _vectors("valid"), ids=lambda p: p.name)
+def test_javascript_reader_verifies_and_lists_a_sharded_checkpoint(vector: Path) -> None:
+    expected = json.loads((vector / "expected.json").read_text())
+    run = _js(vector / expected["path"])
+    assert run.returncode == 0, run.stderr
+    listed = {t["key"]: (t["dtype"], t["shape"]) for t in json.loads(run.stdout)["sharded_tensors"]}
+    assert listed == {k: (v["dtype"], v["shape"]) for k, v in expected["tensors"].items()}
+
+
+@needs_node
+@pytest.mark.parametrize("vector", _vectors("invalid"), ids=lambda p: p.name)
+def test_javascript_reader_refuses_each_invalid_sharded_vector(vector: Path) -> None:
+    expected = json.loads((vector / "expected.json").read_text())
+    run = _js(vector / expected["path"])
+    assert run.returncode == 1 and expected["error"] in run.stderr and expected["error_file"] in run.stderr, run.stderr
