@@ -19,7 +19,7 @@ import crash_child
 import safeckpt
 from ckpt_tools import leftovers
 from crash_child import Faults, expected_small, loaded_fingerprint, save_small, start_forkserver
-from safeckpt import commit
+from safeckpt.storage import posix_commit as commit
 
 STRESS = os.environ.get("SAFECKPT_STRESS") == "1"
 OLD, NEW, NEXT = 1, 2, 3
@@ -216,7 +216,7 @@ def test_next_save_removes_dead_writers_folders_never_a_live_ones(tmp_path: Path
     shutil.copytree(root / "step-00000001", moved_aside)
     deleted = root / f"{commit.TRASH_PREFIX}deleted.{'2' * 32}"
     deleted.mkdir()
-    with commit.PendingCheckpoint(root, 9) as live:  # a live writer in the middle of its save
+    with commit.PosixPendingWrite(root, 9) as live:  # a live writer in the middle of its save
         (live.path / "model.safetensors").write_bytes(b"in progress")
         save_small(root, NEW, content=NEW)
         assert live.path.is_dir() and (live.path / "model.safetensors").read_bytes() == b"in progress"

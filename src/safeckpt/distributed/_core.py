@@ -1,6 +1,8 @@
-"""Every piece of safeckpt's core that the distributed backend uses, imported in one place.
+"""Every piece of safeckpt's torch-side core that the distributed backend uses, in one place.
 
-The core is being reorganised; keeping the imports here means that only this module follows it.
+Keeping these imports here means that only this module follows the core when it moves. (The
+torch-free modules, ``sharding`` and ``numpy_shards``, import the format and pipeline layers
+directly, so that they stay usable without torch.)
 """
 
 from __future__ import annotations
@@ -8,29 +10,31 @@ from __future__ import annotations
 from types import ModuleType
 
 from .._version import __version__
-from ..archive import DTYPE_SIZES
-from ..background import PendingSave, acquire_slot
-from ..commit import TMP_PREFIX, PendingCheckpoint, list_checkpoints, step_dirname, write_error
-from ..documents import dump_json, dump_msgpack, load_json, load_msgpack
-from ..fileio import fsync_dir, read_bounded, read_files, write_file
-from ..manifest import MANIFEST_NAME, FileEntry, Manifest, check_file_name
-from ..reading import locate_checkpoint
-from ..rng import capture_rng, restore_rng
-from ..state import config_to_json, state_of, vocab_to_json
-from ..tensors import DTYPE_NAMES, TORCH_DTYPES, TensorArchive, archive_parts, tensors_from_buffer
-from ..tree import decode_document, encode_document
+from ..format.documents import dump_json, dump_msgpack, load_json, load_msgpack
+from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
+from ..format.safetensors import DTYPE_SIZES
+from ..format.tree import decode_document, encode_document
+from ..pipeline.read import locate_checkpoint
+from ..storage.local import LocalStorage
+from ..storage.posix import read_bounded, read_files
+from ..storage.posix_commit import TMP_PREFIX, PosixPendingWrite, list_checkpoints, step_dirname, write_error
+from ..storage.posix_write import fsync_dir, write_file
+from ..torch.background import PendingSave, acquire_slot
+from ..torch.rng import capture_rng, restore_rng
+from ..torch.state import config_to_json, state_of, vocab_to_json
+from ..torch.tensors import DTYPE_NAMES, TORCH_DTYPES, TensorCollector, archive_parts, tensors_from_buffer
 
 
 def core_loader() -> ModuleType:
-    """``safeckpt.loader`` (imported on use: it dispatches to this package)."""
-    from .. import loader
+    """``safeckpt.torch.loader`` (imported on use: it dispatches to this package)."""
+    from ..torch import loader
 
     return loader
 
 
 def core_saver() -> ModuleType:
-    """``safeckpt.saver`` (imported on use: it dispatches to this package)."""
-    from .. import saver
+    """``safeckpt.torch.saver`` (imported on use: it dispatches to this package)."""
+    from ..torch import saver
 
     return saver
 
@@ -42,15 +46,16 @@ __all__ = [
     "TMP_PREFIX",
     "TORCH_DTYPES",
     "FileEntry",
+    "LocalStorage",
     "Manifest",
-    "PendingCheckpoint",
     "PendingSave",
-    "TensorArchive",
+    "PosixPendingWrite",
+    "TensorCollector",
     "__version__",
     "acquire_slot",
     "archive_parts",
+    "build",
     "capture_rng",
-    "check_file_name",
     "config_to_json",
     "core_loader",
     "core_saver",

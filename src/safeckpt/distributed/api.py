@@ -26,7 +26,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import CheckpointError, CheckpointMismatchError, MissingRNGStateWarning, UnsupportedValueError
+from ..errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointUsageError,
+    MissingRNGStateWarning,
+    UnsupportedValueError,
+)
 from . import dcp_calls
 from ._core import (
     TORCH_DTYPES,
@@ -99,7 +105,8 @@ def save_checkpoint(
     vocab: object | None,
     step: int,
     *,
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
     scheduler: object | None = None,
     extra: Mapping[str, object] | None = None,
     metadata: Mapping[str, object] | None = None,
@@ -109,6 +116,12 @@ def save_checkpoint(
     on_commit: Callable[[Path], object] | None = None,
 ) -> Path | PendingSave:
     """``safeckpt.save_checkpoint`` for a sharded or DDP model; called on every rank."""
+    if path is not None:
+        raise CheckpointUsageError(
+            "save_checkpoint(path=...) is not supported for sharded models yet: pass directory= "
+            "(the checkpoint goes to directory/step-NNNNNNNN)"
+        )
+    directory = "checkpoints" if directory is None else directory
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedValueError(f"model: a sharded save needs the nn.Module itself, got {type(model).__qualname__}")
     group = process_group_of(model)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointMismatchError
-from ._core import TensorArchive, core_saver, dump_msgpack, encode_document, locate_checkpoint
+from ._core import TensorCollector, core_saver, dump_msgpack, encode_document, locate_checkpoint
 from .api import _documents
 from .dcp_calls import load
 from .layout import decode_tree, rank_key, template
@@ -89,7 +89,7 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
         scheduler=scheduler, extra=extra if isinstance(extra, dict) else None, metadata=metadata, rng=False,
     )  # fmt: skip
     if rng is not None:  # the saved streams, not this process's (plan_checkpoint captures its own)
-        archive = TensorArchive("rng")
+        archive = TensorCollector("rng")
         document = encode_document(rng, name="rng", is_tensor=lambda v: isinstance(v, torch.Tensor), add_tensor=archive.add)
         plan.archives["rng"] = (archive, None)
         plan.documents["rng.msgpack"] = dump_msgpack(document)

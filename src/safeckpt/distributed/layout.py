@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint._traverse import set_element
 
 from ..errors import CheckpointCorruptedError
-from ._core import TORCH_DTYPES, TensorArchive, decode_document, dump_msgpack, encode_document, load_msgpack
+from ._core import TORCH_DTYPES, TensorCollector, decode_document, dump_msgpack, encode_document, load_msgpack
 from .sharding import Sharding
 
 __all__ = ["RANK_PREFIX", "decode_tree", "encode_tree", "group_rank", "has_prefix", "rank_key", "template"]
@@ -44,7 +44,7 @@ def group_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 def encode_tree(tree: object, name: str) -> dict[str, object]:
     """A state tree as ``{"structure": bytes, "tensors": {name: tensor}}`` for DCP."""
-    archive = TensorArchive(name)
+    archive = TensorCollector(name)
     document = encode_document(tree, name=name, is_tensor=lambda v: isinstance(v, torch.Tensor), add_tensor=archive.add)
     return {"structure": dump_msgpack(document, source=name), "tensors": dict(archive.tensors)}
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..documents import load_json, load_msgpack
 from ..errors import CheckpointCorruptedError
+from ..format.documents import load_json, load_msgpack
+from ..format.tree import decode_document
 from ..numpy import NUMPY_DTYPES, Checkpoint, arrays_from_buffer
-from ..reading import read_checkpoint_files
-from ..tree import decode_document
+from ..pipeline.read import read_checkpoint_files
 from .sharding import SHARDING_NAME, Sharding, parse_sharding
 
 __all__ = ["load_sharded"]

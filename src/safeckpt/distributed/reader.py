@@ -37,8 +37,8 @@ from torch.distributed.checkpoint.planner import LoadPlanner as DCPLoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .. import limits
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..format import limits
 from ._core import (
     MANIFEST_NAME,
     TORCH_DTYPES,

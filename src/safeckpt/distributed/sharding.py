@@ -17,11 +17,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .. import limits
-from ..archive import DTYPE_SIZES
-from ..documents import load_json
 from ..errors import CheckpointCorruptedError, UnsupportedValueError
-from ..manifest import FileEntry, check_file_name
+from ..format import limits
+from ..format.documents import load_json
+from ..format.manifest import FileEntry, check_file_name
+from ..format.safetensors import DTYPE_SIZES
 
 __all__ = [
     "MAX_CHUNKS_PER_TENSOR",

@@ -7,7 +7,7 @@ The order of DCP's calls, and what each does here:
 2. every rank, ``prepare_local_plan``: refuses plans not made by :class:`~.planner.SavePlanner`
    (any other planner pickles non-tensor values).
 3. coordinator, ``prepare_global_plan``: refuses an existing step (unless ``overwrite``), creates
-   and locks the temporary folder (``safeckpt.commit.PendingCheckpoint``) and tells every rank
+   and locks the temporary folder (``LocalStorage.begin``: a ``PosixPendingWrite``) and tells every rank
    its name and the file names to write.
 4. every rank, ``write_data``: writes ``shard-RRRRR.safetensors`` (its tensor chunks) and
    ``shard-RRRRR.msgpack`` (its non-tensor values) into the temporary folder, hashing while
@@ -25,9 +25,8 @@ coordinator died, by the next save in that root. Nothing half-written is ever vi
 from __future__ import annotations
 
 import contextlib
-import datetime
+import dataclasses
 import os
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +39,16 @@ from torch.distributed.checkpoint.planner import SavePlanner as DCPSavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..errors import CheckpointError, CheckpointExistsError
+from ..errors import CheckpointExistsError, CheckpointUsageError
 from ._core import (
     DTYPE_NAMES,
     MANIFEST_NAME,
     FileEntry,
-    Manifest,
-    PendingCheckpoint,
-    TensorArchive,
-    __version__,
+    LocalStorage,
+    PosixPendingWrite,
+    TensorCollector,
     archive_parts,
+    build,
     dump_msgpack,
     step_dirname,
     write_error,
@@ -64,8 +63,9 @@ SHARDED_FORMAT_VERSION = (1, 2)
 """Format version of a sharded checkpoint's manifest (1.2 adds ``sharding.json``)."""
 
 
-class UsageError(CheckpointError, ValueError):
-    """The DCP call cannot give safeckpt's guarantees as configured (says what to pass instead)."""
+UsageError = CheckpointUsageError
+"""A DCP call configured so that safeckpt cannot give its guarantees (the message says what to
+pass instead): ``safeckpt.errors.CheckpointUsageError``."""
 
 
 def shard_name(rank: int) -> str:
@@ -148,7 +148,7 @@ class Writer(StorageWriter):
         self.is_coordinator = False
         self.rank = 0
         self.world_size = 1
-        self.pending: PendingCheckpoint | None = None
+        self.pending: PosixPendingWrite | None = None
         self.committed: Path | None = None
 
     def __repr__(self) -> str:
@@ -193,7 +193,7 @@ class Writer(StorageWriter):
                 f"{self.final}: a checkpoint for step {self.step} already exists; pass "
                 "overwrite=True to replace it or save under another step"
             )
-        pending = PendingCheckpoint(self.root, self.step).__enter__()
+        pending = LocalStorage(self.root).begin(self.step).__enter__()
         self.pending = pending
         self.world_size = len(plans)
         return [
@@ -208,7 +208,7 @@ class Writer(StorageWriter):
         if not isinstance(rank_plan, _RankPlan):
             raise UsageError("safeckpt.distributed.Writer: the plan was not prepared by a safeckpt Writer")
         folder = self.root / rank_plan.folder
-        archive = TensorArchive(f"rank {self.rank}: ")
+        archive = TensorCollector(f"rank {self.rank}: ")
         tensors: list[tuple[MetadataIndex, str, int]] = []
         values: dict[str, object] = {}
         for item in plan.items:
@@ -261,23 +261,11 @@ class Writer(StorageWriter):
                     entries[written.entry.name] = written.entry
                     locations[result.index] = written.location
             sharding = _sharding(metadata, locations, self.world_size)
-            name = SHARDING_NAME
-            try:
-                for name, data in (*self.documents.items(), (SHARDING_NAME, sharding)):
-                    entries[name] = write_file(pending.dir_fd, name, (data,), len(data))
-                manifest = Manifest(
-                    step=self.step,
-                    files=tuple(sorted(entries.values(), key=lambda e: e.name)),
-                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    producer={"safeckpt": __version__, "torch": torch.__version__, "python": platform.python_version()},
-                    metadata=self.metadata,  # type: ignore[arg-type]
-                    format_version=SHARDED_FORMAT_VERSION,
-                )
-                name = MANIFEST_NAME
-                write_file(pending.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))
-            except OSError as exc:
-                raise write_error(exc, pending.path / name, f"write {name}") from exc
-            self.committed = pending.commit(overwrite=self.overwrite)
+            files = [(name, (data,), len(data)) for name, data in (*self.documents.items(), (SHARDING_NAME, sharding))]
+            entries.update((entry.name, entry) for entry in pending.write_files(files))
+            manifest = build(self.step, entries.values(), metadata=self.metadata, producer={"torch": torch.__version__})  # type: ignore[arg-type]
+            manifest = dataclasses.replace(manifest, format_version=SHARDED_FORMAT_VERSION)
+            self.committed = pending.commit(manifest, overwrite=self.overwrite)  # manifest.json last
         finally:
             self.abort()
 

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 
 import torch
 
-from . import limits
-from .errors import CheckpointMismatchError, UnsupportedValueError
-from .tensors import TensorArchive
-from .tree import key_path
+from ..errors import CheckpointMismatchError, UnsupportedValueError
+from ..format import limits
+from ..format.tree import key_path
+from .tensors import TensorCollector
 
 __all__ = [
     "check_model",
@@ -35,7 +35,7 @@ ALIASES_KEY = "safeckpt.aliases"
 """safetensors ``__metadata__`` key holding a JSON map ``{alias: stored name}`` of tied tensors."""
 
 
-def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[TensorArchive, dict[str, str]]:
+def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[TensorCollector, dict[str, str]]:
     """Collect a model's state dict; tied tensors are stored once and their aliases returned."""
     if isinstance(model, torch.nn.Module):
         state: Mapping[str, object] = model.state_dict()
@@ -45,7 +45,7 @@ def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[
         raise UnsupportedValueError(
             f"model: expected a torch.nn.Module or a state dict, got {type(model).__qualname__}"
         )
-    archive, aliases = TensorArchive("model"), {}
+    archive, aliases = TensorCollector("model"), {}
     for name, tensor in state.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise UnsupportedValueError(
