@@ -267,6 +267,14 @@ def save_checkpoint(
         >>> path.name  # doctest: +SKIP
         'step-00000100'
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from ..distributed import api as sharded  # FSDP2/DTensor/DDP models go through DCP
+
+        if sharded.handles_save(model):
+            return sharded.save_checkpoint(
+                model, optimizer, config, vocab, step, directory=directory, path=path, scheduler=scheduler,
+                extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, async_=async_,
+            )  # fmt: skip
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )
