@@ -27,7 +27,8 @@ from .errors import CheckpointExistsError, UnsupportedValueError
 from .fileio import write_file, write_files
 from .manifest import MANIFEST_NAME, Manifest, writer_version
 from .rng import capture_rng
-from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
+from .configs import config_metadata, config_to_json
+from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
 from .tensors import TensorArchive, archive_parts
 from .tree import encode_document
 
@@ -129,6 +130,7 @@ def plan_checkpoint(
         plan.documents[f"{name}.msgpack"] = dump_msgpack(document)
     if config is not None:
         plan.documents["config.json"] = dump_json(config_to_json(config), source="config")
+        plan.metadata = {**config_metadata(config), **plan.metadata}
     if vocab is not None:
         plan.documents["vocab.json"] = dump_json(vocab_to_json(vocab), source="vocab")
     return plan
