@@ -22,12 +22,12 @@ import torch
 from ._version import __version__
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .commit import PendingCheckpoint, step_dirname, write_error
+from .configs import config_metadata, config_to_json
 from .documents import dump_json, dump_msgpack
 from .errors import CheckpointExistsError, UnsupportedValueError
 from .fileio import write_file, write_files
 from .manifest import MANIFEST_NAME, Manifest, writer_version
 from .rng import capture_rng
-from .configs import config_metadata, config_to_json
 from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
 from .tensors import TensorArchive, archive_parts
 from .tree import encode_document
