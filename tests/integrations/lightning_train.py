@@ -40,11 +40,12 @@ class Regressor(pl.LightningModule):
 
 class RecordLoss(pl.Callback):
     def __init__(self, losses: str, block_at: int | None) -> None:
-        self.file = open(losses, "a", buffering=1)
+        self.losses = losses
         self.block_at = block_at
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: object, outputs: dict, batch: object, idx: int) -> None:
-        self.file.write(f"{trainer.global_step} {float(outputs['loss'])!r}\n")
+        with open(self.losses, "a") as file:
+            file.write(f"{trainer.global_step} {float(outputs['loss'])!r}\n")
         if trainer.global_step == self.block_at:
             sys.stdin.read()  # the parent kills us while we wait here (or earlier)
 
