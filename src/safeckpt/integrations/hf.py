@@ -204,7 +204,7 @@ class Trainer(transformers.Trainer):
         # Exactly what TrainerState.save_to_json writes.
         state = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
         plan.documents[TRAINER_STATE_NAME] = state.encode()
-        write_checkpoint(plan, Path(output_dir).parent, path=output_dir, overwrite=True)
+        write_checkpoint(plan, path=output_dir, overwrite=True)
 
     def _rotate(self, run_dir: str) -> None:
         """Keep the ``save_total_limit`` newest checkpoints and the best one; each removal hides

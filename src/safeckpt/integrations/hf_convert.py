@@ -162,4 +162,4 @@ def import_hf_checkpoint(
         plan.documents["rng.msgpack"] = dump_msgpack(document)
     plan.documents.update(documents)
     target = Path(target)
-    return write_checkpoint(plan, target.parent, path=target, overwrite=overwrite)
+    return write_checkpoint(plan, path=target, overwrite=overwrite)
