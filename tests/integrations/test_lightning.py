@@ -168,3 +168,27 @@ def test_last_ckpt_is_swapped_atomically_and_removals_hide_first(tmp_path: Path)
     io.remove_checkpoint(tmp_path / "last.ckpt")
     assert not os.path.lexists(tmp_path / "last.ckpt")
     assert [p.name for p in tmp_path.iterdir()] == [".safeckpt.lock"]
+
+
+def test_omegaconf_hyper_parameters_come_back_as_dictconfig(tmp_path: Path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    hparams = omegaconf.OmegaConf.create({"width": 4, "ids": {0: "a"}})
+    io = SafeckptIO()
+    io.save_checkpoint(
+        {"state_dict": {}, "global_step": 3, "hyper_parameters": hparams, "hparams_type": type(hparams)},
+        tmp_path / "a.ckpt",
+    )
+    loaded = io.load_checkpoint(tmp_path / "a.ckpt")
+    assert isinstance(loaded["hyper_parameters"], omegaconf.DictConfig)
+    assert loaded["hyper_parameters"].width == 4 and loaded["hparams_type"] is omegaconf.DictConfig
+
+
+def test_unstorable_hyper_parameter_says_to_ignore_it(tmp_path: Path) -> None:
+    with pytest.raises(safeckpt.UnsupportedValueError) as info:
+        SafeckptIO().save_checkpoint(
+            {"state_dict": {}, "hyper_parameters": {"backbone": torch.nn.Linear(1, 1)}}, tmp_path / "a.ckpt"
+        )
+    assert "checkpoint['hyper_parameters']['backbone']" in str(info.value)
+    assert "save_hyperparameters(ignore=" in str(info.value)
+    with pytest.raises(safeckpt.UnsupportedValueError, match="storage_options"):
+        SafeckptIO().save_checkpoint({"state_dict": {}}, tmp_path / "b.ckpt", storage_options={"x": 1})
