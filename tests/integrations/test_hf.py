@@ -141,6 +141,9 @@ def test_export_hf_from_a_saved_transformers_config(tmp_path: Path) -> None:
     plain = safeckpt.save_checkpoint(model, None, {"n_embd": 16}, None, 2, directory=tmp_path / "run")
     with pytest.raises(safeckpt.UnsupportedValueError, match="model_type="):
         export_hf(plain, tmp_path / "hf2")
+    with pytest.raises(safeckpt.CheckpointExistsError, match="overwrite=True"):
+        export_hf(path, out)
+    assert export_hf(path, out, overwrite=True) == out
 
 
 def test_stock_trainer_folder_converts_and_resumes_exactly(uninterrupted: dict[int, str], tmp_path: Path) -> None:
