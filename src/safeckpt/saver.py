@@ -146,7 +146,7 @@ def _as_json_object(value: Mapping[str, object], label: str) -> dict[str, object
 
 def write_checkpoint(
     plan: CheckpointPlan,
-    directory: str | os.PathLike[str] = "checkpoints",
+    directory: str | os.PathLike[str],
     *,
     overwrite: bool = False,
     path: str | os.PathLike[str] | None = None,
