@@ -201,11 +201,11 @@ class PendingCheckpoint:
     Use as a context manager: leaving the block without committing removes the folder.
     """
 
-    def __init__(self, root: str | os.PathLike[str], step: int, name: str | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], step: int) -> None:
         self.root = Path(root)
         self.step = step
-        self.final = self.root / (name or step_dirname(step))
-        self.path = self.root / f"{TMP_PREFIX}{self.final.name}.{uuid.uuid4().hex}"
+        self.final = self.root / step_dirname(step)
+        self.path = self.root / f"{TMP_PREFIX}{step_dirname(step)}.{uuid.uuid4().hex}"
         self.dir_fd = -1
         self.committed = False
 

@@ -144,21 +144,15 @@ def _as_json_object(value: Mapping[str, object], label: str) -> dict[str, object
     return plain
 
 
-def write_checkpoint(
-    plan: CheckpointPlan,
-    directory: str | os.PathLike[str],
-    *,
-    overwrite: bool = False,
-    path: str | os.PathLike[str] | None = None,
-) -> Path:
+def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write the planned files and commit them as ``directory/step-NNNNNNNN``; returns that path."""
-    final = Path(path) if path is not None else Path(directory) / step_dirname(plan.step)
-    if not overwrite and (final / MANIFEST_NAME).exists():
+    directory = Path(directory)
+    if not overwrite and (directory / step_dirname(plan.step) / MANIFEST_NAME).exists():
         raise CheckpointExistsError(
-            f"{final}: a checkpoint for step {plan.step} already "
+            f"{directory / step_dirname(plan.step)}: a checkpoint for step {plan.step} already "
             "exists; pass overwrite=True to replace it or save under another step"
         )
-    with PendingCheckpoint(final.parent, plan.step, final.name) as pending:
+    with PendingCheckpoint(directory, plan.step) as pending:
         name = ""
         try:
             files = sorted(plan.files(), key=lambda f: -f[2])
@@ -198,7 +192,6 @@ def save_checkpoint(
     rng: bool | Mapping[str, object] = ...,
     overwrite: bool = ...,
     async_: Literal[False] = ...,
-    path: str | os.PathLike[str] | None = ...,
 ) -> Path: ...
 
 
@@ -217,7 +210,6 @@ def save_checkpoint(
     rng: bool | Mapping[str, object] = ...,
     overwrite: bool = ...,
     async_: Literal[True],
-    path: str | os.PathLike[str] | None = ...,
 ) -> PendingSave: ...
 
 
@@ -235,7 +227,6 @@ def save_checkpoint(
     rng: bool | Mapping[str, object] = True,
     overwrite: bool = False,
     async_: bool = False,
-    path: str | os.PathLike[str] | None = None,
 ) -> Path | PendingSave:
     """Save the complete training state as one verified checkpoint folder.
 
@@ -270,10 +261,10 @@ def save_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )
     if async_:
-        return write_checkpoint_async(plan, directory, overwrite=overwrite, path=path)
+        return write_checkpoint_async(plan, directory, overwrite=overwrite)
     release = acquire_slot()
     try:
-        return write_checkpoint(plan, directory, overwrite=overwrite, path=path)
+        return write_checkpoint(plan, directory, overwrite=overwrite)
     finally:
         release()
 
@@ -284,7 +275,6 @@ def write_checkpoint_async(
     *,
     overwrite: bool = False,
     on_commit: Callable[[Path], object] | None = None,
-    path: str | os.PathLike[str] | None = None,
 ) -> PendingSave:
     """:func:`write_checkpoint` in the background: what ``save_checkpoint(..., async_=True)`` does
     once the state is planned, for callers that plan themselves (e.g. a checkpoint manager).
@@ -296,7 +286,7 @@ def write_checkpoint_async(
     """
     release = acquire_slot()
     try:
-        final = Path(path) if path is not None else Path(directory) / step_dirname(plan.step)
+        final = Path(directory) / step_dirname(plan.step)
         if not overwrite and (final / MANIFEST_NAME).exists():
             raise CheckpointExistsError(
                 f"{final}: a checkpoint for step {plan.step} already exists; pass overwrite=True "
@@ -311,7 +301,7 @@ def write_checkpoint_async(
         return PendingSave(
             plan.step,
             final,
-            lambda: write_checkpoint(plan, directory, overwrite=overwrite, path=path),
+            lambda: write_checkpoint(plan, directory, overwrite=overwrite),
             on_commit=on_commit,
             on_exit=finish,
         )
