@@ -126,9 +126,9 @@ def save_safeckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path
 
 def save_safeckpt_chunks(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path) -> dict[str, float]:
     """What safeckpt writes on a machine of 4 or more cores: per-chunk digests as well."""
-    from safeckpt import fileio
+    from safeckpt.storage.tuning import TUNING
 
-    fileio.MIN_CORES_FOR_CHUNKS = 1  # this child process only
+    TUNING.min_cores_for_chunks = 1  # this child process only
     return save_safeckpt(model, opt, path)
 
 
@@ -228,7 +228,7 @@ def preload() -> None:
     forkserver that ``compare_formats.py`` forks the measurements from runs this once)."""
     import importlib
 
-    for module in ("safeckpt.loader", "safeckpt.saver", "safetensors.torch", "torch.distributed.checkpoint",
+    for module in ("safeckpt.torch.loader", "safeckpt.torch.saver", "safetensors.torch", "torch.distributed.checkpoint",
                    "torch.distributed.checkpoint.state_dict"):  # fmt: skip
         importlib.import_module(module)
 

@@ -79,7 +79,7 @@ def main() -> None:
         print(f"state: {state_bytes / 1e6:.0f} MB, baseline RSS {_rss_mb():.0f} MB")
         floors(min(state_bytes, 512 << 20), root)
 
-        from safeckpt import saver
+        from safeckpt.torch import saver
 
         warm = int(args.warm_gb * 1e9)
         warm_memory(warm)
@@ -107,7 +107,7 @@ def main() -> None:
             pending.wait()
             print(f"save: async ({label} of the process) blocks {t1 - t0:.3f}s, commits after {time.perf_counter() - t0:.3f}s")
 
-        from safeckpt import loader
+        from safeckpt.torch import loader
 
         warm_memory(warm)
         t0 = time.perf_counter()

@@ -32,11 +32,11 @@ if atheris is not None:
     # Everything a load runs must be imported here to be instrumented (safeckpt loads lazily).
     with atheris.instrument_imports(include=["safeckpt", "msgpack"]):
         import safeckpt
-        import safeckpt.loader
-        import safeckpt.reading
+        import safeckpt.pipeline.read
+        import safeckpt.torch.loader
 else:
     import safeckpt
-    import safeckpt.loader
+    import safeckpt.torch.loader
 import torch
 
 FILES = (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from safeckpt.commit import LOCK_NAME
+from safeckpt.storage.posix_commit import LOCK_NAME
 
 
 def replace_file(folder: Path, name: str, data: bytes, *, fix_hash: bool = True) -> None:
@@ -81,3 +81,43 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
+
+
+def state_difference(a: object, b: object, where: str = "state") -> str | None:
+    """Where two state trees first differ (None if bit-identical): types, dict keys in order,
+    lengths, tensor dtype/shape/bytes, scalars (NaN equals NaN). Modules and optimizers are
+    compared by their full ``state_dict()`` (an optimizer's ``param_groups`` included)."""
+    if hasattr(a, "state_dict") and hasattr(b, "state_dict"):
+        return state_difference(a.state_dict(), b.state_dict(), where)  # type: ignore[attr-defined]
+    if type(a) is not type(b):
+        return f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor)
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return f"{where}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"
+        bits_a = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8) if a.numel() else a
+        bits_b = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8) if b.numel() else b
+        return None if torch.equal(bits_a, bits_b) else f"{where}: tensor values differ"
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        if list(a) != list(b):
+            return f"{where}: keys {list(a)} != {list(b)}"
+        return next((d for k in a if (d := state_difference(a[k], b[k], f"{where}[{k!r}]"))), None)
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple))
+        if len(a) != len(b):
+            return f"{where}: length {len(a)} != {len(b)}"
+        return next((d for i, (x, y) in enumerate(zip(a, b, strict=True)) if (d := state_difference(x, y, f"{where}[{i}]"))), None)
+    return None if a == b or (a != a and b != b) else f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_state(a: object, b: object) -> None:
+    """Fail with the first difference unless ``a`` and ``b`` are bit-identical state (see
+    :func:`state_difference`)."""
+    difference = state_difference(a, b)
+    assert difference is None, difference
+
+
+def same_state(a: object, b: object) -> bool:
+    """True if ``a`` and ``b`` are bit-identical state (see :func:`state_difference`)."""
+    return state_difference(a, b) is None

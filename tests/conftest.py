@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,44 @@ def saved(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> Pa
         directory=tmp_path / "checkpoints",
         extra={"loader": {"epoch": 1, "offset": 12}},
     )
+
+
+def spy_everywhere(monkeypatch: pytest.MonkeyPatch, function: Callable[..., object], calls: list[tuple[str, dict]]) -> None:
+    """Replace ``function`` in every safeckpt module that imported it by a recording wrapper."""
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append((function.__qualname__, dict(kwargs)))
+        return function(*args, **kwargs)
+
+    for module in [m for name, m in sys.modules.items() if name == "safeckpt" or name.startswith("safeckpt.")]:
+        for attribute, value in list(vars(module).items()):
+            if value is function:
+                monkeypatch.setattr(module, attribute, spy)
+
+
+@pytest.fixture
+def parser_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict]]]:
+    import msgpack
+
+    import safeckpt.torch.loader  # every module that imports a parser must be loaded before spying
+    import safeckpt.torch.tensors
+    from safeckpt.format import documents, tree
+    from safeckpt.format import safetensors as archive
+
+    calls: list[tuple[str, dict]] = []
+    for function in (
+        archive.parse_header,
+        documents.load_json,
+        documents.load_msgpack,
+        tree.decode_document,
+        safeckpt.torch.tensors.tensors_from_buffer,
+    ):
+        spy_everywhere(monkeypatch, function, calls)
+    real_unpackb = msgpack.unpackb
+
+    def unpackb(*args: object, **kwargs: object) -> object:
+        calls.append(("msgpack.unpackb", {}))
+        return real_unpackb(*args, **kwargs)
+
+    monkeypatch.setattr(msgpack, "unpackb", unpackb)
+    yield calls

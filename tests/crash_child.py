@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import safeckpt
-from safeckpt import commit
+from safeckpt.storage import posix_commit as commit
 
 
 def start_forkserver() -> multiprocessing.context.BaseContext:
@@ -33,7 +33,7 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     ``PYTHONPATH`` while the server starts.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["crash_child", "safeckpt.saver", "safeckpt.loader"])
+    context.set_forkserver_preload(["crash_child", "safeckpt.torch.saver", "safeckpt.torch.loader"])
     here = os.path.dirname(os.path.abspath(__file__))
     before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, *sys.path) if p)

@@ -15,8 +15,9 @@ import torch
 import safeckpt
 from ckpt_tools import run_python
 from conftest import TinyLM, train_steps
-from safeckpt import background, saver
-from safeckpt.commit import list_checkpoints
+from safeckpt.storage import posix_commit
+from safeckpt.storage.posix_commit import list_checkpoints
+from safeckpt.torch import background, saver
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,7 @@ class _Gate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, log: list[str] | None = None) -> None:
         self.entered = threading.Event()
         self._open = threading.Event()
-        real = saver.write_files
+        real = posix_commit.write_files
 
         def gated(*args: object, **kwargs: object) -> object:
             if log is not None:
@@ -42,7 +43,7 @@ class _Gate:
                 self._open.wait(30)
             return real(*args, **kwargs)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(saver, "write_files", gated)
+        monkeypatch.setattr(posix_commit, "write_files", gated)
 
     def open(self) -> None:
         self._open.set()
@@ -122,7 +123,7 @@ def _failing_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     def full(*args: object, **kwargs: object) -> object:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(saver, "write_files", full)
+    monkeypatch.setattr(posix_commit, "write_files", full)
 
 
 def test_error_surfaces_from_wait(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,16 +227,17 @@ def test_death_mid_async_save_loses_nothing_committed(tmp_path: Path) -> None:
     done = run_python(
         """
         import os, signal, torch, safeckpt
-        from safeckpt import saver
+        from safeckpt.torch import saver
+        from safeckpt.storage import posix_commit
         from conftest import TinyLM
         torch.manual_seed(0)
         model = TinyLM()
         safeckpt.save_checkpoint(model, None, None, None, 1, directory="run")
-        real = saver.write_files
+        real = posix_commit.write_files
         def die_midway(dir_fd, files, **kwargs):
             real(dir_fd, files[:1], **kwargs)  # one file written, then the process dies
             os.kill(os.getpid(), signal.SIGKILL)
-        saver.write_files = die_midway
+        posix_commit.write_files = die_midway
         with torch.no_grad():
             model.hidden.weight.add_(1)
         safeckpt.save_checkpoint(model, None, None, None, 2, directory="run", async_=True).wait()

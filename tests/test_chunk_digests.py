@@ -15,8 +15,11 @@ import torch
 import safeckpt
 from ckpt_tools import flip_bits
 from conftest import TinyLM, train_steps
-from safeckpt import fileio, reading
 from safeckpt.cli import main
+from safeckpt.storage import hashing
+from safeckpt.storage import posix as fileio
+from safeckpt.storage.local import LocalFolder
+from safeckpt.storage.tuning import TUNING
 
 CHUNK = 64 * 1024
 
@@ -24,8 +27,8 @@ CHUNK = 64 * 1024
 @pytest.fixture
 def chunked_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Write chunk digests as a machine of many cores does, in chunks of the smallest legal size."""
-    monkeypatch.setattr(fileio, "MIN_CORES_FOR_CHUNKS", 1)
-    monkeypatch.setattr(fileio, "MIN_CHUNK", CHUNK)
+    monkeypatch.setattr(TUNING, "min_cores_for_chunks", 1)
+    monkeypatch.setattr(TUNING, "min_chunk", CHUNK)
 
 
 def _wide() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -74,20 +77,20 @@ def test_large_files_carry_the_digest_of_each_chunk(chunked: Path) -> None:
 def test_few_cores_write_format_1_0_without_chunks(
     tmp_path: Path, wide: tuple[torch.nn.Module, torch.optim.Optimizer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fileio, "MIN_CHUNK", CHUNK)
-    monkeypatch.setattr(fileio, "_cores", lambda: fileio.MIN_CORES_FOR_CHUNKS - 1)
+    monkeypatch.setattr(TUNING, "min_chunk", CHUNK)
+    monkeypatch.setattr(TUNING, "cores", TUNING.min_cores_for_chunks - 1)
     doc = _manifest(safeckpt.save_checkpoint(*wide, None, None, 2, directory=tmp_path))
     assert doc["format_version"] == "1.0"
     assert not any("chunks" in entry for entry in doc["files"].values())
 
 
 def test_chunk_size_doubles_to_bound_the_digests_per_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fileio, "_cores", lambda: 64)
-    assert fileio.chunk_size(fileio.MIN_CHUNK) == 0  # one chunk: the whole-file digest does
-    assert fileio.chunk_size(fileio.MIN_CHUNK + 1) == fileio.MIN_CHUNK
+    monkeypatch.setattr(TUNING, "cores", 64)
+    assert hashing.chunk_size(TUNING.min_chunk) == 0  # one chunk: the whole-file digest does
+    assert hashing.chunk_size(TUNING.min_chunk + 1) == TUNING.min_chunk
     for size in (10**9, 10**11, 10**13):
-        chunk = fileio.chunk_size(size)
-        assert chunk & (chunk - 1) == 0 and -(-size // chunk) <= fileio.MAX_CHUNKS
+        chunk = hashing.chunk_size(size)
+        assert chunk & (chunk - 1) == 0 and -(-size // chunk) <= TUNING.max_chunks
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -177,7 +180,7 @@ def test_malformed_chunks_are_refused_before_any_file_is_read(chunked: Path, cas
         entry["chunks"] = make(entry)
 
     _edit_entry(chunked, "model.safetensors", edit)
-    monkeypatch.setattr(reading, "read_files", lambda *a, **k: pytest.fail("read a file of an invalid manifest"))
+    monkeypatch.setattr(LocalFolder, "read_files", lambda *a, **k: pytest.fail("read a file of an invalid manifest"))
     with pytest.raises(safeckpt.CheckpointCorruptedError, match=rf"manifest.json: invalid manifest: .*{message}"):
         safeckpt.load_checkpoint(chunked, restore_rng=False)
 

@@ -13,7 +13,7 @@ import crash_child
 import safeckpt
 from ckpt_tools import leftovers
 from crash_child import expected_small, loaded_fingerprint, start_forkserver
-from safeckpt import commit
+from safeckpt.storage import posix_commit as commit
 
 STRESS = os.environ.get("SAFECKPT_STRESS") == "1"
 

@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,49 +16,9 @@ import torch
 
 import safeckpt
 from conftest import TinyLM, train_steps
-from safeckpt import archive, documents, tree
 
 STRESS = os.environ.get("SAFECKPT_STRESS") == "1"
 SWEEP = Path(__file__).with_name("corruption_sweep.py")
-
-
-def spy_everywhere(monkeypatch: pytest.MonkeyPatch, function: Callable[..., object], calls: list[tuple[str, dict]]) -> None:
-    """Replace ``function`` in every safeckpt module that imported it by a recording wrapper."""
-
-    def spy(*args: object, **kwargs: object) -> object:
-        calls.append((function.__qualname__, dict(kwargs)))
-        return function(*args, **kwargs)
-
-    for module in [m for name, m in sys.modules.items() if name == "safeckpt" or name.startswith("safeckpt.")]:
-        for attribute, value in list(vars(module).items()):
-            if value is function:
-                monkeypatch.setattr(module, attribute, spy)
-
-
-@pytest.fixture
-def parser_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict]]]:
-    import msgpack
-
-    import safeckpt.loader  # every module that imports a parser must be loaded before spying
-    import safeckpt.tensors
-
-    calls: list[tuple[str, dict]] = []
-    for function in (
-        archive.parse_header,
-        documents.load_json,
-        documents.load_msgpack,
-        tree.decode_document,
-        safeckpt.tensors.tensors_from_buffer,
-    ):
-        spy_everywhere(monkeypatch, function, calls)
-    real_unpackb = msgpack.unpackb
-
-    def unpackb(*args: object, **kwargs: object) -> object:
-        calls.append(("msgpack.unpackb", {}))
-        return real_unpackb(*args, **kwargs)
-
-    monkeypatch.setattr(msgpack, "unpackb", unpackb)
-    yield calls
 
 
 def test_spies_see_every_parser_on_a_good_load(saved: Path, parser_calls: list[tuple[str, dict]]) -> None:

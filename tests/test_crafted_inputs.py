@@ -19,7 +19,7 @@ import torch
 import safeckpt
 from ckpt_tools import edit_manifest, replace_file, safetensors_bytes
 from conftest import TinyLM, train_steps
-from safeckpt import limits
+from safeckpt.format import limits
 
 F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 

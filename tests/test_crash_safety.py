@@ -19,7 +19,7 @@ import crash_child
 import safeckpt
 from ckpt_tools import leftovers
 from crash_child import Faults, expected_small, loaded_fingerprint, save_small, start_forkserver
-from safeckpt import commit
+from safeckpt.storage import posix_commit as commit
 
 STRESS = os.environ.get("SAFECKPT_STRESS") == "1"
 OLD, NEW, NEXT = 1, 2, 3
@@ -135,26 +135,56 @@ def test_process_exit_at_every_file_system_call_of_a_save(
         assert "hidden" not in outcomes
 
 
+def measure_save_times(root: Path, forkserver: multiprocessing.context.BaseContext) -> tuple[float, float]:
+    """Seconds from a child's start to its first commit, and between its first two commits, as
+    this machine runs them right now (the kill times below follow from these, not from a guess)."""
+    child = forkserver.Process(target=crash_child.save_forever, args=(str(root), 0, 2))
+    started = time.monotonic()
+    child.start()
+    commits: list[float] = []
+    try:
+        while len(commits) < 2:
+            assert child.is_alive(), "the calibrating child died"
+            committed = len(commit.list_checkpoints(root))
+            commits.extend([time.monotonic()] * (min(committed, 2) - len(commits)))
+            time.sleep(0.005)  # polling interval only; nothing below depends on it
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join(30)
+    shutil.rmtree(root)
+    return commits[0] - started, commits[1] - commits[0]
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_times_during_large_saves(tmp_path: Path, forkserver: multiprocessing.context.BaseContext) -> None:
     """A child saves 50-200 MB checkpoints back to back (pruning to the last two); the parent
     kills it at a random moment, loads the newest checkpoint and compares it bit for bit with
-    the state saved at that step; then starts the next child on the same folder."""
-    trials = 1000 if STRESS else 200
+    the state saved at that step; then starts the next child on the same folder.
+
+    Kill times are drawn from a window measured on this machine (a child's time to its first
+    commit plus one more save), so kills land before, during and after commits on a fast
+    machine and on a slow or busy one alike. The window widens (up to threefold) after a trial
+    that found no new commit and narrows back after one that did, so it follows the machine if
+    it gets slower or faster than when it was measured."""
+    trials = 1000 if STRESS else 100
     rng = random.Random(7)
     root = tmp_path / "run"
+    first_commit, one_save = measure_save_times(root, forkserver)
+    window = measured = first_commit + one_save
     seen_steps: set[int] = set()
     next_step = 0
     for trial in range(trials):
         child = forkserver.Process(target=crash_child.save_forever, args=(str(root), next_step, 2))
         child.start()
-        # Mostly inside the first or second save of the child; on a slow machine that has not yet
-        # committed anything, wait longer so the trials also cover kills after a commit.
-        time.sleep(rng.uniform(0.0, 0.35 * (1 + (0 if seen_steps else trial // 10))))
+        time.sleep(rng.uniform(0.0, window))
         os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
         child.join(30)
         assert child.exitcode == -signal.SIGKILL, (trial, child.exitcode)
         found = commit.list_checkpoints(root)
+        if not found or found[-1][0] < next_step:  # killed before this child's first commit
+            window = min(window * 1.05, 3 * measured)
+        else:
+            window = max(window / 1.05, measured)
         if not found:  # killed before the very first commit
             assert not seen_steps, (trial, os.listdir(root))
             continue
@@ -168,9 +198,10 @@ def test_sigkill_at_random_times_during_large_saves(tmp_path: Path, forkserver: 
         seen_steps.add(ckpt.step)
         next_step = found[-1][0] + 1
         del ckpt, expected
-    # Kills landed both before and after commits (how often depends on the machine's speed):
-    # some trials found a newer checkpoint than the last, others (killed mid-save) the same one.
-    assert 2 <= len(seen_steps) < trials, len(seen_steps)
+    # Kills landed both before and after commits: some trials found a newer checkpoint than the
+    # last, others (killed mid-save) the same one.
+    assert 2 <= len(seen_steps) < trials, (len(seen_steps), first_commit, one_save, window)
+    print(f"kill window {measured:.2f}-{window:.2f} s, {len(seen_steps)} checkpoints seen")
     save_small(root, next_step)
     assert leftovers(root) == []
 
@@ -185,7 +216,7 @@ def test_next_save_removes_dead_writers_folders_never_a_live_ones(tmp_path: Path
     shutil.copytree(root / "step-00000001", moved_aside)
     deleted = root / f"{commit.TRASH_PREFIX}deleted.{'2' * 32}"
     deleted.mkdir()
-    with commit.PendingCheckpoint(root, 9) as live:  # a live writer in the middle of its save
+    with commit.PosixPendingWrite(root, 9) as live:  # a live writer in the middle of its save
         (live.path / "model.safetensors").write_bytes(b"in progress")
         save_small(root, NEW, content=NEW)
         assert live.path.is_dir() and (live.path / "model.safetensors").read_bytes() == b"in progress"

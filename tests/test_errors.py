@@ -10,7 +10,6 @@ import torch
 
 import safeckpt
 from conftest import TinyLM
-from safeckpt import archive, documents, tree
 
 FILES = ["model.safetensors", "optimizer.safetensors", "optimizer.msgpack", "config.json", "vocab.json",
          "extra.safetensors", "extra.msgpack", "rng.safetensors", "rng.msgpack"]  # fmt: skip
@@ -67,25 +66,14 @@ def test_truncated_file_is_caught_by_the_size(saved: Path, name: str) -> None:
     assert name in str(info.value)
 
 
-def test_no_file_is_parsed_when_a_hash_does_not_match(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    for module, fn in [(archive, "parse_header"), (documents, "load_msgpack"), (documents, "load_json"), (tree, "decode_document")]:
-        original = getattr(module, fn)
-
-        def spy(*args: object, _original=original, _fn=fn, **kwargs: object) -> object:
-            calls.append(_fn)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(module, fn, spy)
-        for loaded in ("safeckpt.loader", "safeckpt.tensors", "safeckpt.manifest"):
-            mod = __import__(loaded, fromlist=["x"])
-            if hasattr(mod, fn):
-                monkeypatch.setattr(mod, fn, spy)
+def test_no_file_is_parsed_when_a_hash_does_not_match(saved: Path, parser_calls: list[tuple[str, dict]]) -> None:
+    # parser_calls spies on every parser wherever it was imported; test_corruption proves the
+    # spies are wired (a good load calls every one of them).
     target = saved / "vocab.json"  # the last file read must still stop every parse
     target.write_bytes(target.read_bytes().replace(b'"a"', b'"A"'))
     with pytest.raises(safeckpt.CheckpointCorruptedError, match="vocab.json"):
         safeckpt.load_checkpoint(saved)
-    assert calls == ["load_json"]  # the manifest only
+    assert [name for name, _ in parser_calls] == ["load_json"]  # the manifest only
 
 
 @pytest.mark.parametrize(
@@ -171,3 +159,12 @@ def test_resuming_training_without_rng_state_warns_loudly(tmp_path: Path, model:
     safeckpt.save_checkpoint(model, optimizer, None, None, 1, directory=tmp_path, rng=False)
     with pytest.warns(safeckpt.MissingRNGStateWarning, match="will differ from the original run"):
         safeckpt.load_checkpoint(tmp_path, model=model, optimizer=optimizer, restore_rng=False)
+
+
+@pytest.mark.parametrize("state", [{"torch": torch.get_rng_state()}, ["python", "torch"], None])
+def test_malformed_rng_state_is_corruption_not_a_mismatch(state: object) -> None:
+    from safeckpt.torch.rng import restore_rng
+
+    with pytest.raises(safeckpt.CheckpointCorruptedError, match="RNG state is malformed") as info:
+        restore_rng(state, source="ckpt")
+    assert not isinstance(info.value, safeckpt.CheckpointMismatchError) and "restore_rng=False" in str(info.value)

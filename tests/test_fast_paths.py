@@ -14,27 +14,26 @@ import pytest
 import torch
 
 import safeckpt
-from ckpt_tools import run_python
+from ckpt_tools import assert_same_state, run_python
 from conftest import TinyLM, train_steps
-from safeckpt import archive, fileio, tensors
-from safeckpt.manifest import FileEntry
-from safeckpt.reading import read_checkpoint_files
+from safeckpt.format import safetensors as archive
+from safeckpt.pipeline.read import read_checkpoint_files
+from safeckpt.storage import posix as fileio
+from safeckpt.storage import posix_write
+from safeckpt.storage.tuning import TUNING
+from safeckpt.torch import tensors
 
 
 def _opt_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
 
-def _equal_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(_opt_tensors(a), _opt_tensors(b), strict=True))
-
-
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces of 64 bytes, so the tiny test files go through the pipelined code paths."""
-    monkeypatch.setattr(fileio, "_PIECE", 64)
-    monkeypatch.setattr(fileio, "_INLINE", 16)
-    monkeypatch.setattr(fileio, "_WRITEBACK", 128)
+    monkeypatch.setattr(TUNING, "piece", 64)
+    monkeypatch.setattr(TUNING, "inline", 16)
+    monkeypatch.setattr(TUNING, "writeback", 128)
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -43,7 +42,7 @@ def test_load_gives_equal_tensors(saved: Path, model: TinyLM, optimizer: torch.o
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     ckpt = safeckpt.load_checkpoint(saved, model=fresh, optimizer=fresh_opt, verify=verify)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
-    assert _equal_state(optimizer, fresh_opt)
+    assert_same_state(optimizer, fresh_opt)
     assert ckpt.extra == {"loader": {"epoch": 1, "offset": 12}}
     # Optimizer state must live at 64-byte aligned addresses like torch's own allocations.
     assert all(t.data_ptr() % 64 == 0 for t in _opt_tensors(fresh_opt) if t.numel())
@@ -57,7 +56,7 @@ def test_pipelined_paths_round_trip(tmp_path: Path, model: TinyLM, optimizer: to
     fresh = TinyLM()
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     safeckpt.load_checkpoint(path, model=fresh, optimizer=fresh_opt)
-    assert _equal_state(optimizer, fresh_opt)
+    assert_same_state(optimizer, fresh_opt)
 
 
 def test_flipped_byte_late_in_a_pipelined_read_is_caught(saved: Path, small_pieces: None) -> None:
@@ -153,7 +152,6 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
     }
     data = _archive(named)
     plain, _ = tensors.tensors_from_buffer(bytearray(data), source="x")
-    entry = FileEntry(name="t.safetensors", size=len(data), sha256=hashlib.sha256(data).hexdigest())
     roomy = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
     roomy[:] = data
     for buffer in (bytearray(data), roomy):
@@ -161,7 +159,6 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
         for name, tensor in named.items():
             assert torch.equal(aligned[name], tensor) and torch.equal(plain[name], tensor), name
             assert aligned[name].numel() == 0 or aligned[name].data_ptr() % 64 == 0, name
-    assert entry.size == len(data)
 
 
 def test_aligned_tensors_are_moved_not_copied_when_there_is_room() -> None:
@@ -192,10 +189,10 @@ def test_streamed_write_hashes_what_it_writes(tmp_path: Path, small_pieces: None
     parts = [b"head", bytes(range(200)), memoryview(bytes(1000)), b""]
     dir_fd = fileio.os.open(tmp_path, fileio.os.O_RDONLY)
     try:
-        entry = fileio.write_file(dir_fd, "f.bin", iter(parts))
-        (written,) = fileio.write_files(dir_fd, [("g.bin", iter(parts), 0)], folder=tmp_path)
+        entry = posix_write.write_file(dir_fd, "f.bin", iter(parts))
+        (written,) = posix_write.write_files(dir_fd, [("g.bin", iter(parts), 0)], folder=tmp_path)
         with pytest.raises(FileExistsError) as info:
-            fileio.write_files(dir_fd, [("h.bin", [b"x"], 1), ("f.bin", [b"y"], 1)], folder=tmp_path)
+            posix_write.write_files(dir_fd, [("h.bin", [b"x"], 1), ("f.bin", [b"y"], 1)], folder=tmp_path)
     finally:
         fileio.os.close(dir_fd)
     data = b"".join(bytes(p) for p in parts)
@@ -240,7 +237,7 @@ def test_unverified_model_only_load_leaves_optimizer_state_lazy(saved: Path) -> 
 
 
 def test_a_read_holds_a_bounded_number_of_files_open(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fileio, "_OPEN_AT_ONCE", 2)
+    monkeypatch.setattr(TUNING, "open_at_once", 2)
     real_open, real_close = fileio.os.open, fileio.os.close
     held: set[int] = set()
     most = 0

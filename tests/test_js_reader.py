@@ -13,6 +13,7 @@ import torch
 
 import safeckpt
 import safeckpt.numpy
+from safeckpt.storage.tuning import TUNING
 
 JS = Path(__file__).resolve().parent.parent / "spec" / "readers" / "js"
 NODE = shutil.which("node")
@@ -61,7 +62,7 @@ def test_js_reader_reads_a_fresh_checkpoint(saved: Path) -> None:
 
 
 def test_js_reader_reads_every_dtype(tmp_path: Path) -> None:
-    from safeckpt.tensors import TORCH_DTYPES
+    from safeckpt.torch.tensors import TORCH_DTYPES
 
     state = {name: torch.arange(4, dtype=torch.float32).to(dtype) for name, dtype in TORCH_DTYPES.items()}
     path = safeckpt.save_checkpoint(state, None, {"big": 2**64 - 1, "x": 2.0}, None, 9, directory=tmp_path,
@@ -76,10 +77,9 @@ def test_js_reader_reads_every_dtype(tmp_path: Path) -> None:
 
 def test_js_reader_reads_a_chunked_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Format 1.1: the JS reader validates the chunk digests' layout and verifies whole files."""
-    from safeckpt import fileio
 
-    monkeypatch.setattr(fileio, "MIN_CORES_FOR_CHUNKS", 1)
-    monkeypatch.setattr(fileio, "MIN_CHUNK", 65536)
+    monkeypatch.setattr(TUNING, "min_cores_for_chunks", 1)
+    monkeypatch.setattr(TUNING, "min_chunk", 65536)
     state = {"w": torch.arange(50_000, dtype=torch.float32)}
     path = safeckpt.save_checkpoint(state, None, None, None, 4, directory=tmp_path, rng=False)
     manifest = json.loads((path / "manifest.json").read_bytes())
@@ -106,7 +106,7 @@ def test_js_reader_names_the_corrupt_file(saved: Path, name: str) -> None:
 
 
 def test_js_reader_enforces_the_python_limits() -> None:
-    from safeckpt import limits
+    from safeckpt.format import limits
 
     assert NODE is not None
     script = (

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import safeckpt
-from ckpt_tools import flip_bits
+from ckpt_tools import flip_bits, same_state
 from conftest import TinyLM, train_steps
 from safeckpt import manager as manager_module
-from safeckpt import saver as saver_module
-from safeckpt.manifest import MANIFEST_NAME
+from safeckpt.format.manifest import MANIFEST_NAME
+from safeckpt.torch import saver as saver_module
 
 
 def _trained(seed: int = 0) -> tuple[TinyLM, torch.optim.Optimizer]:
@@ -31,11 +31,6 @@ def _fresh() -> tuple[TinyLM, torch.optim.Optimizer]:
     torch.manual_seed(99)
     model = TinyLM()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _save_steps(mgr: safeckpt.CheckpointManager, steps: list[int]) -> dict[int, TinyLM]:
@@ -76,7 +71,7 @@ def test_save_then_restore_everything(tmp_path: Path) -> None:
     ckpt = mgr.restore(model=model2, optimizer=opt2, scheduler=sched2, extra={"loader": None})
     assert ckpt is not None and ckpt.step == 7 and ckpt.config == {"lr": 0.01}
     assert ckpt.extra == {"loader": {"epoch": 2, "offset": 5}} and ckpt.metadata == {"note": "x"}
-    assert _same_weights(model, model2)
+    assert same_state(model, model2)
     assert sched2.state_dict() == sched.state_dict()
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.005
 
@@ -111,7 +106,7 @@ def test_keep_last_removes_oldest(tmp_path: Path) -> None:
     assert not any(p.name.startswith(".") and p.is_dir() for p in tmp_path.iterdir())  # no trash left
     model, _ = _fresh()
     ckpt = mgr.restore(model=model)
-    assert ckpt is not None and ckpt.step == 50 and _same_weights(model, models[50])
+    assert ckpt is not None and ckpt.step == 50 and same_state(model, models[50])
 
 
 def test_keep_every_keeps_multiples_on_top_of_keep_last(tmp_path: Path) -> None:
@@ -185,7 +180,7 @@ def test_latest_and_restore_fall_back_past_a_damaged_newest(
     model, opt = _fresh()
     with pytest.warns(safeckpt.CheckpointFallbackWarning, match="falling back to"):
         ckpt = mgr.restore(model=model, optimizer=opt)
-    assert ckpt is not None and ckpt.step == 20 and _same_weights(model, models[20])
+    assert ckpt is not None and ckpt.step == 20 and same_state(model, models[20])
 
 
 def test_uncommitted_step_folder_is_announced_and_skipped(tmp_path: Path) -> None:
@@ -213,7 +208,7 @@ def test_all_damaged_raises_instead_of_starting_over(tmp_path: Path) -> None:
 def test_restore_reads_the_newest_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mgr = safeckpt.CheckpointManager(tmp_path)
     _save_steps(mgr, [1, 2])
-    import safeckpt.loader as loader_module
+    import safeckpt.torch.loader as loader_module
 
     calls = []
     real = loader_module.read_checkpoint_files
@@ -233,7 +228,7 @@ def test_restore_a_given_step(tmp_path: Path) -> None:
     models = _save_steps(mgr, [1, 2, 3])
     model, _ = _fresh()
     ckpt = mgr.restore(model=model, step=2)
-    assert ckpt is not None and ckpt.step == 2 and _same_weights(model, models[2])
+    assert ckpt is not None and ckpt.step == 2 and same_state(model, models[2])
     with pytest.raises(safeckpt.CheckpointNotFoundError, match=r"no committed checkpoint for step 7 \(available: \[1, 2, 3\]\)"):
         mgr.restore(model=model, step=7)
     flip_bits(tmp_path / "step-00000002" / "model.safetensors", -1, 0xFF)
@@ -273,10 +268,10 @@ def test_existing_step_raises_but_a_damaged_one_is_replaced(tmp_path: Path) -> N
     flip_bits(tmp_path / "step-00000005" / "model.safetensors", -1, 0xFF)
     mgr.save(5, model=model, optimizer=opt)
     fresh, _ = _fresh()
-    assert mgr.restore(model=fresh) is not None and _same_weights(fresh, model)
+    assert mgr.restore(model=fresh) is not None and same_state(fresh, model)
     model.hidden.bias.data.add_(1.0)
     mgr.save(5, model=model, optimizer=opt, overwrite=True)
-    assert mgr.restore(model=fresh) is not None and _same_weights(fresh, model)
+    assert mgr.restore(model=fresh) is not None and same_state(fresh, model)
 
 
 def test_async_save_snapshots_then_commits_and_applies_retention(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def profile(frame, event, arg):
         called.add(name)
 
 import safeckpt, torch
-from safeckpt.loader import load_checkpoint  # imports done before watching: only the load counts
+from safeckpt.torch.loader import load_checkpoint  # imports done before watching: only the load counts
 sys.addaudithook(audit)
 threading.setprofile(profile)
 sys.setprofile(profile)

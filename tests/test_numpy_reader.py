@@ -18,7 +18,7 @@ from safetensors import safe_open
 import safeckpt
 import safeckpt.numpy
 from safeckpt.numpy import NUMPY_DTYPES
-from safeckpt.tensors import TORCH_DTYPES
+from safeckpt.torch.tensors import TORCH_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 

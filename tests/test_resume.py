@@ -8,15 +8,18 @@ covered.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
 import safeckpt
+from ckpt_tools import assert_same_state
 from safeckpt import TrainState, check_resume
 from safeckpt.demo.corpus import generate_corpus
 from safeckpt.demo.data import ShuffledBatches
@@ -320,22 +323,6 @@ def _advance(opt: torch.optim.Optimizer, sched: object, count: int, start: int) 
     return lrs
 
 
-def _same_typed(a: object, b: object, where: str = "state") -> None:
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, dict):
-        assert list(a) == list(b), where  # type: ignore[arg-type]
-        for key in a:
-            _same_typed(a[key], b[key], f"{where}[{key!r}]")  # type: ignore[index]
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where  # type: ignore[arg-type]
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):  # type: ignore[call-overload]
-            _same_typed(x, y, f"{where}[{index}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where  # type: ignore[arg-type]
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
-
-
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_scheduler_round_trips_exactly(name: str, tmp_path: object) -> None:
     opt = _opt()
@@ -346,7 +333,7 @@ def test_scheduler_round_trips_exactly(name: str, tmp_path: object) -> None:
     opt2 = _opt()
     sched2 = SCHEDULERS[name](opt2)
     safeckpt.load_checkpoint(path, optimizer=opt2, scheduler=sched2, restore_rng=False)
-    _same_typed(sched2.state_dict(), sched.state_dict())  # type: ignore[attr-defined]
+    assert_same_state(sched2.state_dict(), sched.state_dict())  # type: ignore[attr-defined]
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
     assert _advance(opt2, sched2, 9, 5) == _advance(opt, sched, 9, 5)
 
@@ -363,3 +350,16 @@ def test_multisteplr_milestones_come_back_as_a_counter(tmp_path: object) -> None
     with pytest.warns(UserWarning, match="epoch"):  # the closed form uses Counter.elements()
         sched2.step(5)
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1**3)
+
+
+def test_demo_report_and_check_resume_share_one_nan_aware_difference(tmp_path: Path) -> None:
+    from safeckpt.demo.report import compare_final
+
+    model = torch.nn.Linear(2, 2)
+    first = safeckpt.save_checkpoint(model, None, None, None, 1, directory=tmp_path / "a", rng=False)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    second = safeckpt.save_checkpoint(model, None, None, None, 1, directory=tmp_path / "b", rng=False)
+    diff, where = compare_final(first, second)["parameters"]
+    assert diff == math.inf and where == "weight"  # a NaN on one side is never "0 difference"
+    assert compare_final(second, second)["parameters"] == (0.0, "")  # NaN against NaN is equal

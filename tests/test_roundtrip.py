@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import safeckpt
+from ckpt_tools import assert_same_state
 from conftest import TinyLM
 
 DTYPES = [
@@ -28,30 +29,12 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...] = (3, 5)) -> torch.Tensor
     return torch.randint(0, 100, shape, generator=gen).to(dtype)
 
 
-def _assert_same(a: object, b: object) -> None:
-    assert type(a) is type(b), (a, b)
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor)
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.view(torch.uint8) if a.numel() and a.dim() else a, b.view(torch.uint8) if b.numel() and b.dim() else b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b)
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_same(x, y)
-    else:
-        assert a == b or (a != a and b != b)  # NaN equals NaN here
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_model_tensors_of_every_dtype_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
     state = {"weight": _sample(dtype), "scalar": _sample(dtype, ()), "empty": _sample(dtype, (0, 4))}
     path = safeckpt.save_checkpoint(state, None, None, None, 1, directory=tmp_path, rng=False)
     ckpt = safeckpt.load_checkpoint(path, restore_rng=False)
-    _assert_same(state, dict(sorted(ckpt.model_state.items(), key=lambda kv: list(state).index(kv[0]))))
+    assert_same_state(state, dict(sorted(ckpt.model_state.items(), key=lambda kv: list(state).index(kv[0]))))
 
 
 def test_extra_tree_round_trips_with_types(tmp_path: Path) -> None:
@@ -67,7 +50,7 @@ def test_extra_tree_round_trips_with_types(tmp_path: Path) -> None:
     }
     path = safeckpt.save_checkpoint({"w": base}, None, None, None, 2, directory=tmp_path, extra=tree)
     extra = safeckpt.load_checkpoint(path).extra
-    _assert_same({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in tree.items()}, extra)
+    assert_same_state({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in tree.items()}, extra)
 
 
 def test_shared_tensors_in_extra_are_stored_once_and_come_back_shared(tmp_path: Path) -> None:
@@ -124,7 +107,7 @@ def test_optimizer_state_dict_may_be_passed_instead_of_optimizer(tmp_path: Path,
     path = safeckpt.save_checkpoint(model.state_dict(), optimizer.state_dict(), None, None, 3, directory=tmp_path)
     restored = safeckpt.load_checkpoint(path).optimizer_state
     assert isinstance(restored, dict)
-    _assert_same(optimizer.state_dict(), restored)
+    assert_same_state(optimizer.state_dict(), restored)
 
 
 def test_step_folders_sort_by_step(tmp_path: Path) -> None:

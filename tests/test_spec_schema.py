@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import safeckpt
-from safeckpt import limits
+from safeckpt.format import limits
+from safeckpt.storage.tuning import TUNING
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "spec" / "manifest.schema.json").read_text())
@@ -50,10 +51,9 @@ def test_invalid_manifests_fail_the_schema(case: str) -> None:
 
 
 def test_fresh_chunked_manifest_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from safeckpt import fileio
 
-    monkeypatch.setattr(fileio, "MIN_CORES_FOR_CHUNKS", 1)
-    monkeypatch.setattr(fileio, "MIN_CHUNK", limits.MIN_CHUNK_BYTES)
+    monkeypatch.setattr(TUNING, "min_cores_for_chunks", 1)
+    monkeypatch.setattr(TUNING, "min_chunk", limits.MIN_CHUNK_BYTES)
     path = safeckpt.save_checkpoint({"w": torch.zeros(40_000)}, None, None, None, 1, directory=tmp_path, rng=False)
     document = json.loads((path / "manifest.json").read_bytes())
     assert document["format_version"] == "1.1" and len(document["files"]["model.safetensors"]["chunks"]["sha256"]) == 3

@@ -14,7 +14,7 @@ import pytest
 
 import safeckpt
 import safeckpt.numpy
-from safeckpt.archive import DTYPE_SIZES
+from safeckpt.format.safetensors import DTYPE_SIZES
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 
@@ -95,7 +95,7 @@ def test_archive_listing(vector: Path) -> None:
     """expected.json's "tensors" (what the JS CLI prints) matches every archive, in data order."""
     gen = _generator()
     expected = _expected(vector)
-    folder = safeckpt.reading.locate_checkpoint(vector / str(expected["path"]))
+    folder = safeckpt.pipeline.read.locate_checkpoint(vector / str(expected["path"]))
     rows = []
     for entry in safeckpt.verify_checkpoint(folder).files:
         if entry.name.endswith(".safetensors"):

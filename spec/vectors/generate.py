@@ -40,7 +40,7 @@ def tensor_facts(value: object) -> dict[str, object] | None:
     """dtype, shape and SHA-256 of the raw little-endian bytes of a torch tensor or numpy array."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
-        from safeckpt.tensors import DTYPE_NAMES
+        from safeckpt.torch.tensors import DTYPE_NAMES
 
         flat = value.detach().to("cpu").contiguous().reshape(-1)
         raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
@@ -139,9 +139,9 @@ def archive_tensors(path: Path) -> list[dict[str, object]]:
 def save(root: Path, *, step: int, model: object, rng_tree: object | None = None, **kwargs: object) -> Path:
     """save_checkpoint with pinned created/producer; ``rng_tree`` replaces the live RNG capture."""
     import safeckpt
-    import safeckpt.saver
+    import safeckpt.torch.saver
 
-    capture = mock.patch.object(safeckpt.saver, "capture_rng", lambda generators=None: rng_tree)
+    capture = mock.patch.object(safeckpt.torch.saver, "capture_rng", lambda generators=None: rng_tree)
     with capture:
         folder = safeckpt.save_checkpoint(model, kwargs.pop("optimizer", None), kwargs.pop("config", None),
                                           kwargs.pop("vocab", None), step, directory=root,
@@ -160,10 +160,10 @@ def small_chunks() -> Iterator[None]:
     By default it adds them only to files of two or more 16 MiB chunks, and only where the
     process may use four cores; vectors must not depend on either.
     """
-    import safeckpt.fileio
+    import safeckpt.storage.posix
 
-    with mock.patch.object(safeckpt.fileio, "MIN_CORES_FOR_CHUNKS", 1), \
-            mock.patch.object(safeckpt.fileio, "MIN_CHUNK", 65536):
+    with mock.patch.object(safeckpt.storage.posix, "MIN_CORES_FOR_CHUNKS", 1), \
+            mock.patch.object(safeckpt.storage.posix, "MIN_CHUNK", 65536):
         yield
 
 

@@ -20,6 +20,7 @@ from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointFallbackWarning as CheckpointFallbackWarning
 from .errors import CheckpointMismatchError as CheckpointMismatchError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
+from .errors import CheckpointUsageError as CheckpointUsageError
 from .errors import CheckpointWriteError as CheckpointWriteError
 from .errors import MissingRNGStateWarning as MissingRNGStateWarning
 from .errors import UnsupportedFormatError as UnsupportedFormatError
@@ -29,29 +30,29 @@ from .errors import UnsupportedValueError as UnsupportedValueError
 # by itself (`safeckpt.numpy` and `verify_checkpoint` work without it). To export another name
 # from a module that imports torch, add it here (name -> module) and to __all__.
 _LAZY = {
-    "Checkpoint": ".loader",
+    "Checkpoint": ".torch.loader",
     "CheckpointManager": ".manager",
     "Divergence": ".resume",
     "ResumeReport": ".resume",
     "TrainState": ".resume",
     "check_resume": ".resume",
-    "load_checkpoint": ".loader",
-    "PendingSave": ".saver",
-    "save_checkpoint": ".saver",
-    "verify_checkpoint": ".verify",
+    "load_checkpoint": ".torch.loader",
+    "PendingSave": ".torch.saver",
+    "save_checkpoint": ".torch.saver",
+    "verify_checkpoint": ".pipeline.verify",
 }
 
 if TYPE_CHECKING:
-    from .loader import Checkpoint as Checkpoint
-    from .loader import load_checkpoint as load_checkpoint
     from .manager import CheckpointManager as CheckpointManager
+    from .pipeline.verify import verify_checkpoint as verify_checkpoint
     from .resume import Divergence as Divergence
     from .resume import ResumeReport as ResumeReport
     from .resume import TrainState as TrainState
     from .resume import check_resume as check_resume
-    from .saver import PendingSave as PendingSave
-    from .saver import save_checkpoint as save_checkpoint
-    from .verify import verify_checkpoint as verify_checkpoint
+    from .torch.loader import Checkpoint as Checkpoint
+    from .torch.loader import load_checkpoint as load_checkpoint
+    from .torch.saver import PendingSave as PendingSave
+    from .torch.saver import save_checkpoint as save_checkpoint
 
 
 def __getattr__(name: str) -> object:
@@ -76,6 +77,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointUsageError",
     "CheckpointWriteError",
     "Divergence",
     "MissingRNGStateWarning",

@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify_checkpoint
+    from .pipeline.verify import verify_checkpoint
 
     for path in args.paths:
         manifest = verify_checkpoint(path)
@@ -27,8 +27,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .archive import parse_header
-    from .loader import locate_checkpoint, read_checkpoint_files
+    from .format.safetensors import parse_header
+    from .torch.loader import locate_checkpoint, read_checkpoint_files
 
     folder = locate_checkpoint(args.path)
     manifest, buffers = read_checkpoint_files(folder, verify=not args.no_verify)

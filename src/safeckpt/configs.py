@@ -27,8 +27,8 @@ import os
 import sys
 from collections.abc import Mapping
 
-from . import limits
 from .errors import UnsupportedValueError
+from .format import limits
 
 __all__ = ["config_metadata", "config_to_json", "json_plain"]
 

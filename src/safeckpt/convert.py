@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedValueError
-from .loader import load_checkpoint
-from .saver import save_checkpoint
+from .torch.loader import load_checkpoint
+from .torch.saver import save_checkpoint
 
 __all__ = ["export_torch_checkpoint", "import_torch_checkpoint"]
 

@@ -15,10 +15,12 @@ __all__ = [
     "CheckpointFallbackWarning",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointUsageError",
     "CheckpointWriteError",
     "MissingRNGStateWarning",
     "UnsupportedFormatError",
     "UnsupportedValueError",
+    "checkpoint_exists",
 ]
 
 
@@ -46,6 +48,10 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """A checkpoint for this step already exists and ``overwrite`` was not requested."""
 
 
+class CheckpointUsageError(CheckpointError, TypeError):
+    """Arguments that cannot go together (e.g. both ``directory=`` and ``path=``)."""
+
+
 class UnsupportedValueError(CheckpointError, TypeError):
     """A value in the state to save has a type the format cannot store."""
 
@@ -60,3 +66,13 @@ class CheckpointFallbackWarning(UserWarning):
 
 class MissingRNGStateWarning(UserWarning):
     """Training resumes from a checkpoint without RNG state (``restore_rng=False`` was passed)."""
+
+
+def checkpoint_exists(
+    folder: object, step: int, *, why: str = "", fix: str = "save under another step or path"
+) -> CheckpointExistsError:
+    """The one message for "this checkpoint is already there": which folder and step, what else
+    is known (``why``, e.g. " and verifies") and the fix besides ``overwrite=True``."""
+    return CheckpointExistsError(
+        f"{folder}: a checkpoint for step {step} already exists{why}; pass overwrite=True to replace it, or {fix}"
+    )

@@ -24,17 +24,17 @@ from types import TracebackType
 
 import torch
 
-from .commit import list_checkpoints, parse_step, remove_checkpoint, step_dirname
 from .errors import (
     CheckpointCorruptedError,
-    CheckpointExistsError,
     CheckpointFallbackWarning,
     CheckpointNotFoundError,
+    checkpoint_exists,
 )
-from .loader import Checkpoint, load_checkpoint
-from .manifest import MANIFEST_NAME
-from .saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
-from .verify import verify_checkpoint
+from .format.manifest import MANIFEST_NAME
+from .pipeline.verify import verify_checkpoint
+from .storage.posix_commit import list_checkpoints, remove_checkpoint, scan_steps, step_dirname
+from .torch.loader import Checkpoint, load_checkpoint
+from .torch.saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
 
 __all__ = ["CheckpointManager"]
 
@@ -113,18 +113,8 @@ class CheckpointManager:
     def _candidates(self) -> list[tuple[int, Path, str | None]]:
         """Every ``step-*`` folder, newest first, with why it is unusable when that is already known
         (a folder without a manifest was never committed, e.g. a partial copy of a run)."""
-        found: list[tuple[int, Path, str | None]] = []
-        try:
-            entries = list(os.scandir(self.directory))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        for entry in entries:
-            step = parse_step(entry.name)
-            if step is None or not entry.is_dir(follow_symlinks=False):
-                continue
-            path = self.directory / entry.name
-            committed = (path / MANIFEST_NAME).is_file()
-            found.append((step, path, None if committed else f"{MANIFEST_NAME} is missing (it was never committed)"))
+        missing = f"{MANIFEST_NAME} is missing (it was never committed)"
+        found = [(step, path, None if committed else missing) for step, path, committed in scan_steps(self.directory)]
         return sorted(found, key=lambda item: item[0], reverse=True)
 
     def latest(self) -> Path | None:
@@ -228,9 +218,8 @@ class CheckpointManager:
         except _UNREADABLE as exc:
             logger.warning("replacing damaged checkpoint %s: %s", path, exc)
             return True
-        raise CheckpointExistsError(
-            f"{path}: a checkpoint for step {step} already exists and verifies; pass "
-            "overwrite=True to replace it, or restore() before training so the loop starts after it"
+        raise checkpoint_exists(
+            path, step, why=" and verifies", fix="restore() before training so the loop starts after it"
         )
 
     def _apply_retention(self, just_saved: int) -> None:

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -28,12 +27,16 @@ except ImportError as exc:  # pragma: no cover - the numpy extra installs it
         "install it with: pip install 'safeckpt[numpy]'"
     ) from exc
 
-from .archive import DTYPE_SIZES, parse_header
-from .documents import load_json, load_msgpack
-from .errors import CheckpointCorruptedError
-from .manifest import MANIFEST_NAME
-from .reading import CheckpointContents, locate_checkpoint, model_aliases, read_checkpoint_files
-from .tree import decode_document
+from .format.documents import load_json
+from .format.safetensors import DTYPE_SIZES, parse_header
+from .pipeline.read import (
+    CheckpointContents,
+    decode_tree,
+    locate_checkpoint,
+    model_aliases,
+    read_checkpoint_files,
+)
+from .storage.base import Buffer
 
 __all__ = ["NUMPY_DTYPES", "Checkpoint", "arrays_from_buffer", "load_checkpoint"]
 
@@ -60,7 +63,7 @@ class Checkpoint(CheckpointContents[np.ndarray]):
     _repr_name = "safeckpt.numpy.Checkpoint"
 
 
-def arrays_from_buffer(buffer: bytes | bytearray | memoryview, *, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def arrays_from_buffer(buffer: Buffer, *, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse a verified safetensors archive into arrays (views of ``buffer`` where aligned).
 
     Returns the arrays by name, in file order, and the archive's ``__metadata__``.
@@ -77,28 +80,10 @@ def arrays_from_buffer(buffer: bytes | bytearray | memoryview, *, source: str) -
     return out, metadata
 
 
-def _decode_tree(name: str, buffers: dict[str, memoryview], folder: Path) -> object | None:
-    doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
-    if doc_name not in buffers and archive_name not in buffers:
-        return None
-    for needed in (doc_name, archive_name):
-        if needed not in buffers:
-            raise CheckpointCorruptedError(
-                f"{folder / MANIFEST_NAME}: lists {name} state without {needed}; the checkpoint is invalid"
-            )
+def _tree_arrays(buffer: Buffer, source: str) -> dict[str, np.ndarray]:
     # Own copies: tree arrays are small and are often updated in place by whoever resumes.
-    arrays, _ = arrays_from_buffer(buffers[archive_name], source=str(folder / archive_name))
-    arrays = {k: a.copy() for k, a in arrays.items()}
-    document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
-
-    def resolve(tensor_name: str) -> np.ndarray:
-        if tensor_name not in arrays:
-            raise CheckpointCorruptedError(
-                f"{folder / doc_name}: refers to tensor {tensor_name!r}, absent from {archive_name}"
-            )
-        return arrays[tensor_name]
-
-    return decode_document(document, source=str(folder / doc_name), resolve_tensor=resolve)
+    arrays, _ = arrays_from_buffer(buffer, source=source)
+    return {k: a.copy() for k, a in arrays.items()}
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
@@ -130,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
     model_state, model_meta = arrays_from_buffer(buffers["model.safetensors"], source=source)
     for alias, target in model_aliases(model_meta, model_state.keys(), source=source).items():
         model_state[alias] = model_state[target]
-    trees = {name: _decode_tree(name, buffers, folder) for name in TREES}
+    trees = {name: decode_tree(name, buffers, folder, _tree_arrays) for name in TREES}
     config = vocab = None
     if "config.json" in buffers:
         config = load_json(bytes(buffers["config.json"]), source=str(folder / "config.json"))

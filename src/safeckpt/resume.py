@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .loader import load_checkpoint
-from .rng import capture_rng, restore_rng
-from .saver import save_checkpoint
+from .statediff import difference
+from .torch.loader import load_checkpoint
+from .torch.rng import capture_rng, restore_rng
+from .torch.saver import save_checkpoint
 
 __all__ = ["Divergence", "ResumeReport", "TrainState", "check_resume"]
 
@@ -126,27 +127,6 @@ def _snapshot(state: TrainState, loss: float | None) -> dict[str, object]:
     return flat
 
 
-def _difference(a: object, b: object) -> float:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return math.inf
-        if a.numel() == 0 or torch.equal(a, b):
-            return 0.0
-        a64, b64 = a.detach().cpu().to(torch.float64), b.detach().cpu().to(torch.float64)
-        both_nan = a64.isnan() & b64.isnan()
-        diff = (a64 - b64).abs().masked_fill(both_nan, 0.0).nan_to_num(nan=math.inf)
-        return float(diff.max())
-    if type(a) is not type(b):
-        return math.inf
-    if isinstance(a, float) and isinstance(b, float):
-        if a == b or (math.isnan(a) and math.isnan(b)):
-            return 0.0
-        return abs(a - b) if math.isfinite(a - b) else math.inf
-    if isinstance(a, int) and isinstance(b, int):
-        return float(abs(a - b))
-    return 0.0 if a == b else math.inf
-
-
 _NOT_DETERMINISTIC = (
     "two runs differ before any checkpoint was taken: the loop itself is not deterministic "
     "(unseeded generator, nondeterministic kernel, or make_state() depends on earlier calls)"
@@ -168,7 +148,7 @@ def _first_difference(
     if only_one:
         return Divergence(step, only_one[0], math.inf, f"present in only one run; {reason}")
     for name, value in expected.items():
-        diff = _difference(value, actual[name])
+        diff = difference(value, actual[name])
         if diff > atol:
             return Divergence(step, name, diff, reason)
     return None

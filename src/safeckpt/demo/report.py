@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..loader import load_checkpoint
+from ..statediff import max_difference
+from ..torch.loader import load_checkpoint
 
 __all__ = ["compare_final", "format_table", "plot_curves", "read_losses", "summarize", "write_csv"]
 
@@ -44,20 +45,6 @@ def _tensors(value: object, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    if a.keys() != b.keys():
-        return math.inf, f"tensors present in only one: {sorted(a.keys() ^ b.keys())[:3]}"
-    worst, where = 0.0, ""
-    for name, tensor in a.items():
-        other = b[name]
-        if tensor.shape != other.shape or tensor.dtype != other.dtype:
-            return math.inf, f"{name}: shape or dtype differs"
-        diff = float((tensor.double() - other.double()).abs().max()) if tensor.numel() else 0.0
-        if diff > worst:
-            worst, where = diff, name
-    return worst, where
-
-
 def _without_tensors(value: object) -> object:
     if isinstance(value, torch.Tensor):
         return "<tensor>"
@@ -73,13 +60,13 @@ def compare_final(first: Path, second: Path) -> dict[str, tuple[float, str]]:
     optimizer state, LR schedule and data position (non-tensor values must be equal)."""
     a = load_checkpoint(first, restore_rng=False)
     b = load_checkpoint(second, restore_rng=False)
-    result = {"parameters": _max_diff(dict(a.model_state), dict(b.model_state))}
+    result = {"parameters": max_difference(dict(a.model_state), dict(b.model_state))}
     for label, x, y in (
         ("optimizer state", a.optimizer_state, b.optimizer_state),
         ("LR schedule", a.scheduler_state, b.scheduler_state),
         ("data position", a.extra, b.extra),
     ):
-        diff, where = _max_diff(_tensors(x, ""), _tensors(y, ""))
+        diff, where = max_difference(_tensors(x, ""), _tensors(y, ""))
         if _without_tensors(x) != _without_tensors(y):
             diff, where = math.inf, "non-tensor values differ"
         result[label] = (diff, where)

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from ..manager import CheckpointManager
-from ..saver import save_checkpoint
+from ..torch.saver import save_checkpoint
 from .corpus import generate_corpus
 from .data import ShuffledBatches
 from .model import CharTransformer, ModelConfig

@@ -39,7 +39,6 @@ from typing import Any
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
-from ..commit import remove_checkpoint
 from ..errors import (
     CheckpointCorruptedError,
     CheckpointError,
@@ -47,11 +46,12 @@ from ..errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
 )
-from ..loader import Checkpoint, load_checkpoint
-from ..manifest import MANIFEST_NAME
-from ..rng import restore_rng
-from ..saver import plan_checkpoint, write_checkpoint
-from ..verify import verify_checkpoint
+from ..format.manifest import MANIFEST_NAME
+from ..pipeline.verify import verify_checkpoint
+from ..storage.posix_commit import remove_checkpoint
+from ..torch.loader import Checkpoint, load_checkpoint
+from ..torch.rng import restore_rng
+from ..torch.saver import plan_checkpoint, write_checkpoint
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "TRAINER_STATE_NAME", "Trainer", "latest_checkpoint"]
 

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..documents import dump_msgpack
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedValueError
-from ..manifest import MANIFEST_NAME
-from ..saver import plan_checkpoint, write_checkpoint
-from ..tensors import TensorArchive
-from ..tree import encode_document
+from ..format.documents import dump_msgpack
+from ..format.manifest import MANIFEST_NAME
+from ..format.tree import encode_document
+from ..torch.saver import plan_checkpoint, write_checkpoint
+from ..torch.tensors import TensorCollector
 
 __all__ = ["import_hf_checkpoint"]
 
@@ -153,7 +153,7 @@ def import_hf_checkpoint(
         rng=False,
     )
     if "rng" in states:
-        archive = TensorArchive("rng")
+        archive = TensorCollector("rng")
         document = encode_document(
             _rng_tree(states["rng"], folder / "rng_state.pth"), name="rng",
             is_tensor=lambda v: isinstance(v, torch.Tensor), add_tensor=archive.add,

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from ..configs import TRANSFORMERS_CONFIG_KEY
 from ..errors import CheckpointExistsError, UnsupportedValueError
-from ..loader import Checkpoint, load_checkpoint
+from ..torch.loader import Checkpoint, load_checkpoint
 
 __all__ = ["export_hf", "write_hf_folder"]
 

@@ -34,13 +34,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from ..commit import remove_checkpoint as remove_safeckpt_folder
 from ..errors import CheckpointError, MissingRNGStateWarning, UnsupportedValueError
-from ..loader import load_checkpoint as load_safeckpt
-from ..manifest import MANIFEST_NAME
-from ..rng import restore_rng
-from ..saver import PendingSave
-from ..saver import save_checkpoint as save_safeckpt
+from ..format.manifest import MANIFEST_NAME
+from ..storage.posix_commit import remove_checkpoint as remove_safeckpt_folder
+from ..torch.loader import load_checkpoint as load_safeckpt
+from ..torch.rng import restore_rng
+from ..torch.saver import PendingSave
+from ..torch.saver import save_checkpoint as save_safeckpt
 
 __all__ = ["SafeckptIO", "load_from_checkpoint"]
 

@@ -1,11 +1,12 @@
 """The safetensors container, without torch: dtype table, header building and strict parsing.
 
 Layout (the public safetensors format): an 8-byte little-endian header length ``N``, ``N`` bytes
-of JSON header (padded with spaces to a multiple of 8), then the tensor bytes. The header maps
-each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the data
-section, plus an optional ``"__metadata__"`` map of strings. safeckpt writes tensors in a fixed
-order (largest element size first, then by name) so every tensor is aligned to its element size
-and the same state always gives the same bytes.
+of JSON header, then the tensor bytes. The header maps each tensor name to ``{"dtype", "shape",
+"data_offsets": [begin, end]}`` relative to the data section, plus an optional ``"__metadata__"``
+map of strings. safeckpt pads the header with spaces so the data section starts at a multiple of
+64 bytes (the alignment of torch's CPU allocations), and writes tensors whose size is a multiple
+of 64 first, then the rest by element size (largest first) and name: every tensor is aligned to
+its element size, most to 64 bytes, and the same state always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import CheckpointCorruptedError
 from . import limits
 from .documents import load_json
-from .errors import CheckpointCorruptedError
 
 __all__ = ["DTYPE_SIZES", "TensorInfo", "build_header", "parse_header"]
 
@@ -29,7 +30,6 @@ DTYPE_SIZES: dict[str, int] = {
 """Every dtype the format stores, with its element size in bytes (little-endian)."""
 
 METADATA_KEY = "__metadata__"
-_HEADER_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def build_header(
         spans.append((name, dtype, shape, offset, offset + nbytes))
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-(len(text) + 8) % _HEADER_ALIGN)
+    text += b" " * (-(len(text) + 8) % limits.ALIGN)
     start = 8 + len(text)
     infos = [TensorInfo(n, d, s, start + b, start + e) for n, d, s, b, e in spans]
     return struct.pack("<Q", len(text)) + text, infos

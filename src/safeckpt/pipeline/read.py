@@ -1,27 +1,29 @@
 """Locate a checkpoint and read its files, verified: the half of loading that needs no torch.
 
 ``locate_checkpoint`` resolves what the user passed; ``read_checkpoint_files`` parses the manifest,
-then reads every file it lists and checks its size and SHA-256, and returns only once all of
-them verified, so no parser ever sees a byte that failed verification. The torch loader
+then reads every file it lists and checks its size, its SHA-256 and, where the manifest has them
+(format 1.1), the SHA-256 of each chunk as it arrives (so the work spreads over the cores), and
+returns only once all of them verified, so no parser ever sees a byte that failed verification.
+With ``verify=False`` files are memory-mapped and only their sizes are checked. The torch loader
 (:mod:`safeckpt.loader`) and the numpy reader (:mod:`safeckpt.numpy`) share it;
 ``verify_checkpoint`` uses ``audit_checkpoint_files``, which checks every digest and keeps nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
-from . import limits
-from .commit import list_checkpoints, parse_step
-from .documents import load_json
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError
-from .fileio import audit_files, read_bounded, read_files
-from .manifest import MANIFEST_NAME, Manifest
+from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..format.documents import load_json, load_msgpack
+from ..format.manifest import MANIFEST_NAME, Manifest
+from ..format.tree import decode_document
+from ..storage.base import Buffer
+from ..storage.local import LocalFolder
+from ..storage.posix_commit import list_checkpoints, parse_step
 
 __all__ = [
     "MODEL_ALIASES_KEY",
@@ -94,43 +96,21 @@ def read_checkpoint_files(folder: Path, *, verify: bool = True) -> tuple[Manifes
     Returns only once all files verified: a single bad file fails the whole load before any
     of them is parsed.
     """
-    with _folder(folder) as dir_fd:
-        manifest = _manifest(dir_fd, folder)
-        return manifest, read_files(dir_fd, manifest.files, folder=folder, verify=verify)
+    with LocalFolder(folder) as opened:
+        manifest = _checked(opened.read_manifest(), folder)
+        return manifest, opened.read_files(manifest.files, verify=verify)
 
 
 def audit_checkpoint_files(folder: Path) -> Manifest:
     """Parse the manifest and check every file's size and every digest it records, in bounded
-    memory (see :func:`safeckpt.fileio.audit_files`); returns the manifest."""
-    with _folder(folder) as dir_fd:
-        manifest = _manifest(dir_fd, folder)
-        audit_files(dir_fd, manifest.files, folder=folder)
+    memory (see :func:`safeckpt.storage.posix.audit_files`); returns the manifest."""
+    with LocalFolder(folder) as opened:
+        manifest = _checked(opened.read_manifest(), folder)
+        opened.audit(manifest.files)
         return manifest
 
 
-@contextlib.contextmanager
-def _folder(folder: Path) -> Iterator[int]:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{folder}: checkpoint does not exist; check the path") from None
-    except NotADirectoryError:
-        raise CheckpointNotFoundError(f"{folder}: is not a checkpoint folder") from None
-    try:
-        yield dir_fd
-    finally:
-        os.close(dir_fd)
-
-
-def _manifest(dir_fd: int, folder: Path) -> Manifest:
-    raw = read_bounded(
-        dir_fd,
-        MANIFEST_NAME,
-        limit=limits.MAX_MANIFEST_BYTES,
-        source=str(folder / MANIFEST_NAME),
-        missing="missing; the checkpoint was never committed, load an earlier one",
-    )
-    manifest = Manifest.from_json_bytes(bytes(raw), source=str(folder / MANIFEST_NAME))
+def _checked(manifest: Manifest, folder: Path) -> Manifest:
     if manifest.file("model.safetensors") is None:
         raise CheckpointCorruptedError(
             f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
@@ -154,3 +134,31 @@ def model_aliases(metadata: dict[str, str], stored: Collection[str], *, source: 
             "that are not stored to names that are); the file is damaged"
         )
     return aliases
+
+
+def decode_tree(
+    name: str,
+    buffers: Mapping[str, Buffer],
+    folder: Path,
+    make_arrays: Callable[[Buffer, str], Mapping[str, TensorT]],
+) -> object | None:
+    """The state tree ``name`` (``name.msgpack`` + ``name.safetensors``), or None if the checkpoint
+    has none: the one decode every reader shares. ``make_arrays(buffer, source)`` turns the
+    verified archive into the reader's arrays (torch tensors, numpy arrays) by stored name."""
+    doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
+    if doc_name not in buffers and archive_name not in buffers:
+        return None
+    for needed in (doc_name, archive_name):
+        if needed not in buffers:
+            raise CheckpointCorruptedError(
+                f"{folder / MANIFEST_NAME}: lists {name} state without {needed}; the checkpoint is invalid"
+            )
+    arrays = make_arrays(buffers[archive_name], str(folder / archive_name))
+    document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
+
+    def resolve(stored: str) -> TensorT:
+        if stored not in arrays:
+            raise CheckpointCorruptedError(f"{folder / doc_name}: refers to tensor {stored!r}, absent from {archive_name}")
+        return arrays[stored]
+
+    return decode_document(document, source=str(folder / doc_name), resolve_tensor=resolve)

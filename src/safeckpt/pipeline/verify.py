@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .manifest import Manifest
-from .reading import audit_checkpoint_files, locate_checkpoint
+from ..format.manifest import Manifest
+from .read import audit_checkpoint_files, locate_checkpoint
 
 __all__ = ["verify_checkpoint"]
 

@@ -18,8 +18,8 @@ from typing import NoReturn
 
 import msgpack
 
+from ..errors import CheckpointCorruptedError, UnsupportedValueError
 from . import limits
-from .errors import CheckpointCorruptedError, UnsupportedValueError
 
 __all__ = ["dump_json", "dump_msgpack", "load_json", "load_msgpack"]
 

@@ -9,7 +9,9 @@ Saving step ``S`` into root folder ``R``:
    folder and lock it. Release ``R``'s lock.
 2. Write every file into the temporary folder and fsync each one.
 3. Write ``MANIFEST_NAME`` last and fsync it, then fsync the temporary folder.
-4. Take ``R``'s lock again and rename the temporary folder to ``R/step-S``, never replacing an
+4. Take ``R``'s lock again and rename the temporary folder to ``R/step-S`` (or, for
+   ``save_checkpoint(path=F)``, to ``F`` itself: then ``R`` is ``F``'s parent, the temporary
+   folder ``R/.tmp-<F's name>.<id>`` is ``F``'s sibling and the lock is ``R/LOCK_NAME``), never replacing an
    existing checkpoint (``renameat2(RENAME_NOREPLACE)``; ``CheckpointExistsError`` if ``step-S``
    exists). With ``overwrite=True`` an existing ``step-S`` is swapped out in one atomic
    ``renameat2(RENAME_EXCHANGE)``; where the kernel or file system lacks it, the old folder is
@@ -39,22 +41,23 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .errors import CheckpointExistsError, CheckpointWriteError
-from .fileio import fsync_dir
-from .manifest import MANIFEST_NAME
+from ..errors import CheckpointExistsError, CheckpointWriteError, checkpoint_exists
+from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
+from .posix_write import Buffer, fsync_dir, write_file, write_files
 
 __all__ = [
     "LOCK_NAME",
     "STEP_PREFIX",
     "TMP_PREFIX",
     "TRASH_PREFIX",
-    "PendingCheckpoint",
+    "PosixPendingWrite",
     "list_checkpoints",
     "parse_step",
     "remove_checkpoint",
+    "scan_steps",
     "step_dirname",
 ]
 
@@ -86,17 +89,22 @@ def parse_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Committed checkpoints under ``root`` (folders with a manifest), oldest step first."""
+def scan_steps(root: str | os.PathLike[str]) -> list[tuple[int, Path, bool]]:
+    """Every ``step-N`` folder under ``root`` (not symlinks), oldest step first, with whether it
+    is committed (holds a manifest); [] when ``root`` does not exist."""
     root = Path(root)
     found = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(root):
             step = parse_step(entry.name)
             if step is not None and entry.is_dir(follow_symlinks=False):
-                if os.path.isfile(os.path.join(entry.path, MANIFEST_NAME)):
-                    found.append((step, root / entry.name))
+                found.append((step, root / entry.name, os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))))
     return sorted(found)
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Committed checkpoints under ``root`` (folders with a manifest), oldest step first."""
+    return [(step, path) for step, path, committed in scan_steps(root) if committed]
 
 
 @functools.cache
@@ -171,7 +179,10 @@ def _clean_leftovers(root: Path) -> None:
                 _remove_if_unlocked(entry.path)
             elif entry.name.startswith(TRASH_PREFIX):
                 original = entry.name[len(TRASH_PREFIX) :].rsplit(".", 1)[0]
-                if parse_step(original) is not None and not os.path.lexists(root / original):
+                moved_aside = not entry.name.startswith(TRASH_PREFIX + _DELETED) and (
+                    parse_step(original) is not None or os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))
+                )
+                if moved_aside and not os.path.lexists(root / original):
                     os.rename(entry.path, root / original)
                     _fsync_path(root)
                 else:
@@ -195,24 +206,26 @@ def _remove_if_unlocked(path: str) -> None:
     _remove_tree(path)
 
 
-class PendingCheckpoint:
+class PosixPendingWrite:
     """A temporary folder being filled by this process; :meth:`commit` publishes it.
 
     Use as a context manager: leaving the block without committing removes the folder.
     """
 
-    def __init__(self, root: str | os.PathLike[str], step: int) -> None:
+    def __init__(self, root: str | os.PathLike[str], step: int, *, name: str | None = None) -> None:
+        """Prepare ``root/step-NNNNNNNN``, or ``root/name`` when ``name`` is given (a folder the
+        caller chose: ``save_checkpoint(path=...)``); the temporary folder is a sibling."""
         self.root = Path(root)
         self.step = step
-        self.final = self.root / step_dirname(step)
-        self.path = self.root / f"{TMP_PREFIX}{step_dirname(step)}.{uuid.uuid4().hex}"
+        self.final = self.root / (name or step_dirname(step))
+        self.path = self.root / f"{TMP_PREFIX}{self.final.name}.{uuid.uuid4().hex}"
         self.dir_fd = -1
         self.committed = False
 
     def __repr__(self) -> str:
-        return f"PendingCheckpoint(step={self.step}, path={str(self.path)!r}, committed={self.committed})"
+        return f"PosixPendingWrite(step={self.step}, path={str(self.path)!r}, committed={self.committed})"
 
-    def __enter__(self) -> PendingCheckpoint:
+    def __enter__(self) -> PosixPendingWrite:
         try:
             _make_root(self.root)
             with _root_lock(self.root):
@@ -239,13 +252,29 @@ class PendingCheckpoint:
             self.dir_fd = -1
         _remove_tree(self.path)
 
-    def commit(self, *, overwrite: bool = False) -> Path:
-        """Make the folder durable and rename it to its final name; returns that path.
+    def write_files(self, files: Sequence[tuple[str, Iterable[Buffer], int]]) -> list[FileEntry]:
+        """Write, hash and fsync every ``(name, parts, size_hint)`` in the temporary folder, the
+        largest first, on several threads; their manifest entries, in the given order. Raises
+        :class:`CheckpointWriteError` naming the failing file."""
+        try:
+            return write_files(self.dir_fd, files, folder=self.path)
+        except OSError as exc:
+            name = Path(str(exc.filename or "a file")).name
+            raise write_error(exc, self.path / name, f"write {name}") from exc
+
+    def commit(self, manifest: Manifest | None = None, *, overwrite: bool = False) -> Path:
+        """Write ``manifest`` last (if given; a caller may have written it), make the folder
+        durable and rename it to its final name; returns that path.
 
         Raises :class:`CheckpointExistsError` if the step exists and ``overwrite`` is False,
         :class:`CheckpointWriteError` for any other failure (the folder is then removed by
         ``__exit__`` unless it was already renamed into place).
         """
+        if manifest is not None:
+            try:
+                write_file(self.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))
+            except OSError as exc:
+                raise write_error(exc, self.path / MANIFEST_NAME, f"write {MANIFEST_NAME}") from exc
         replaced: Path | None = None
         action = "sync the checkpoint folder"
         try:
@@ -300,10 +329,7 @@ class PendingCheckpoint:
         return trash
 
     def _exists_error(self) -> CheckpointExistsError:
-        return CheckpointExistsError(
-            f"{self.final}: a checkpoint for step {self.step} already exists; "
-            "pass overwrite=True to replace it or save under another step"
-        )
+        return checkpoint_exists(self.final, self.step)
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:

@@ -16,15 +16,18 @@ from pathlib import Path
 
 import torch
 
-from .documents import load_json, load_msgpack
-from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError, MissingRNGStateWarning
-from .fileio import Buffer
-from .manifest import MANIFEST_NAME
-from .reading import CheckpointContents, locate_checkpoint, read_checkpoint_files
+from ..errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointMismatchError,
+    MissingRNGStateWarning,
+)
+from ..format.documents import load_json
+from ..pipeline.read import CheckpointContents, decode_tree, locate_checkpoint, read_checkpoint_files
+from ..storage.base import Buffer
 from .rng import restore_rng as restore_rng_state
 from .state import ALIASES_KEY, check_model, check_optimizer, restore_types
 from .tensors import tensors_from_buffer
-from .tree import decode_document
 
 __all__ = ["Checkpoint", "load_checkpoint", "locate_checkpoint", "read_checkpoint_files"]
 
@@ -48,30 +51,13 @@ def _decode_tree(
     aligned: bool = True,
     copy: bool = False,
 ) -> object | None:
-    doc_name, archive_name = f"{name}.msgpack", f"{name}.safetensors"
-    if doc_name not in buffers and archive_name not in buffers:
-        return None
-    for needed in (doc_name, archive_name):
-        if needed not in buffers:
-            raise CheckpointCorruptedError(
-                f"{folder / MANIFEST_NAME}: lists {name} state without {needed}; the checkpoint is invalid"
-            )
     # Tensors handed to an optimizer must be 64-byte aligned like torch's own allocations: some
     # kernels (LBFGS's dot products) round differently on other addresses, and a resumed run
     # would drift in the last bits. Verified buffers are aligned in place (at most a memmove).
-    tensors, _ = tensors_from_buffer(
-        buffers[archive_name], source=str(folder / archive_name), device=device, aligned=aligned, copy=copy
-    )
-    document = load_msgpack(bytes(buffers[doc_name]), source=str(folder / doc_name))
+    def make_tensors(buffer: Buffer, source: str) -> dict[str, torch.Tensor]:
+        return tensors_from_buffer(buffer, source=source, device=device, aligned=aligned, copy=copy)[0]
 
-    def resolve(tensor_name: str) -> torch.Tensor:
-        if tensor_name not in tensors:
-            raise CheckpointCorruptedError(
-                f"{folder / doc_name}: refers to tensor {tensor_name!r}, absent from {archive_name}"
-            )
-        return tensors[tensor_name]
-
-    return decode_document(document, source=str(folder / doc_name), resolve_tensor=resolve)
+    return decode_tree(name, buffers, folder, make_tensors)
 
 
 def _model_state(buffers: Mapping[str, Buffer], folder: Path, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+from ..errors import CheckpointCorruptedError, UnsupportedValueError
 from . import limits
-from .errors import CheckpointCorruptedError, UnsupportedValueError
 
 __all__ = ["TREE_VERSION", "decode_document", "encode_document", "key_path"]
 

@@ -7,8 +7,6 @@ half-restored.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import os
 from collections import Counter
@@ -16,15 +14,14 @@ from collections.abc import Mapping
 
 import torch
 
-from . import limits
-from .errors import CheckpointMismatchError, UnsupportedValueError
-from .tensors import TensorArchive
-from .tree import key_path
+from ..errors import CheckpointMismatchError, UnsupportedValueError
+from ..format import limits
+from ..format.tree import key_path
+from .tensors import TensorCollector
 
 __all__ = [
     "check_model",
     "check_optimizer",
-    "config_to_json",
     "model_archive",
     "restore_types",
     "state_of",
@@ -35,7 +32,7 @@ ALIASES_KEY = "safeckpt.aliases"
 """safetensors ``__metadata__`` key holding a JSON map ``{alias: stored name}`` of tied tensors."""
 
 
-def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[TensorArchive, dict[str, str]]:
+def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[TensorCollector, dict[str, str]]:
     """Collect a model's state dict; tied tensors are stored once and their aliases returned."""
     if isinstance(model, torch.nn.Module):
         state: Mapping[str, object] = model.state_dict()
@@ -45,7 +42,7 @@ def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[
         raise UnsupportedValueError(
             f"model: expected a torch.nn.Module or a state dict, got {type(model).__qualname__}"
         )
-    archive, aliases = TensorArchive("model"), {}
+    archive, aliases = TensorCollector("model"), {}
     for name, tensor in state.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise UnsupportedValueError(
@@ -114,19 +111,6 @@ def _json_plain(value: object, path: tuple[object, ...], label: str) -> object:
         f"{label}{key_path(path)}: value of type {type(value).__qualname__} cannot be stored in "
         "JSON; convert it to str, int, float, bool, None, list or dict"
     )
-
-
-def config_to_json(config: object) -> object:
-    """A dict, dataclass or argparse Namespace as a JSON-compatible dict (tuples become lists)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    elif isinstance(config, argparse.Namespace):
-        config = vars(config)
-    if not isinstance(config, Mapping):
-        raise UnsupportedValueError(
-            f"config: expected a dict, dataclass or argparse.Namespace, got {type(config).__qualname__}"
-        )
-    return _json_plain(config, (), "config")
 
 
 def vocab_to_json(vocab: object) -> object:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import random
 import sys
+import types
 import warnings
 from collections.abc import Mapping
 
 import torch
 
-from .errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
+from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 
 __all__ = ["capture_rng", "restore_rng"]
 
@@ -84,17 +85,28 @@ def restore_rng(
         ) from None
 
 
+def _numpy() -> types.ModuleType | None:
+    """numpy if it is installed (an optional dependency), else None."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
 def _restore_unchecked(
     state: object, generators: Mapping[str, Generator] | None = None, *, source: str
 ) -> None:
     if not isinstance(state, dict) or "python" not in state or "torch" not in state:
-        raise CheckpointMismatchError(f"{source}: RNG state is malformed; it cannot be restored")
+        raise CheckpointCorruptedError(
+            f"{source}: RNG state is malformed (no 'python' and 'torch' entries); the checkpoint is "
+            "damaged, or pass restore_rng=False to load it without the RNG state"
+        )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
+    np = _numpy() if "numpy" in state else None
+    if np is not None:  # without numpy there is no numpy generator to restore
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     cuda = state.get("cuda", [])

@@ -8,15 +8,18 @@ strict and lives here alone; serialisation is deterministic (sorted files, fixed
 
 from __future__ import annotations
 
+import datetime
 import json
+import platform
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeGuard, Union
 
+from ..errors import CheckpointCorruptedError, CheckpointUsageError, UnsupportedFormatError
 from . import limits
-from .errors import CheckpointCorruptedError, UnsupportedFormatError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Chunks", "FileEntry", "Manifest", "writer_version"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Chunks", "FileEntry", "Manifest", "build", "writer_version"]
 
 FORMAT_NAME = "safeckpt"
 FORMAT_VERSION = (1, 1)
@@ -43,7 +46,7 @@ class Chunks:
     sha256: tuple[str, ...]
     """Lower-case hex digests, one per chunk, in file order."""
 
-    def spans(self, file_size: int) -> list[tuple[int, int, str]]:
+    def digest_spans(self, file_size: int) -> list[tuple[int, int, str]]:
         """``(start, end, digest)`` of each chunk of a file of ``file_size`` bytes."""
         return [
             (start, min(start + self.size, file_size), digest)
@@ -243,3 +246,35 @@ def _short(value: object) -> str:
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def build(
+    step: int,
+    files: Iterable[FileEntry],
+    *,
+    metadata: Mapping[str, JSONValue] | None = None,
+    producer: Mapping[str, str] | None = None,
+) -> Manifest:
+    """The manifest of a checkpoint whose files are ``files`` (their entries as the writers
+    returned them, from one process or merged from several ranks), stamped with the time and the
+    producing versions. The format version is the lowest that holds every entry (1.1 only when
+    some file has chunk digests), so older readers keep reading what they can.
+
+    Example:
+        >>> manifest = build(100, entries, metadata={"run": "a"})  # doctest: +SKIP
+        >>> pending.commit(manifest)  # doctest: +SKIP
+    """
+    from .._version import __version__
+
+    entries = tuple(sorted(files, key=lambda e: e.name))
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise CheckpointUsageError(f"manifest.build: duplicate file names in {names}; each rank must write distinct files")
+    return Manifest(
+        step=step,
+        files=entries,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        producer={"safeckpt": __version__, "python": platform.python_version(), **(producer or {})},
+        metadata=dict(metadata or {}),
+        format_version=writer_version(entries),
+    )

@@ -52,3 +52,8 @@ MAX_MSGPACK_DEPTH = 3 * MAX_NESTING_DEPTH + 2
 """Deepest raw nesting of msgpack maps and arrays in a structure document. Each tree level costs
 up to three raw levels (a dict is a tag map, an array and a ``[key, value]`` pair), so a tree
 ``MAX_NESTING_DEPTH`` deep, which the writer allows, stays within this bound."""
+
+ALIGN = 64
+"""Alignment, in bytes, of an archive's data section and of its 64-byte-multiple tensors (the
+alignment of torch's CPU allocations, which tensors handed to optimizers must match); readers
+move tensors to ``ALIGN``-byte addresses into room left after the file."""

@@ -1,6 +1,6 @@
 """Torch tensors <-> safetensors archives: validation, sharing, zero-copy bytes.
 
-:class:`TensorArchive` collects the tensors of one state tree before anything is written,
+:class:`TensorCollector` collects the tensors of one state tree before anything is written,
 rejecting layouts the format cannot hold (sparse, quantized, meta, unsupported dtypes) with the
 key path of the offender, and storing a tensor referenced several times (tied weights, the
 same view twice) once. :func:`archive_parts` streams an archive straight from tensor memory;
@@ -15,12 +15,14 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from .archive import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
-from .errors import UnsupportedValueError
-from .fileio import Buffer, realign_room
-from .tree import key_path
+from ..errors import UnsupportedValueError
+from ..format.limits import ALIGN
+from ..format.safetensors import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
+from ..format.tree import key_path
+from ..storage.base import Buffer
+from ..storage.posix import realign_room
 
-__all__ = ["TensorArchive", "archive_parts", "tensors_from_buffer"]
+__all__ = ["TensorCollector", "archive_parts", "tensors_from_buffer"]
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("safeckpt stores tensors little-endian and supports little-endian hosts only")
@@ -33,8 +35,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }  # fmt: skip
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
-_ALIGN = 64
-"""Alignment of torch's CPU allocations, which tensors handed to optimizers must match."""
 assert set(TORCH_DTYPES) == set(DTYPE_SIZES)
 
 
@@ -45,7 +45,7 @@ def _identity(t: torch.Tensor) -> tuple[object, ...]:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, t.shape, t.stride())
 
 
-class TensorArchive:
+class TensorCollector:
     """The tensors of one archive, collected (and validated) while a state tree is encoded."""
 
     def __init__(self, label: str) -> None:
@@ -125,8 +125,13 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
         # torch calls a one-element tensor contiguous whatever its stride (e.g. x[::2] of a
         # 2-element x), but view(uint8) demands stride 1: same element, stride 1.
         flat = flat.as_strided((1,), (1,))
-    # numpy's array keeps the tensor alive for as long as the memoryview is in use
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    if flat.device.type != "cpu":  # pragma: no cover - callers stage other devices first
+        raise ValueError("_as_bytes needs a CPU tensor")
+    # A ctypes array over the tensor's memory (no numpy: the core install has none). The array
+    # holds the tensor, and the memoryview holds the array, so the memory outlives every use.
+    raw = (ctypes.c_ubyte * flat.nbytes).from_address(flat.data_ptr())
+    raw._owner = flat  # type: ignore[attr-defined]
+    return memoryview(raw).cast("B")
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
@@ -155,7 +160,7 @@ def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     """
     # Sizes that are multiples of 64 first: after the 64-byte aligned header they all start on
     # 64-byte boundaries, where a loader can use them in place (see _aligned_bytes).
-    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, -tensors[n].element_size(), n))
+    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % ALIGN != 0, -tensors[n].element_size(), n))
     header, _ = build_header(
         [(n, DTYPE_NAMES[tensors[n].dtype], tuple(tensors[n].shape)) for n in order], metadata
     )
@@ -171,7 +176,7 @@ def tensors_from_buffer(
 
     With ``aligned``, every CPU tensor starts on a 64-byte boundary, like torch's own
     allocations (some kernels, e.g. the dot products of LBFGS, round differently otherwise):
-    tensors are moved in place into the room :func:`safeckpt.fileio.read_files` leaves after
+    tensors are moved in place into the room :func:`safeckpt.storage.posix.read_files` leaves after
     an archive, and only those that do not fit there are copied. With ``copy``, CPU tensors are
     copies in torch's own (aligned) memory instead of views: for state that is restored into a
     live object and must not stay backed by a memory-mapped file.
@@ -208,7 +213,7 @@ def _view_bytes(buffer: Buffer, infos: list[TensorInfo], *, copy: bool = False) 
 
 
 def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Each non-empty tensor's bytes at a ``_ALIGN``-byte aligned address.
+    """Each non-empty tensor's bytes at a ``ALIGN``-byte aligned address.
 
     Tensors already aligned stay where they are as long as every tensor before them is aligned
     too (in files safeckpt writes, all but a few small ones at the end). The rest are moved
@@ -224,18 +229,18 @@ def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.T
     limit = len(view) + room
     out = {}
     ordered = sorted((i for i in infos if i.end > i.begin), key=lambda i: i.begin)
-    settled = next((n for n, i in enumerate(ordered) if (base + i.begin) % _ALIGN), len(ordered))
+    settled = next((n for n, i in enumerate(ordered) if (base + i.begin) % ALIGN), len(ordered))
     for info in ordered[:settled]:
         out[info.name] = _region(owner, info.begin, info.end - info.begin)
     for info in reversed(ordered[settled:]):
         size = info.end - info.begin
-        target = (base + limit - size) // _ALIGN * _ALIGN - base
+        target = (base + limit - size) // ALIGN * ALIGN - base
         if room and target >= info.begin:
             if target != info.begin:
                 ctypes.memmove(base + target, base + info.begin, size)
             out[info.name] = _region(owner, target, size)
             limit = target
-        elif (base + info.begin) % _ALIGN == 0:
+        elif (base + info.begin) % ALIGN == 0:
             out[info.name] = _region(owner, info.begin, size)
             limit = info.begin
         else:  # copy now, before a later move can overwrite these bytes

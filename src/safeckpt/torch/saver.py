@@ -8,10 +8,8 @@ planned files into a temporary folder, hashing as it writes, and commits it (see
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,18 +17,18 @@ from typing import Literal, overload
 
 import torch
 
-from ._version import __version__
+from ..configs import config_metadata, config_to_json
+from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
+from ..format.documents import dump_json, dump_msgpack
+from ..format.manifest import MANIFEST_NAME
+from ..format.manifest import build as build_manifest
+from ..format.tree import encode_document
+from ..storage.local import LocalStorage
+from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
-from .commit import PendingCheckpoint, step_dirname, write_error
-from .configs import config_metadata, config_to_json
-from .documents import dump_json, dump_msgpack
-from .errors import CheckpointExistsError, UnsupportedValueError
-from .fileio import write_file, write_files
-from .manifest import MANIFEST_NAME, Manifest, writer_version
 from .rng import capture_rng
 from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
-from .tensors import TensorArchive, archive_parts
-from .tree import encode_document
+from .tensors import TensorCollector, archive_parts
 
 __all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint", "write_checkpoint_async"]
 
@@ -46,7 +44,7 @@ class CheckpointPlan:
 
     step: int
     metadata: dict[str, object]
-    archives: dict[str, tuple[TensorArchive, dict[str, str] | None]] = field(default_factory=dict)
+    archives: dict[str, tuple[TensorCollector, dict[str, str] | None]] = field(default_factory=dict)
     documents: dict[str, bytes] = field(default_factory=dict)
 
     def snapshot(self) -> None:
@@ -119,7 +117,7 @@ def plan_checkpoint(
     for name in TREES:
         if trees[name] is None:
             continue
-        archive = TensorArchive(name)
+        archive = TensorCollector(name)
         document = encode_document(
             trees[name],
             name=name,
@@ -144,37 +142,42 @@ def _as_json_object(value: Mapping[str, object], label: str) -> dict[str, object
     return plain
 
 
-def write_checkpoint(plan: CheckpointPlan, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write the planned files and commit them as ``directory/step-NNNNNNNN``; returns that path."""
-    directory = Path(directory)
-    if not overwrite and (directory / step_dirname(plan.step) / MANIFEST_NAME).exists():
-        raise CheckpointExistsError(
-            f"{directory / step_dirname(plan.step)}: a checkpoint for step {plan.step} already "
-            "exists; pass overwrite=True to replace it or save under another step"
+def checkpoint_target(directory: str | os.PathLike[str] | None, path: str | os.PathLike[str] | None, step: int) -> Path:
+    """The folder a save commits to: ``directory/step-NNNNNNNN``, or exactly ``path``."""
+    if directory is not None and path is not None:
+        raise CheckpointUsageError(
+            f"save_checkpoint: pass either directory= (a root of step-N folders) or path= (the exact "
+            f"checkpoint folder), not both (got directory={str(directory)!r}, path={str(path)!r})"
         )
-    with PendingCheckpoint(directory, plan.step) as pending:
-        name = ""
-        try:
-            files = sorted(plan.files(), key=lambda f: -f[2])
-            entries = write_files(pending.dir_fd, files, folder=pending.path)
-            manifest = Manifest(
-                step=plan.step,
-                files=tuple(entries),
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                producer={
-                    "safeckpt": __version__,
-                    "torch": torch.__version__,
-                    "python": platform.python_version(),
-                },
-                metadata=plan.metadata,  # type: ignore[arg-type]
-                format_version=writer_version(tuple(entries)),
+    if path is not None:
+        target = Path(path)
+        if target.name in ("", ".", "..") or target.name.startswith("."):
+            raise CheckpointUsageError(
+                f"{path}: path= must name the checkpoint folder itself, not '.', '..' or a hidden name; "
+                "pass e.g. path='runs/final'"
             )
-            name = MANIFEST_NAME
-            write_file(pending.dir_fd, MANIFEST_NAME, (manifest.to_json_bytes(),))
-        except OSError as exc:
-            name = name or Path(str(exc.filename or "a file")).name
-            raise write_error(exc, pending.path / name, f"write {name}") from exc
-        return pending.commit(overwrite=overwrite)
+        return target
+    return Path("checkpoints" if directory is None else directory) / step_dirname(step)
+
+
+def write_checkpoint(
+    plan: CheckpointPlan,
+    directory: str | os.PathLike[str] | None = None,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the planned files and commit them as ``directory/step-NNNNNNNN`` or exactly ``path``;
+    returns that folder."""
+    final = checkpoint_target(directory, path, plan.step)
+    if not overwrite and (final / MANIFEST_NAME).exists():
+        raise checkpoint_exists(final, plan.step)
+    with LocalStorage(final.parent).begin(plan.step, name=final.name) as pending:
+        entries = pending.write_files(sorted(plan.files(), key=lambda f: -f[2]))
+        manifest = build_manifest(
+            plan.step, entries, metadata=plan.metadata, producer={"torch": torch.__version__}  # type: ignore[arg-type]
+        )
+        return pending.commit(manifest, overwrite=overwrite)
 
 
 @overload
@@ -185,7 +188,8 @@ def save_checkpoint(
     vocab: object | None,
     step: int,
     *,
-    directory: str | os.PathLike[str] = ...,
+    directory: str | os.PathLike[str] | None = ...,
+    path: str | os.PathLike[str] | None = ...,
     scheduler: object | None = ...,
     extra: Mapping[str, object] | None = ...,
     metadata: Mapping[str, object] | None = ...,
@@ -203,7 +207,8 @@ def save_checkpoint(
     vocab: object | None,
     step: int,
     *,
-    directory: str | os.PathLike[str] = ...,
+    directory: str | os.PathLike[str] | None = ...,
+    path: str | os.PathLike[str] | None = ...,
     scheduler: object | None = ...,
     extra: Mapping[str, object] | None = ...,
     metadata: Mapping[str, object] | None = ...,
@@ -220,7 +225,8 @@ def save_checkpoint(
     vocab: object | None,
     step: int,
     *,
-    directory: str | os.PathLike[str] = "checkpoints",
+    directory: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
     scheduler: object | None = None,
     extra: Mapping[str, object] | None = None,
     metadata: Mapping[str, object] | None = None,
@@ -236,7 +242,13 @@ def save_checkpoint(
         config: training configuration (dict, dataclass or ``argparse.Namespace``) or None.
         vocab: a list of tokens, a token->id dict, or None.
         step: the training step (non-negative int); names the folder ``step-NNNNNNNN``.
-        directory: root folder of the run's checkpoints, created if missing.
+        directory: root folder of the run's checkpoints, created if missing (default
+            ``"checkpoints"``); the checkpoint is committed as ``directory/step-NNNNNNNN``.
+        path: the exact folder to commit the checkpoint to instead (e.g. ``"runs/final"``), with
+            the same atomic protocol: written into a hidden sibling folder, renamed into place
+            without replacing anything (``overwrite=True`` swaps the old folder out in one step).
+            Mutually exclusive with ``directory``. :func:`load_checkpoint` opens any folder
+            holding a ``manifest.json``.
         scheduler: an LR scheduler, ``GradScaler`` or any object with ``state_dict()``.
         extra: named additional state: nested containers of tensors and plain values, or
             objects with ``state_dict()``.
@@ -261,18 +273,19 @@ def save_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )
     if async_:
-        return write_checkpoint_async(plan, directory, overwrite=overwrite)
+        return write_checkpoint_async(plan, directory, path=path, overwrite=overwrite)
     release = acquire_slot()
     try:
-        return write_checkpoint(plan, directory, overwrite=overwrite)
+        return write_checkpoint(plan, directory, path=path, overwrite=overwrite)
     finally:
         release()
 
 
 def write_checkpoint_async(
     plan: CheckpointPlan,
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | None = None,
     *,
+    path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     on_commit: Callable[[Path], object] | None = None,
 ) -> PendingSave:
@@ -286,12 +299,9 @@ def write_checkpoint_async(
     """
     release = acquire_slot()
     try:
-        final = Path(directory) / step_dirname(plan.step)
+        final = checkpoint_target(directory, path, plan.step)
         if not overwrite and (final / MANIFEST_NAME).exists():
-            raise CheckpointExistsError(
-                f"{final}: a checkpoint for step {plan.step} already exists; pass overwrite=True "
-                "to replace it or save under another step"
-            )
+            raise checkpoint_exists(final, plan.step)
         plan.snapshot()
 
         def finish() -> None:
@@ -301,7 +311,7 @@ def write_checkpoint_async(
         return PendingSave(
             plan.step,
             final,
-            lambda: write_checkpoint(plan, directory, overwrite=overwrite),
+            lambda: write_checkpoint(plan, path=final, overwrite=overwrite),
             on_commit=on_commit,
             on_exit=finish,
         )

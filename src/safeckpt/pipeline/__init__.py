@@ -1,0 +1,1 @@
+"""Format + storage, framework-free: locate and read a checkpoint verified, audit it."""

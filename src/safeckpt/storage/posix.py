@@ -1,0 +1,322 @@
+"""Verified reads of the files inside one checkpoint folder (writes: :mod:`.posix_write`).
+
+Reads open the file without following symlinks and insist on a regular file of exactly the
+manifest's size. With verification, the file is read once into fresh page-aligned memory and
+the buffers are returned only if every digest matches: what is parsed afterwards is what was
+verified. A file with chunk digests is read and hashed chunk by chunk on all cores at once; one
+without is read in pieces, each hashed on a helper thread while the next is read. A safetensors
+archive's buffer is allocated with spare room after the file (sized from the 8-byte header
+length alone, nothing is parsed) so its tensors can later be moved in place to aligned
+addresses, see :func:`safeckpt.torch.tensors.tensors_from_buffer`. Without verification the file is
+memory-mapped privately (copy-on-write) and nothing is read until it is used: for storage you
+trust, which must also not truncate the file while it is mapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import mmap
+import os
+import stat
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..format import limits
+from ..format.manifest import FileEntry
+from .hashing import Hasher, check_chunk_digest, check_digest, chunk_size
+from .parallel import in_parallel
+from .tuning import TUNING, cores
+
+__all__ = [
+    "audit_files",
+    "chunk_size",
+    "read_bounded",
+    "read_files",
+    "realign_room",
+]
+
+
+
+
+
+def _open_regular(dir_fd: int, name: str, *, source: str, missing: str) -> tuple[int, int]:
+    """Open ``name`` for reading without following links; returns (fd, size) of a regular file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{source}: {missing}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointCorruptedError(
+                f"{source}: is a symbolic link; checkpoint files must be regular files"
+            ) from None
+        raise CheckpointCorruptedError(f"{source}: cannot be opened ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointCorruptedError(f"{source}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CheckpointCorruptedError(
+            f"{source}: is not a regular file (mode {stat.filemode(info.st_mode)}); "
+            "the checkpoint has been tampered with or damaged"
+        )
+    return fd, info.st_size
+
+
+def _changed_size(source: str, size: int) -> CheckpointCorruptedError:
+    return CheckpointCorruptedError(
+        f"{source}: changed size while being read (expected {size} bytes); "
+        "another process is writing it"
+    )
+
+
+def _read_into(fd: int, view: memoryview, offset: int, *, source: str, size: int) -> None:
+    filled = 0
+    while filled < len(view):
+        got = os.preadv(fd, [view[filled:]], offset + filled)
+        if got == 0:
+            raise _changed_size(source, size)
+        filled += got
+
+
+def _read_exactly(fd: int, size: int, *, source: str) -> bytearray:
+    buffer = bytearray(size)
+    _read_into(fd, memoryview(buffer), 0, source=source, size=size)
+    if os.pread(fd, 1, size):
+        raise _changed_size(source, size)
+    return buffer
+
+
+def read_bounded(dir_fd: int, name: str, *, limit: int, source: str, missing: str) -> bytearray:
+    """Read a whole small file (the manifest), refusing one larger than ``limit`` bytes."""
+    fd, size = _open_regular(dir_fd, name, source=source, missing=missing)
+    try:
+        if size > limit:
+            raise CheckpointCorruptedError(
+                f"{source}: is {size} bytes, over the limit of {limit}; not a safeckpt file"
+            )
+        return _read_exactly(fd, size, source=source)
+    finally:
+        os.close(fd)
+
+
+class _Arena(mmap.mmap):
+    """Anonymous page-aligned memory a verified file is read into; may be longer than the file."""
+
+
+def _arena(size: int) -> _Arena:
+    # Private: a shared anonymous map is shmem, whose page faults cost half again as much. Not
+    # huge pages (MADV_HUGEPAGE): filling them was five times faster when the kernel reused
+    # freed ones, but two to three times slower in a new process on a VM whose free huge blocks
+    # go back to the host (measured with benchmarks/compare_formats.py).
+    return _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def realign_room(buffer: memoryview) -> int:
+    """Spare bytes after ``buffer`` that its owner may overwrite (0 unless :func:`read_files`
+    allocated it with room to move tensors to aligned addresses)."""
+    owner = buffer.obj
+    if isinstance(owner, _Arena) and buffer.contiguous and not buffer.readonly:
+        return len(owner) - len(buffer)
+    return 0
+
+
+def _archive_room(prefix: bytes, size: int) -> int:
+    """Room to align every tensor of a safetensors archive of ``size`` bytes to ``limits.ALIGN`` bytes.
+
+    Each tensor entry of a valid header takes well over 40 bytes of JSON, so the header length
+    (``prefix``, the file's first 8 bytes, not trusted: the room is capped by the file size and
+    the header limit, and only reserves address space until a verified archive is aligned)
+    bounds the number of tensors, and each needs at most ``limits.ALIGN`` bytes to move.
+    """
+    if len(prefix) < 8:
+        return 0
+    (length,) = struct.unpack_from("<Q", prefix)
+    return limits.ALIGN * (min(length, size, limits.MAX_SAFETENSORS_HEADER_BYTES) // 40 + 2)
+
+
+def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
+    """Fill ``view`` from the file, hashing each piece while the next one is read."""
+    sha = Hasher()
+    try:
+        for start in range(0, len(view), TUNING.piece):
+            piece = view[start : start + TUNING.piece]
+            _read_into(fd, piece, start, source=source, size=len(view))
+            sha.hand_off(piece)
+    finally:
+        sha.close()
+    return sha.digests()[0]
+
+
+def _map(fd: int, size: int) -> memoryview:
+    if size == 0:
+        return memoryview(bytearray())
+    return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+
+
+def _unreadable(source: str, exc: BaseException) -> CheckpointCorruptedError:
+    """An ``OSError`` of a read itself (EIO, or ENOMEM for a file, perhaps a sparse one, too
+    large for memory) as an error naming the file."""
+    reason = getattr(exc, "strerror", None) or type(exc).__name__
+    return CheckpointCorruptedError(
+        f"{source}: cannot be read ({reason}); the storage is failing or the file is larger than "
+        "the memory available: load an earlier checkpoint, or this one where more memory is free"
+    )
+
+
+class _OpenFile:
+    """A file being read: its entry, descriptor, buffer and the path shown in errors."""
+
+    def __init__(self, dir_fd: int, entry: FileEntry, folder: Path) -> None:
+        self.entry = entry
+        self.source = str(folder / entry.name)
+        self.fd, size = _open_regular(
+            dir_fd,
+            entry.name,
+            source=self.source,
+            missing="file listed in manifest.json is missing; the checkpoint is incomplete, "
+            "load an earlier one",
+        )
+        self.view = memoryview(b"")
+        if size != entry.size:
+            os.close(self.fd)
+            raise CheckpointCorruptedError(
+                f"{self.source}: size is {size} bytes, manifest.json says {entry.size}; "
+                "the file is truncated or damaged, load an earlier checkpoint"
+            )
+
+    def allocate(self, *, verify: bool) -> memoryview:
+        """The buffer the file is read into (fresh memory), or with ``verify=False`` a map of it."""
+        size = self.entry.size
+        try:
+            if not verify:
+                self.view = _map(self.fd, size)
+                return self.view
+            with contextlib.suppress(OSError, AttributeError):  # a hint; not on every platform
+                os.posix_fadvise(self.fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
+            room = _archive_room(os.pread(self.fd, 8, 0), size) if self.entry.name.endswith(".safetensors") else 0
+            self.view = memoryview(_arena(size + room))[:size]
+        except (OSError, MemoryError, OverflowError) as exc:
+            raise _unreadable(self.source, exc) from exc
+        return self.view
+
+    def check_whole(self) -> None:
+        """Read the file and check the whole-file SHA-256."""
+        try:
+            digest = _read_hashing(self.fd, self.view, source=self.source)
+        except (OSError, MemoryError) as exc:
+            raise _unreadable(self.source, exc) from exc
+        check_digest(self.source, self.entry, digest)
+
+    def check_chunk(self, index: int, start: int, end: int, expected: str) -> None:
+        """Read chunk ``index``, bytes ``start`` to ``end``, and check their SHA-256."""
+        piece = self.view[start:end]
+        sha = hashlib.sha256()
+        try:
+            for offset in range(0, len(piece), TUNING.cached_piece):
+                part = piece[offset : offset + TUNING.cached_piece]
+                _read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
+                sha.update(part)
+        except (OSError, MemoryError) as exc:
+            raise _unreadable(self.source, exc) from exc
+        check_chunk_digest(self.source, self.entry, index, (start, end, expected), sha.hexdigest())
+
+    def check_unchanged(self) -> None:
+        """Refuse a file that grew while it was read (another process is writing it)."""
+        try:
+            grew = os.pread(self.fd, 1, self.entry.size)
+        except OSError as exc:
+            raise _unreadable(self.source, exc) from exc
+        if grew:
+            raise _changed_size(self.source, self.entry.size)
+
+
+def read_files(
+    dir_fd: int, entries: Iterable[FileEntry], *, folder: Path, verify: bool = True
+) -> dict[str, memoryview]:
+    """Read each file ``entries`` name from the folder ``dir_fd`` (``folder`` in errors), check
+    its size and, if ``verify``, its SHA-256; returns name -> writable buffer of its bytes.
+
+    Returns only once every file verified, so nothing is parsed that did not. A file with chunk
+    digests is checked by them, its chunks read and hashed on all cores at once; a file without
+    is hashed whole, by one core (:func:`audit_files` checks both kinds). With
+    ``verify=False`` each buffer is a private memory map (copy-on-write; bytes are read when
+    first touched). Symlinks, FIFOs, devices and folders are refused before a byte is read, so
+    a hostile checkpoint cannot make the reader hang or follow a link.
+    """
+    ordered = sorted(entries, key=lambda e: -e.size)  # the largest takes longest: start it first
+    buffers: dict[str, memoryview] = {}
+    for start in range(0, len(ordered), TUNING.open_at_once):  # bounded open descriptors
+        buffers.update(_read_batch(dir_fd, ordered[start : start + TUNING.open_at_once], folder, verify))
+    return buffers
+
+
+def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: bool) -> dict[str, memoryview]:
+    files: list[_OpenFile] = []
+    try:
+        for entry in entries:
+            files.append(_OpenFile(dir_fd, entry, folder))
+        for file in files:
+            file.allocate(verify=verify)
+        if verify:
+            jobs: list[tuple[int, Callable[[], None]]] = []
+            for file in files:
+                if file.entry.chunks is None:
+                    jobs.append((file.entry.size, file.check_whole))
+                    continue
+                spans = file.entry.chunks.digest_spans(file.entry.size)
+                jobs.extend(
+                    (span[1] - span[0], functools.partial(file.check_chunk, index, *span))
+                    for index, span in enumerate(spans)
+                )
+            jobs.sort(key=lambda job: -job[0])
+            in_parallel([job for _, job in jobs], cores(), name="safeckpt-read")
+            for file in files:
+                file.check_unchanged()
+    finally:
+        for file in files:
+            os.close(file.fd)
+    return {file.entry.name: file.view for file in files}
+
+
+def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> None:
+    """Check each file's size and every digest the manifest records (whole-file and chunks).
+
+    For audits (``verify_checkpoint``): a loader may trust either kind of digest, so both must
+    hold. Files are streamed through one small buffer per thread, several files at once, so the
+    memory used does not grow with the checkpoint, unlike :func:`read_files`, which keeps what
+    it verified.
+    """
+    jobs = [functools.partial(_audit, dir_fd, entry, folder) for entry in sorted(entries, key=lambda e: -e.size)]
+    in_parallel(jobs, cores(), name="safeckpt-verify")
+
+
+def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
+    file = _OpenFile(dir_fd, entry, folder)
+    whole = hashlib.sha256()
+    chunks = Hasher(entry.chunks.size) if entry.chunks is not None else None  # only consume()d
+    buffer = memoryview(bytearray(min(TUNING.piece, entry.size)))
+    try:
+        for start in range(0, entry.size, TUNING.piece):
+            piece = buffer[: min(TUNING.piece, entry.size - start)]
+            _read_into(file.fd, piece, start, source=file.source, size=entry.size)
+            whole.update(piece)
+            if chunks is not None:
+                chunks.consume(piece)
+        file.check_unchanged()
+    except OSError as exc:
+        raise _unreadable(file.source, exc) from exc
+    finally:
+        os.close(file.fd)
+    check_digest(file.source, entry, whole.hexdigest())
+    if chunks is not None and entry.chunks is not None:
+        spans = entry.chunks.digest_spans(entry.size)
+        for index, (span, found) in enumerate(zip(spans, chunks.digests(), strict=True)):
+            check_chunk_digest(file.source, entry, index, span, found)

@@ -1,0 +1,59 @@
+"""The storage seam: a commit finished by a coordinator from entries several writers reported,
+manifest.build, and the protocols' contract on the local implementation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import safeckpt
+from safeckpt.format import manifest as manifest_format
+from safeckpt.storage.base import CheckpointStorage
+from safeckpt.storage.local import LocalStorage
+from safeckpt.torch.tensors import archive_parts
+
+
+def _model_file(weight: torch.Tensor) -> tuple[str, list[memoryview | bytes], int]:
+    return ("model.safetensors", list(archive_parts({"w": weight}, None)), 0)
+
+
+def test_a_coordinator_commits_files_that_several_writers_wrote(tmp_path: Path) -> None:
+    storage: CheckpointStorage = LocalStorage(tmp_path)
+    weight = torch.arange(6, dtype=torch.float32)
+    with storage.begin(5) as pending:
+        rank0 = pending.write_files([_model_file(weight)])
+        rank1 = pending.write_files([("rank1.bin", [b"shard of rank 1"], 0)])
+        assert not (pending.final / "manifest.json").exists()  # nothing visible before the commit
+        assert storage.list_checkpoints() == []
+        manifest = manifest_format.build(5, rank1 + rank0, metadata={"world_size": 2})
+        final = pending.commit(manifest)
+    assert storage.list_checkpoints() == [(5, final)] and final.name == "step-00000005"
+    written = json.loads((final / "manifest.json").read_text())
+    assert list(written["files"]) == ["model.safetensors", "rank1.bin"] and written["metadata"] == {"world_size": 2}
+    assert safeckpt.verify_checkpoint(final).step == 5
+    ckpt = safeckpt.load_checkpoint(final, restore_rng=False)
+    assert torch.equal(ckpt.model_state["w"], weight)
+
+
+def test_an_uncommitted_write_leaves_nothing(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    with pytest.raises(RuntimeError, match="rank 3 died"), storage.begin(1) as pending:
+        pending.write_files([("a.bin", [b"a"], 0)])
+        raise RuntimeError("rank 3 died")
+    assert storage.list_checkpoints() == [] and [p for p in tmp_path.iterdir() if p.name != ".safeckpt.lock"] == []
+
+
+def test_build_refuses_duplicate_names_from_two_writers(tmp_path: Path) -> None:
+    entry = manifest_format.FileEntry(name="x.bin", size=1, sha256="0" * 64)
+    with pytest.raises(safeckpt.CheckpointUsageError, match="x.bin"):
+        manifest_format.build(1, [entry, entry])
+
+
+def test_build_stamps_versions_and_the_lowest_format_version() -> None:
+    entry = manifest_format.FileEntry(name="model.safetensors", size=1, sha256="0" * 64)
+    built = manifest_format.build(3, [entry], producer={"torch": "x"})
+    assert built.format_version == (1, 0) and built.producer["torch"] == "x" and "safeckpt" in built.producer
+    assert manifest_format.Manifest.from_json_bytes(built.to_json_bytes(), source="m") == built
