@@ -165,6 +165,10 @@ def test_last_ckpt_is_swapped_atomically_and_removals_hide_first(tmp_path: Path)
     io.save_checkpoint({**state, "state_dict": {"w": torch.ones(2)}, "global_step": 2}, tmp_path / "last.ckpt")
     loaded = io.load_checkpoint(tmp_path / "last.ckpt")
     assert torch.equal(loaded["state_dict"]["w"], torch.ones(2)) and loaded["global_step"] == 2
+    safeckpt.save_checkpoint({"w": torch.ones(2)}, None, None, None, 5, path=tmp_path / "plain.ckpt", rng=False)
+    with pytest.warns(safeckpt.MissingRNGStateWarning, match="no RNG state"):
+        assert io.load_checkpoint(tmp_path / "plain.ckpt")["state_dict"].keys() == {"w"}
+    io.remove_checkpoint(tmp_path / "plain.ckpt")
     io.remove_checkpoint(tmp_path / "last.ckpt")
     assert not os.path.lexists(tmp_path / "last.ckpt")
     assert [p.name for p in tmp_path.iterdir()] == [".safeckpt.lock"]

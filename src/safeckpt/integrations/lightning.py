@@ -34,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from ..errors import CheckpointError, MissingRNGStateWarning, UnsupportedValueError
+from ..errors import MissingRNGStateWarning, UnsupportedValueError
 from ..format.manifest import MANIFEST_NAME
 from ..storage.posix_commit import remove_checkpoint as remove_safeckpt_folder
 from ..torch.loader import load_checkpoint as load_safeckpt
@@ -134,8 +134,14 @@ class SafeckptIO(CheckpointIO):
         else (a function, a dict) loads onto the CPU and Lightning moves the state later."""
         checkpoint, rng_state, meta = self._read(path, map_location)
         if rng_state is None:
-            raise CheckpointError(f"{path}: has no RNG state; it was not saved by SafeckptIO")
-        if meta.get("rng_exact") is False:
+            warnings.warn(
+                f"{path}: has no RNG state (it was not saved by SafeckptIO, e.g. converted from a "
+                "torch.save file); training resumes with this process's random state, so dropout and "
+                "shuffling will differ from the original run",
+                MissingRNGStateWarning,
+                stacklevel=2,
+            )
+        elif meta.get("rng_exact") is False:
             warnings.warn(
                 f"{path}: was saved from a worker thread (AsyncCheckpointIO), so its RNG state is not "
                 "the one of the saved step: the resumed run will draw different random numbers. Save "
@@ -143,7 +149,8 @@ class SafeckptIO(CheckpointIO):
                 MissingRNGStateWarning,
                 stacklevel=2,
             )
-        restore_rng(rng_state, source=str(path))
+        if rng_state is not None:
+            restore_rng(rng_state, source=str(path))
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
