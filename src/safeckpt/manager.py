@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -57,6 +58,15 @@ class _Returned:
 
     def load_state_dict(self, state: object) -> None:
         pass
+
+
+def _sharded_api(model: object) -> Any:
+    """``safeckpt.distributed.api`` when ``model`` is saved through DCP, else None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from .distributed import api
+
+    return api if api.handles_save(model) else None
 
 
 class CheckpointManager:
@@ -255,6 +265,20 @@ class CheckpointManager:
         self.wait()
         if not overwrite:
             overwrite = self._replace_if_damaged(step)
+        sharded = _sharded_api(model)
+        if sharded is not None:  # FSDP2/DTensor/DDP in a job: every rank saves, the coordinator prunes
+            retain = sharded.is_coordinator(model)
+            result = sharded.save_checkpoint(
+                model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler, extra=extra,
+                metadata=metadata, rng=rng, overwrite=overwrite, async_=self.async_save,
+                on_commit=(lambda _: self._apply_retention(step)) if retain else None,
+            )  # fmt: skip
+            if isinstance(result, Path):
+                if retain:
+                    self._apply_retention(step)
+                return result
+            self._pending = result
+            return result.path
         if self.async_save:
             plan = plan_checkpoint(
                 model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng

@@ -128,6 +128,14 @@ def load_checkpoint(
     check_load_arguments(model, optimizer, scheduler)
     check_extra("load_checkpoint", extra)
     folder = locate_checkpoint(path)
+    if (folder / "sharding.json").is_file() or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from ..distributed import api as sharded  # sharded checkpoints, FSDP2/DTensor/DDP models
+
+        if sharded.handles_load(path, model):
+            return sharded.load_checkpoint(
+                path, model, optimizer, scheduler=scheduler, extra=extra, strict=strict, verify=verify,
+                restore_rng=restore_rng,
+            )  # fmt: skip
     manifest, buffers = read_checkpoint_files(folder, verify=verify)
     device = map_location
     model_state = _model_state(buffers, folder, device)

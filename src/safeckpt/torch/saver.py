@@ -17,6 +17,7 @@ from typing import Literal, overload
 
 import torch
 
+from ..configs import config_metadata, config_to_json
 from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
 from ..format.documents import dump_json, dump_msgpack
 from ..format.manifest import MANIFEST_NAME
@@ -26,7 +27,7 @@ from ..storage.local import LocalStorage
 from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .rng import capture_rng
-from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
+from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
 from .tensors import TensorCollector, archive_parts
 from .usage import check_extra, check_save_arguments
 
@@ -130,6 +131,7 @@ def plan_checkpoint(
         plan.documents[f"{name}.msgpack"] = dump_msgpack(document)
     if config is not None:
         plan.documents["config.json"] = dump_json(config_to_json(config), source="config")
+        plan.metadata = {**config_metadata(config), **plan.metadata}
     if vocab is not None:
         plan.documents["vocab.json"] = dump_json(vocab_to_json(vocab), source="vocab")
     return plan
@@ -270,6 +272,14 @@ def save_checkpoint(
         >>> path.name  # doctest: +SKIP
         'step-00000100'
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from ..distributed import api as sharded  # FSDP2/DTensor/DDP models go through DCP
+
+        if sharded.handles_save(model):
+            return sharded.save_checkpoint(
+                model, optimizer, config, vocab, step, directory=directory, path=path, scheduler=scheduler,
+                extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, async_=async_,
+            )  # fmt: skip
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )

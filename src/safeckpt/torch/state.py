@@ -7,8 +7,6 @@ half-restored.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import os
 from collections import Counter
@@ -24,7 +22,6 @@ from .tensors import TensorCollector
 
 __all__ = [
     "check_optimizer",
-    "config_to_json",
     "model_archive",
     "restore_types",
     "state_of",
@@ -118,19 +115,6 @@ def _json_plain(value: object, path: tuple[object, ...], label: str) -> object:
         f"{label}{key_path(path)}: value of type {type(value).__qualname__} cannot be stored in "
         "JSON; convert it to str, int, float, bool, None, list or dict"
     )
-
-
-def config_to_json(config: object) -> object:
-    """A dict, dataclass or argparse Namespace as a JSON-compatible dict (tuples become lists)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    elif isinstance(config, argparse.Namespace):
-        config = vars(config)
-    if not isinstance(config, Mapping):
-        raise UnsupportedValueError(
-            f"config: expected a dict, dataclass or argparse.Namespace, got {type(config).__qualname__}"
-        )
-    return _json_plain(config, (), "config")
 
 
 def vocab_to_json(vocab: object) -> object:
