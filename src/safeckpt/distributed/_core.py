@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from .._version import __version__
+from ..configs import config_metadata, config_to_json
 from ..format.documents import dump_json, dump_msgpack, load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
 from ..format.safetensors import DTYPE_SIZES
@@ -21,7 +22,7 @@ from ..storage.posix_commit import TMP_PREFIX, PosixPendingWrite, list_checkpoin
 from ..storage.posix_write import fsync_dir, write_file
 from ..torch.background import PendingSave, acquire_slot
 from ..torch.rng import capture_rng, restore_rng
-from ..torch.state import config_to_json, state_of, vocab_to_json
+from ..torch.state import state_of, vocab_to_json
 from ..torch.tensors import DTYPE_NAMES, TORCH_DTYPES, TensorCollector, archive_parts, tensors_from_buffer
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "archive_parts",
     "build",
     "capture_rng",
+    "config_metadata",
     "config_to_json",
     "core_loader",
     "core_saver",
