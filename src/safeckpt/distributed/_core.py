@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from .._version import __version__
-from ..configs import config_to_json
+from ..configs import config_metadata, config_to_json
 from ..format.documents import dump_json, dump_msgpack, load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
 from ..format.safetensors import DTYPE_SIZES
@@ -57,6 +57,7 @@ __all__ = [
     "archive_parts",
     "build",
     "capture_rng",
+    "config_metadata",
     "config_to_json",
     "core_loader",
     "core_saver",

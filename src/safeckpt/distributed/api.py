@@ -38,6 +38,7 @@ from ._core import (
     TORCH_DTYPES,
     PendingSave,
     capture_rng,
+    config_metadata,
     config_to_json,
     core_loader,
     dump_json,
@@ -150,6 +151,7 @@ def save_checkpoint(
     documents = {}
     if config is not None:
         documents["config.json"] = dump_json(config_to_json(config), source="config")
+        metadata = {**config_metadata(config), **(metadata or {})}
     if vocab is not None:
         documents["vocab.json"] = dump_json(vocab_to_json(vocab), source="vocab")
     options: dict[str, Any] = dict(step=step, overwrite=overwrite, documents=documents, metadata=metadata, process_group=group)
