@@ -110,6 +110,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         (100, ['embed.weight'])
     """
     folder = locate_checkpoint(path)
+    if (folder / "sharding.json").exists():  # format 1.2, sharded: assembled from its shards
+        from .distributed.numpy_shards import load_sharded
+
+        return load_sharded(folder, verify=verify)
     manifest, buffers = read_checkpoint_files(folder, verify=verify)
     source = str(folder / "model.safetensors")
     model_state, model_meta = arrays_from_buffer(buffers["model.safetensors"], source=source)

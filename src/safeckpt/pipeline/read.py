@@ -111,7 +111,7 @@ def audit_checkpoint_files(folder: Path) -> Manifest:
 
 
 def _checked(manifest: Manifest, folder: Path) -> Manifest:
-    if manifest.file("model.safetensors") is None:
+    if manifest.file("model.safetensors") is None and manifest.file("sharding.json") is None:  # 1.2: sharded
         raise CheckpointCorruptedError(
             f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
         )
