@@ -75,6 +75,8 @@ def test_retention_examples() -> None:
     assert sorted(steps_to_keep([100, 200, 300, 400, 500], keep_last=2, keep_every=200)) == [200, 400, 500]
     assert steps_to_keep([5, 1, 3], keep_last=None) == {1, 3, 5}
     assert steps_to_keep([1, 2, 3], keep_last=1, protect={2, 9}) == {2, 3}
+    assert steps_to_keep([1, 2, 3, 4], keep_last=None, best={2}, protect={4}) == {2, 4}  # best-K alone
+    assert steps_to_keep([1, 2, 3, 4], keep_last=1, best={1}) == {1, 4}
     assert steps_to_remove([3, 1, 2, 4], keep_last=2) == [1, 2]
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="keep_last must be a positive int"):
