@@ -18,7 +18,7 @@ from cli_tools import cli, cli_process
 from conftest import TinyLM
 from safeckpt.cli import build_parser
 
-COMMANDS = ("verify", "inspect", "ls", "diff", "prune", "export", "convert")
+COMMANDS = ("verify", "inspect", "ls", "diff", "prune", "export", "convert", "consolidate")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,6 +36,7 @@ __all__ = ["EXPORT_TARGETS", "export_checkpoint", "write_new_file"]
 EXPORT_TARGETS: dict[str, str] = {
     "torch": "safeckpt.export:write_torch_file",
     "safetensors": "safeckpt.export:write_safetensors_file",
+    "hf": "safeckpt.integrations.hf_export:write_hf_folder",
 }
 """Export formats: name -> ``"module:function"`` (see the module docstring)."""
 

@@ -123,3 +123,20 @@ def test_javascript_reader_refuses_each_invalid_sharded_vector(vector: Path) -> 
     expected = json.loads((vector / "expected.json").read_text())
     run = _js(vector / expected["path"])
     assert run.returncode == 1 and expected["error"] in run.stderr and expected["error_file"] in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("vector", _vectors("valid"), ids=lambda p: p.name)
+def test_safeckpt_consolidate_writes_an_ordinary_checkpoint(vector: Path, tmp_path: Path) -> None:
+    """`safeckpt consolidate SRC DST`: the result is a single-process checkpoint with the same
+    weights, readable by the torch-free reader (no sharding.json)."""
+    from safeckpt.cli import main
+
+    gen = _load_module("generate")
+    expected = json.loads((vector / "expected.json").read_text())
+    assert main(["consolidate", str(vector / expected["path"]), str(tmp_path / "single")]) == 0
+    assert main(["consolidate", str(vector / expected["path"]), str(tmp_path / "single")]) == 1  # exists
+    ckpt = safeckpt.numpy.load_checkpoint(tmp_path / "single")
+    assert ckpt.step == expected["step"] and not (ckpt.path / "sharding.json").exists()
+    for key, facts in expected["tensors"].items():
+        if key.startswith("model."):
+            assert gen.tensor_facts(ckpt.model_state[key.removeprefix("model.")]) == facts

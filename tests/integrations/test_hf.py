@@ -20,6 +20,7 @@ import hf_train  # noqa: E402
 import torch  # noqa: E402
 
 import safeckpt  # noqa: E402
+from safeckpt.cli import main  # noqa: E402
 from safeckpt.hf import SUPPORTED_TRANSFORMERS, Trainer, export_hf, import_hf_checkpoint  # noqa: E402
 
 CHILD = Path(hf_train.__file__)
@@ -144,6 +145,11 @@ def test_export_hf_from_a_saved_transformers_config(tmp_path: Path) -> None:
     with pytest.raises(safeckpt.CheckpointExistsError, match="overwrite=True"):
         export_hf(path, out)
     assert export_hf(path, out, overwrite=True) == out
+    assert main(["export", str(path), str(out), "--to", "hf"]) == 1  # the CLI refuses an existing OUT
+    assert main(["export", str(path), str(tmp_path / "cli"), "--to", "hf"]) == 0
+    with torch.no_grad():
+        logits = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cli").eval()(tokens).logits
+        assert torch.equal(logits, model(tokens).logits)
 
 
 def test_stock_trainer_folder_converts_and_resumes_exactly(uninterrupted: dict[int, str], tmp_path: Path) -> None:
@@ -156,8 +162,9 @@ def test_stock_trainer_folder_converts_and_resumes_exactly(uninterrupted: dict[i
     stock.add_callback(StopAt4())
     stock.train()
     assert (tmp_path / "stock" / "checkpoint-4" / "optimizer.pt").is_file()
-    with pytest.warns(UserWarning, match="training_args.bin: skipped"):
-        converted = import_hf_checkpoint(tmp_path / "stock" / "checkpoint-4", tmp_path / "safe" / "checkpoint-4")
+    with pytest.warns(UserWarning, match="training_args.bin: skipped"):  # `safeckpt convert FOLDER ROOT`
+        assert main(["convert", str(tmp_path / "stock" / "checkpoint-4"), str(tmp_path / "safe")]) == 0
+    converted = tmp_path / "safe" / "checkpoint-4"
     ckpt = safeckpt.load_checkpoint(converted, restore_rng=False)
     assert ckpt.step == 4 and ckpt.rng_state is not None and ckpt.config["model_type"] == "gpt2"
     trainer = hf_train.make_trainer(str(tmp_path / "safe"), str(tmp_path / "resumed.txt"))

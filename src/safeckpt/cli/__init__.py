@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import CheckpointError
-from . import convert, diff, export, inspect, ls, prune, verify
+from . import consolidate, convert, diff, export, inspect, ls, prune, verify
 from ._common import EXIT_CODES_HELP, EXIT_FAILED
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = (verify, inspect, ls, diff, prune, export, convert)
+_COMMANDS = (verify, inspect, ls, diff, prune, export, convert, consolidate)
 _EXIT_SIGPIPE = 128 + 13
 """What a shell reports for a process a closed pipe ended (``inspect ... | head``)."""
 

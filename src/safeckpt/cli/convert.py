@@ -5,13 +5,18 @@ loader and a small allow-list (see :mod:`safeckpt.convert`); never plain pickle.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from ..errors import CheckpointExistsError
+from ..errors import CheckpointExistsError, CheckpointUsageError
 from ._common import EXIT_OK, add_command
 
 __all__ = ["register", "run"]
 
-HELP = "import a torch.save .pt/.pth/.bin file (read with torch.load(weights_only=True), never plain pickle)"
+HELP = (
+    "import a torch.save .pt/.pth/.bin file or a Hugging Face Trainer checkpoint-N folder (read with "
+    "torch.load(weights_only=True), never plain pickle)"
+)
 
 
 def _step(text: str) -> int:
@@ -33,9 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "{model, optimizer, scheduler, args/config/hparams, vocab, step/epoch, ...} layout; other "
         "entries go to extra. argparse.Namespace and numpy scalars, dtypes and arrays are allowed; "
         "any other class is refused by name unless --allow-class names it. The result has no RNG "
-        "state: load it with load_checkpoint(..., restore_rng=False).",
+        "state: load it with load_checkpoint(..., restore_rng=False). A Trainer checkpoint-N folder becomes "
+        "ROOT/checkpoint-N with its RNG state and trainer_state.json, which safeckpt.hf.Trainer resumes.",
     )
-    p.add_argument("source", metavar="IN", help="torch.save file (.pt, .pth, .bin)")
+    p.add_argument("source", metavar="IN", help="torch.save file (.pt, .pth, .bin) or a Trainer checkpoint-N folder")
     p.add_argument("directory", metavar="ROOT", help="checkpoint root to write step-NNNNNNNN into")
     p.add_argument("--step", type=_step, default=None, help="step to record (default: the file's own step, else 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint of that step")
@@ -48,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.source):
+        return _run_trainer_folder(args)
     from ..convert import convert_torch_file
 
     try:
@@ -66,4 +74,22 @@ def run(args: argparse.Namespace) -> int:
         "note: the checkpoint has no RNG state (a torch.save file holds none safeckpt can restore); "
         "load it with load_checkpoint(..., restore_rng=False)"
     )
+    return EXIT_OK
+
+
+def _run_trainer_folder(args: argparse.Namespace) -> int:
+    """A stock ``transformers.Trainer`` ``checkpoint-N`` folder -> ``ROOT/checkpoint-N``."""
+    from ..integrations.hf_convert import import_hf_checkpoint
+
+    if args.step is not None or args.allow_classes:
+        raise CheckpointUsageError(
+            f"{args.source}: --step and --allow-class apply to torch.save files only; a Trainer folder "
+            "keeps its own step and is read with torch.load(weights_only=True) alone"
+        )
+    target = Path(args.directory) / Path(args.source).resolve().name
+    try:
+        path = import_hf_checkpoint(args.source, target, overwrite=args.overwrite)
+    except CheckpointExistsError:
+        raise CheckpointExistsError(f"{target}: already exists; pass --overwrite to replace it") from None
+    print(f"wrote {path} (read {args.source} with torch.load(weights_only=True))")
     return EXIT_OK

@@ -15,7 +15,10 @@ from ._common import EXIT_OK, add_command, add_quiet, progress
 
 __all__ = ["register", "run"]
 
-HELP = "write a checkpoint as one torch.save file (default) or the model as a plain safetensors file"
+HELP = (
+    "write a checkpoint as one torch.save file (default), the model as a plain safetensors file, or a "
+    "Hugging Face from_pretrained folder"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=f"{HELP[0].upper()}{HELP[1:]}. The checkpoint is verified first. --to torch "
         "writes {model, optimizer, scheduler, config, vocab, step, extra, metadata}, which "
         "`safeckpt convert` turns back into the same checkpoint (without RNG state); --to "
-        "safetensors writes the model weights for safetensors.torch.load_file.",
+        "safetensors writes the model weights for safetensors.torch.load_file; --to hf writes the folder "
+        "OUT (model.safetensors + config.json) for transformers' from_pretrained, when the checkpoint's "
+        "config is a transformers config.",
     )
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, its manifest.json, or a root (the newest)")
-    p.add_argument("target", metavar="OUT", help="file to write; refused if it exists, unless --overwrite")
+    p.add_argument("target", metavar="OUT", help="file (a folder with --to hf) to write; refused if it exists, unless --overwrite")
     p.add_argument("--to", choices=sorted(EXPORT_TARGETS), default="torch", help="output format (default: torch)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_quiet(p)
