@@ -21,7 +21,7 @@ import safeckpt
 from conftest import TinyLM, train_steps
 
 SRC = Path(safeckpt.__file__).parent
-NOT_LOAD_PATH = {"convert.py", "cli.py", "saver.py", "manager.py"}
+NOT_LOAD_PATH = {"convert.py", "hf_convert.py", "cli.py", "saver.py", "manager.py"}
 """Modules that may use torch.load (importing torch.save files, with weights_only=True) or are
 not imported by a load."""
 FORBIDDEN_MODULES = {"pickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"}

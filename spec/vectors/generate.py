@@ -160,10 +160,9 @@ def small_chunks() -> Iterator[None]:
     By default it adds them only to files of two or more 16 MiB chunks, and only where the
     process may use four cores; vectors must not depend on either.
     """
-    import safeckpt.storage.posix
+    from safeckpt.storage.tuning import TUNING
 
-    with mock.patch.object(safeckpt.storage.posix, "MIN_CORES_FOR_CHUNKS", 1), \
-            mock.patch.object(safeckpt.storage.posix, "MIN_CHUNK", 65536):
+    with mock.patch.object(TUNING, "min_cores_for_chunks", 1), mock.patch.object(TUNING, "min_chunk", 65536):
         yield
 
 

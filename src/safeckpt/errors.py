@@ -65,7 +65,9 @@ class CheckpointFallbackWarning(UserWarning):
 
 
 class MissingRNGStateWarning(UserWarning):
-    """Training resumes from a checkpoint without RNG state (``restore_rng=False`` was passed)."""
+    """Training resumes without (part of) the saved RNG state: a checkpoint saved with ``rng=False``,
+    a named generator that was saved but not passed to ``restore_rng=``, or NumPy's state when
+    NumPy is not installed."""
 
 
 def checkpoint_exists(

@@ -4,8 +4,10 @@ One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (see :mod:`saf
 
 * ``save`` writes a checkpoint through :func:`~safeckpt.save_checkpoint` (optionally in the
   background, at most one in flight) and only after it is committed applies retention: the
-  ``keep_last`` newest steps are kept, plus every step divisible by ``keep_every``, plus the
-  one just written.
+  ``keep_last`` newest steps are kept, plus the ``keep_best`` best by ``metric`` (stored in
+  each manifest's ``metadata["metrics"]``), plus every step divisible by ``keep_every``, plus
+  the one just written.
+* ``best`` picks the best checkpoint by ``metric`` that verifies.
 * ``latest`` / ``restore`` pick the newest checkpoint that verifies. When a newer one is
   incomplete or damaged they fall back to the previous one and say so, with a
   :class:`~safeckpt.errors.CheckpointFallbackWarning` and a log line, naming both checkpoints
@@ -26,17 +28,29 @@ import torch
 
 from .errors import (
     CheckpointCorruptedError,
+    CheckpointError,
     CheckpointFallbackWarning,
     CheckpointNotFoundError,
+    CheckpointUsageError,
     checkpoint_exists,
 )
 from .format.manifest import MANIFEST_NAME
 from .pipeline.verify import verify_checkpoint
+from .retention import (
+    attach_metrics,
+    best_steps,
+    check_best_policy,
+    check_policy,
+    metric_value,
+    rank_by_metric,
+    steps_to_keep,
+)
 from .storage.base import Location
 from .storage.locate import as_location, storage_for
 from .storage.posix_commit import step_dirname
 from .torch.loader import Checkpoint, load_checkpoint
 from .torch.saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
+from .torch.usage import check_extra
 
 __all__ = ["CheckpointManager"]
 
@@ -54,6 +68,15 @@ class _Returned:
         pass
 
 
+def _sharded_api(model: object) -> Any:
+    """``safeckpt.distributed.api`` when ``model`` is saved through DCP, else None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from .distributed import api
+
+    return api if api.handles_save(model) else None
+
+
 class CheckpointManager:
     """Save checkpoints of a training run into one folder and resume from the newest good one.
 
@@ -62,6 +85,11 @@ class CheckpointManager:
         keep_last: keep only this many newest checkpoints (None keeps all). Older ones are
             deleted only after a new checkpoint has been committed.
         keep_every: additionally keep forever every checkpoint whose step is a multiple of this.
+        keep_best: additionally keep the this many best checkpoints by ``metric`` (with
+            ``keep_last=None`` only these, the milestones and the newest are kept).
+        metric: name of the metric, passed to :meth:`save` as ``metrics={name: value}``, that
+            ranks checkpoints for ``keep_best`` and :meth:`best`.
+        mode: ``"min"`` (default: lower is better, e.g. a loss) or ``"max"`` (e.g. accuracy).
         async_save: ``save`` returns as soon as the state is copied and writes in the
             background, applying retention right after the commit; the next ``save``, ``wait``,
             ``restore``, ``latest`` or ``close`` waits for it and raises its error if any.
@@ -84,24 +112,38 @@ class CheckpointManager:
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
         async_save: bool = False,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"CheckpointManager: {name} must be a positive int or None, got {value!r}")
+        check_policy(keep_last=keep_last, keep_every=keep_every, caller="CheckpointManager")
+        check_best_policy(keep_best=keep_best, metric=metric, mode=mode, caller="CheckpointManager")
+        if keep_last == 1 and keep_best is None:
+            warnings.warn(
+                f"CheckpointManager({str(directory)!r}, keep_last=1): only the newest checkpoint is "
+                "kept, so if it is damaged (a crash mid-write of the storage, a bad disk) there is "
+                "nothing to fall back to; keep_last=2 costs one more checkpoint of disk",
+                UserWarning,
+                stacklevel=2,
+            )
         self.directory = as_location(directory)
         self.storage_options = dict(storage_options) if storage_options else None
         self._storage = storage_for(self.directory, self.storage_options)
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.keep_best = keep_best
+        self.metric = metric
+        self.mode = mode
         self.async_save = async_save
         self._pending: PendingSave | None = None
 
     def __repr__(self) -> str:
         return (
             f"CheckpointManager({str(self.directory)!r}, keep_last={self.keep_last}, "
-            f"keep_every={self.keep_every}, async_save={self.async_save})"
+            f"keep_every={self.keep_every}, keep_best={self.keep_best}, metric={self.metric!r}, "
+            f"mode={self.mode!r}, async_save={self.async_save})"
         )
 
     # -- listing -----------------------------------------------------------------------------
@@ -141,10 +183,38 @@ class CheckpointManager:
     def _verify(self, path: Location) -> object:
         return verify_checkpoint(path, storage_options=self.storage_options)
 
-    def _first_good(self, attempt: Callable[[Location], object]) -> Location | None:
-        """Try ``attempt(path)`` on each checkpoint, newest first; returns the first that succeeds."""
+    def best(self) -> Location | None:
+        """The best checkpoint by ``metric`` that verifies completely; None when no checkpoint
+        has the metric. A better one that is damaged is skipped with a
+        :class:`~safeckpt.errors.CheckpointFallbackWarning`, as in :meth:`latest`."""
+        if self.metric is None:
+            raise CheckpointUsageError(
+                f"{self.directory}: best() ranks checkpoints by a metric; create the manager with "
+                "metric='name' (and mode='min' or 'max') and save with metrics={'name': value}"
+            )
+        self.wait()
+        candidates = {step: (path, why) for step, path, why in self._candidates()}
+        values = {step: self._metric_of(path) if why is None else None for step, (path, why) in candidates.items()}
+        ranked = [(step, *candidates[step]) for step in rank_by_metric(values, mode=self.mode)]
+        return self._first_good(self._verify, ranked)
+
+    def _metric_of(self, path: Location) -> float | None:
+        """The checkpoint's ``metric`` from its manifest, or None (absent, or unreadable: then
+        :meth:`best` and retention treat it as unranked, and :meth:`latest` reports it)."""
+        try:
+            with self._storage.open(path) as folder:
+                metadata = folder.read_manifest().metadata
+        except CheckpointError:
+            return None
+        return metric_value(metadata.get("metrics"), self.metric) if self.metric is not None else None
+
+    def _first_good(
+        self, attempt: Callable[[Location], object], candidates: list[tuple[int, Location, str | None]] | None = None
+    ) -> Location | None:
+        """Try ``attempt(path)`` on each checkpoint (newest first, or ``candidates`` in their
+        order); returns the first that succeeds."""
         failures: list[tuple[Location, str]] = []
-        for _, path, known_bad in self._candidates():
+        for _, path, known_bad in self._candidates() if candidates is None else candidates:
             if known_bad is not None:
                 failures.append((path, known_bad))
                 continue
@@ -189,10 +259,14 @@ class CheckpointManager:
         metadata: Mapping[str, object] | None = None,
         rng: bool | Mapping[str, object] = True,
         overwrite: bool = False,
+        metrics: Mapping[str, object] | None = None,
     ) -> Location:
         """Save a checkpoint for ``step`` and apply retention once it is committed.
 
-        Arguments are those of :func:`~safeckpt.save_checkpoint`. A checkpoint already present
+        Arguments are those of :func:`~safeckpt.save_checkpoint`, plus ``metrics``: numbers by
+        name (e.g. ``{"val_loss": 0.31}``; tensors and NumPy scalars are converted, NaN and
+        infinities are stored as null and never rank best), stored in the manifest's
+        ``metadata["metrics"]``; required to hold ``metric`` when ``keep_best`` is set. A checkpoint already present
         for ``step`` raises :class:`~safeckpt.errors.CheckpointExistsError` unless
         ``overwrite=True`` - or unless it fails verification (e.g. the run was resumed from an
         earlier step because this one was damaged), in which case it is replaced.
@@ -201,9 +275,24 @@ class CheckpointManager:
             The checkpoint's folder. With ``async_save=True`` it is returned once the state has
             been copied, before the folder exists; :meth:`wait` returns when it does.
         """
+        metadata = attach_metrics(metadata, metrics, keep_best=self.keep_best, metric=self.metric)
         self.wait()
         if not overwrite:
             overwrite = self._replace_if_damaged(step)
+        sharded = _sharded_api(model)
+        if sharded is not None:  # FSDP2/DTensor/DDP in a job: every rank saves, the coordinator prunes
+            retain = sharded.is_coordinator(model)
+            result = sharded.save_checkpoint(
+                model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler, extra=extra,
+                metadata=metadata, rng=rng, overwrite=overwrite, async_=self.async_save,
+                on_commit=(lambda _: self._apply_retention(step)) if retain else None,
+            )  # fmt: skip
+            if not isinstance(result, PendingSave):
+                if retain:
+                    self._apply_retention(step)
+                return result
+            self._pending = result
+            return result.path
         if self.async_save:
             plan = plan_checkpoint(
                 model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
@@ -237,12 +326,20 @@ class CheckpointManager:
         )
 
     def _apply_retention(self, just_saved: int) -> None:
-        if self.keep_last is None:
+        if self.keep_last is None and self.keep_best is None:
             return
         committed = self._storage.list_checkpoints()
-        keep = {step for step, _ in committed[-self.keep_last :]} | {just_saved}
-        if self.keep_every is not None:
-            keep |= {step for step, _ in committed if step % self.keep_every == 0}
+        best = None
+        if self.keep_best is not None:
+            values = {step: self._metric_of(path) for step, path in committed}
+            best = best_steps(values, keep_best=self.keep_best, mode=self.mode)
+        keep = steps_to_keep(
+            [step for step, _ in committed],
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            protect={just_saved},
+            best=best,
+        )
         for step, path in committed:
             if step not in keep:
                 try:
@@ -256,7 +353,9 @@ class CheckpointManager:
                     logger.warning("%s", message)
                     warnings.warn(message, RuntimeWarning, stacklevel=2)
                     continue
-                logger.info("removed checkpoint %s (keep_last=%s)", path, self.keep_last)
+                logger.info(
+                    "removed checkpoint %s (keep_last=%s, keep_best=%s)", path, self.keep_last, self.keep_best
+                )
 
     def wait(self) -> None:
         """Block until a background save has committed (retention runs right after the commit,
@@ -312,6 +411,7 @@ class CheckpointManager:
             CheckpointMismatchError: the checkpoint does not fit the given objects.
         """
         self.wait()
+        check_extra("CheckpointManager.restore", extra)
         targets = {
             name: value if callable(getattr(value, "load_state_dict", None)) else _Returned()
             for name, value in (extra or {}).items()

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -110,6 +111,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         (100, ['embed.weight'])
     """
     folder = locate_checkpoint(path)
+    if isinstance(folder, Path) and (folder / "sharding.json").exists():  # format 1.2, sharded: assembled from its shards
+        from .distributed.numpy_shards import load_sharded
+
+        return load_sharded(folder, verify=verify)
     manifest, buffers = read_checkpoint_files(folder, verify=verify)
     source = str(folder / "model.safetensors")
     model_state, model_meta = arrays_from_buffer(buffers["model.safetensors"], source=source)

@@ -17,6 +17,7 @@ import { CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedFormatErr
 import { JsonError, JsonFloat, parseJson, plain, stringify } from "./json.mjs";
 import { decodeMsgpack, MsgFloat } from "./msgpack.mjs";
 import { parseArchive } from "./safetensors.mjs";
+import { checkSharding, MAX_SHARDING_BYTES, SHARDING_NAME } from "./sharding.mjs";
 
 export * from "./errors.mjs";
 export { Tensor } from "./safetensors.mjs";
@@ -178,7 +179,7 @@ export function readCheckpointFiles(folder, { verify = true } = {}) {
   const manifestPath = path.join(folder, MANIFEST_NAME);
   const raw = readRegular(manifestPath, { limit: LIMITS.MAX_MANIFEST_BYTES, missing: "missing; the checkpoint was never committed" });
   const manifest = parseManifest(raw, manifestPath);
-  if (!manifest.files.some((e) => e.name === "model.safetensors")) {
+  if (!manifest.files.some((e) => e.name === "model.safetensors" || e.name === SHARDING_NAME)) {
     throw new CheckpointCorruptedError(`${manifestPath}: does not list model.safetensors; the checkpoint is invalid`);
   }
   const buffers = new Map();
@@ -300,6 +301,7 @@ export const CANONICAL = {
 export function readCheckpoint(target, { verify = true } = {}) {
   const folder = locateCheckpoint(target);
   const { manifest, buffers } = readCheckpointFiles(folder, { verify });
+  if (buffers.has(SHARDING_NAME)) return readSharded(folder, manifest, buffers);
   const archives = new Map();
   const modelSource = path.join(folder, "model.safetensors");
   const { tensors, metadata } = archive(buffers.get("model.safetensors"), modelSource);
@@ -363,6 +365,36 @@ export function readCheckpoint(target, { verify = true } = {}) {
     canonicalTree: (name) => (name in documents
       ? walkTree(documents[name], { source: name, resolve: resolvers[name], build: CANONICAL })
       : null),
+  };
+}
+
+/**
+ * A sharded checkpoint (format 1.2), verified: {path, step, manifest, config, vocab, metadata,
+ * sharded: true, worldSize, tensors: [{key, dtype, shape, chunks}], archives: Map(shard -> Tensor[])}.
+ * The tensors are listed, not assembled.
+ */
+function readSharded(folder, manifest, buffers) {
+  const archives = new Map();
+  const shards = new Map();
+  for (const [name, bytes] of buffers) {
+    if (!name.endsWith(".safetensors")) continue;
+    const { tensors } = archive(bytes, path.join(folder, name));
+    archives.set(name, tensors);
+    shards.set(name, new Map(tensors.map((t) => [t.name, t])));
+  }
+  const source = path.join(folder, SHARDING_NAME);
+  const doc = jsonDocument(buffers.get(SHARDING_NAME), source, MAX_SHARDING_BYTES);
+  const tensors = checkSharding(plain(doc), { source, listed: new Set(manifest.files.map((e) => e.name)), shards });
+  const typed = {};
+  for (const name of ["config", "vocab"]) {
+    const file = `${name}.json`;
+    typed[name] = buffers.has(file) ? jsonDocument(buffers.get(file), path.join(folder, file)) : null;
+  }
+  return {
+    path: folder, step: normalInt(manifest.step), manifest, config: plain(typed.config), vocab: plain(typed.vocab),
+    typedConfig: typed.config, typedVocab: typed.vocab, metadata: manifest.metadata, sharded: true,
+    worldSize: Number(plain(doc).world_size), tensors,
+    archives: new Map([...archives].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))),
   };
 }
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from ..errors import CheckpointCorruptedError
+from ..errors import CheckpointCorruptedError, CheckpointUsageError
 from ..format.documents import load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.tree import decode_document
@@ -74,6 +75,18 @@ def locate_checkpoint(path: str | os.PathLike[str] | Location, *, storage_option
     return storage_for(location, storage_options).locate(location)
 
 
+def locate_local(path: str | os.PathLike[str] | Location) -> Path:
+    """:func:`locate_checkpoint` for callers that work on local folders only (sharded
+    checkpoints, the framework integrations, the command line's file commands)."""
+    found = locate_checkpoint(path)
+    if not isinstance(found, Path):
+        raise CheckpointUsageError(
+            f"{found}: this operation works on local checkpoint folders only, not object-store URLs; "
+            "copy the checkpoint to a local folder first"
+        )
+    return found
+
+
 def read_checkpoint_files(
     folder: Location, *, verify: bool = True, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[Manifest, dict[str, memoryview]]:
@@ -97,7 +110,7 @@ def audit_checkpoint_files(folder: Location, *, storage_options: Mapping[str, An
 
 
 def _checked(manifest: Manifest, folder: Location) -> Manifest:
-    if manifest.file("model.safetensors") is None:
+    if manifest.file("model.safetensors") is None and manifest.file("sharding.json") is None:  # 1.2: sharded
         raise CheckpointCorruptedError(
             f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
         )

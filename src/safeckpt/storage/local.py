@@ -10,6 +10,7 @@ is refused).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -91,6 +92,8 @@ class LocalFolder:
         self._fd = -1
         self._data_fd = -1
         self._data = self.folder
+        self._manifest_read = False
+        self._lock = threading.Lock()
 
     def __enter__(self) -> LocalFolder:
         try:
@@ -119,7 +122,8 @@ class LocalFolder:
             missing="missing; the checkpoint was never committed, load an earlier one",
         )
         manifest = Manifest.from_json_bytes(bytes(raw), source=source)
-        if manifest.objects:  # an object-store checkpoint copied to disk: files in a sub-folder
+        self._manifest_read = True
+        if manifest.objects and self._data_fd < 0:  # an object-store checkpoint copied to disk
             self._data = self.folder / manifest.objects
             try:
                 self._data_fd = os.open(
@@ -133,12 +137,17 @@ class LocalFolder:
         return manifest
 
     def _files_fd(self) -> int:
+        with self._lock:
+            if not self._manifest_read:  # where the files are depends on the manifest ("objects")
+                self.read_manifest()
         return self._data_fd if self._data_fd >= 0 else self._fd
 
     def read_files(self, entries: Sequence[FileEntry], *, verify: bool = True) -> dict[str, memoryview]:
         """Every file, checked against its entry (see :func:`safeckpt.storage.posix.read_files`)."""
-        return read_files(self._files_fd(), entries, folder=self._data, verify=verify)
+        fd = self._files_fd()
+        return read_files(fd, entries, folder=self._data, verify=verify)
 
     def audit(self, entries: Iterable[FileEntry]) -> None:
         """Every file's size and digests, streamed (see :func:`safeckpt.storage.posix.audit_files`)."""
-        audit_files(self._files_fd(), entries, folder=self._data)
+        fd = self._files_fd()
+        audit_files(fd, entries, folder=self._data)

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import logging
 import secrets
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -230,7 +231,9 @@ class ObjectFolder:
 
     def __init__(self, fs: Any, location: ObjectPath) -> None:
         self.fs, self.location = fs, location
-        self._objects = location
+        self._objects: ObjectPath | None = None
+        self._lock = threading.Lock()
+        """Where the files are: known once the manifest is read (its ``objects`` prefix)."""
 
     def __enter__(self) -> ObjectFolder:
         return self
@@ -254,14 +257,23 @@ class ObjectFolder:
         self._objects = self.location / manifest.objects if manifest.objects else self.location
         return manifest
 
+    def _files_at(self) -> ObjectPath:
+        with self._lock:
+            if self._objects is None:  # a caller that read the manifest elsewhere: read it here too
+                self.read_manifest()
+        assert self._objects is not None
+        return self._objects
+
     def read_files(self, entries: Sequence[FileEntry], *, verify: bool = True) -> dict[str, memoryview]:
+        objects = self._files_at()
         ordered = sorted(entries, key=lambda e: -e.size)
         with ThreadPoolExecutor(REMOTE.transfers, thread_name_prefix="safeckpt-download") as pool:
             return {
-                e.name: download_object(self.fs, str(self._objects / e.name), e, verify=verify, pool=pool)
+                e.name: download_object(self.fs, str(objects / e.name), e, verify=verify, pool=pool)
                 for e in ordered
             }
 
     def audit(self, entries: Iterable[FileEntry]) -> None:
-        jobs = [(lambda e=e: audit_object(self.fs, str(self._objects / e.name), e)) for e in entries]
+        objects = self._files_at()
+        jobs = [(lambda e=e: audit_object(self.fs, str(objects / e.name), e)) for e in entries]
         in_parallel(jobs, REMOTE.transfers, name="safeckpt-verify")

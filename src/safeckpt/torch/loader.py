@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -25,9 +27,11 @@ from ..errors import (
 from ..format.documents import load_json
 from ..pipeline.read import CheckpointContents, decode_tree, locate_checkpoint, read_checkpoint_files
 from ..storage.base import Buffer, Location
+from .fit import check_model
 from .rng import restore_rng as restore_rng_state
-from .state import ALIASES_KEY, check_model, check_optimizer, restore_types
+from .state import ALIASES_KEY, check_optimizer, restore_types
 from .tensors import tensors_from_buffer
+from .usage import check_extra, check_load_arguments
 
 __all__ = ["Checkpoint", "load_checkpoint", "locate_checkpoint", "read_checkpoint_files"]
 
@@ -38,8 +42,15 @@ _MISSING_RNG = (
 )
 
 
+@dataclass(repr=False)
 class Checkpoint(CheckpointContents[torch.Tensor]):
-    """Everything a checkpoint holds, as returned by :func:`load_checkpoint`."""
+    """Everything a checkpoint holds, as returned by :func:`load_checkpoint`.
+
+    ``missing_keys`` / ``unexpected_keys`` are what a ``strict=False`` load into ``model=``
+    skipped (canonical names, as in torch's ``load_state_dict``); empty otherwise."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
 
 
 def _decode_tree(
@@ -119,7 +130,19 @@ def load_checkpoint(
         >>> ckpt.step  # doctest: +SKIP
         100
     """
+    check_load_arguments(model, optimizer, scheduler)
+    check_extra("load_checkpoint", extra)
     folder = locate_checkpoint(path, storage_options=storage_options)
+    if isinstance(folder, Path) and (
+        (folder / "sharding.json").is_file() or (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ):  # sharded checkpoints and FSDP2/DTensor/DDP models: local folders only
+        from ..distributed import api as sharded  # sharded checkpoints, FSDP2/DTensor/DDP models
+
+        if sharded.handles_load(cast("str", path), model):
+            return sharded.load_checkpoint(
+                cast("str", path), model, optimizer, scheduler=scheduler, extra=extra, strict=strict, verify=verify,
+                restore_rng=restore_rng,
+            )  # fmt: skip
     manifest, buffers = read_checkpoint_files(folder, verify=verify, storage_options=storage_options)
     device = map_location
     model_state = _model_state(buffers, folder, device)
@@ -137,8 +160,7 @@ def load_checkpoint(
     extra_state = trees["extra"] if isinstance(trees["extra"], dict) else {}
 
     # Check every target before copying into any of them.
-    if model is not None:
-        check_model(model, model_state, strict=strict, source=str(folder))
+    fit = None if model is None else check_model(model, model_state, strict=strict, source=str(folder))
     if optimizer is not None:
         if trees["optimizer"] is None:
             raise CheckpointMismatchError(f"{folder}: has no optimizer state; load without optimizer=")
@@ -162,8 +184,8 @@ def load_checkpoint(
             stacklevel=2,
         )
 
-    if model is not None:
-        model.load_state_dict(model_state, strict=strict)
+    if model is not None and fit is not None:
+        model.load_state_dict(fit.state, strict=strict)
     if optimizer is not None:
         _restore_in_place(optimizer, trees["optimizer"], f"{folder}: optimizer")
     if scheduler is not None:
@@ -186,6 +208,8 @@ def load_checkpoint(
         manifest=manifest,
         scheduler_state=trees["scheduler"],
         rng_state=trees["rng"],
+        missing_keys=[] if fit is None else fit.missing_keys,
+        unexpected_keys=[] if fit is None else fit.unexpected_keys,
     )
 
 

@@ -17,7 +17,12 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
+from ..errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointMismatchError,
+    MissingRNGStateWarning,
+)
 
 __all__ = ["capture_rng", "restore_rng"]
 
@@ -83,6 +88,33 @@ def restore_rng(
             f"{source}: RNG state is malformed ({type(exc).__name__}: {str(exc)[:200]}); the "
             "checkpoint is damaged, or pass restore_rng=False to load it without the RNG state"
         ) from None
+    _warn_unrestored(state, generators, source)
+
+
+def _warn_unrestored(state: object, generators: Mapping[str, Generator] | None, source: str) -> None:
+    """Say which saved generators this restore left alone: named ones nobody passed, and NumPy's
+    global one when NumPy is not installed here (a missing package, not a damaged checkpoint)."""
+    if not isinstance(state, dict):
+        return
+    saved = state.get("generators")
+    left = sorted(set(saved) - set(generators or {})) if isinstance(saved, dict) else []
+    if left:
+        passing = ", ".join(f"{name!r}: gen" for name in left)
+        warnings.warn(
+            f"{source}: the checkpoint has RNG state for generator(s) {', '.join(map(repr, left))}, "
+            f"which were not restored; pass restore_rng={{{passing}}} to restore them (or "
+            "restore_rng=False to restore no RNG state), else the resumed run draws different numbers",
+            MissingRNGStateWarning,
+            stacklevel=4,
+        )
+    if "numpy" in state and _numpy() is None:
+        warnings.warn(
+            f"{source}: the checkpoint has NumPy's global RNG state, but the numpy package is not "
+            "installed here, so it was not restored (the checkpoint is fine); install numpy if the "
+            "resumed run draws from numpy.random",
+            MissingRNGStateWarning,
+            stacklevel=4,
+        )
 
 
 def _numpy() -> types.ModuleType | None:

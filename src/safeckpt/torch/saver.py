@@ -12,10 +12,12 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from pathlib import Path
+from typing import Any, Literal, cast, overload
 
 import torch
 
+from ..configs import config_metadata, config_to_json
 from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
 from ..format.documents import dump_json, dump_msgpack
 from ..format.manifest import build as build_manifest
@@ -25,8 +27,9 @@ from ..storage.locate import as_location, storage_for
 from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .rng import capture_rng
-from .state import ALIASES_KEY, config_to_json, model_archive, state_of, vocab_to_json
+from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
 from .tensors import TensorCollector, archive_parts
+from .usage import check_extra, check_save_arguments
 
 __all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint", "write_checkpoint_async"]
 
@@ -101,6 +104,8 @@ def plan_checkpoint(
     rng: bool | Mapping[str, object] = True,
 ) -> CheckpointPlan:
     """Validate and encode everything :func:`save_checkpoint` will write; writes nothing."""
+    check_save_arguments(model, optimizer, scheduler)
+    check_extra("save_checkpoint", extra)
     plan = CheckpointPlan(step=_check_step(step), metadata={})
     if metadata is not None:
         plan.metadata = dict(_as_json_object(metadata, "metadata"))
@@ -136,6 +141,7 @@ def plan_checkpoint(
         plan.documents[f"{name}.msgpack"] = dump_msgpack(document)
     if config is not None:
         plan.documents["config.json"] = dump_json(config_to_json(config), source="config")
+        plan.metadata = {**config_metadata(config), **plan.metadata}
     if vocab is not None:
         plan.documents["vocab.json"] = dump_json(vocab_to_json(vocab), source="vocab")
     return plan
@@ -288,6 +294,21 @@ def save_checkpoint(
         >>> path.name  # doctest: +SKIP
         'step-00000100'
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from ..distributed import api as sharded  # FSDP2/DTensor/DDP models go through DCP
+
+        if sharded.handles_save(model):
+            remote = [x for x in (directory, path) if x is not None and not isinstance(as_location(x), Path)]
+            if remote or storage_options:
+                raise CheckpointUsageError(
+                    f"{remote[0] if remote else 'storage_options'}: sharded (FSDP2/DTensor/DDP) saves write "
+                    "local folders only; save to a local path, or copy the checkpoint afterwards"
+                )
+            return sharded.save_checkpoint(
+                model, optimizer, config, vocab, step, directory=cast("str | None", directory),
+                path=cast("str | None", path), scheduler=scheduler,
+                extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, async_=async_,
+            )  # fmt: skip
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
     )

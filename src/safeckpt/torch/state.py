@@ -7,8 +7,6 @@ half-restored.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import os
 from collections import Counter
@@ -19,12 +17,11 @@ import torch
 from ..errors import CheckpointMismatchError, UnsupportedValueError
 from ..format import limits
 from ..format.tree import key_path
+from .names import canonical_names
 from .tensors import TensorCollector
 
 __all__ = [
-    "check_model",
     "check_optimizer",
-    "config_to_json",
     "model_archive",
     "restore_types",
     "state_of",
@@ -36,9 +33,13 @@ ALIASES_KEY = "safeckpt.aliases"
 
 
 def model_archive(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[TensorCollector, dict[str, str]]:
-    """Collect a model's state dict; tied tensors are stored once and their aliases returned."""
+    """Collect a model's state dict under canonical names (without the ``module.`` /
+    ``_orig_mod.`` of DDP, DataParallel or ``torch.compile``, see :mod:`.names`); tied tensors
+    are stored once and their aliases returned."""
     if isinstance(model, torch.nn.Module):
-        state: Mapping[str, object] = model.state_dict()
+        own = model.state_dict()
+        names = canonical_names(model, own)
+        state: Mapping[str, object] = {names[key]: value for key, value in own.items()}
     elif isinstance(model, Mapping):
         state = model
     else:
@@ -116,19 +117,6 @@ def _json_plain(value: object, path: tuple[object, ...], label: str) -> object:
     )
 
 
-def config_to_json(config: object) -> object:
-    """A dict, dataclass or argparse Namespace as a JSON-compatible dict (tuples become lists)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    elif isinstance(config, argparse.Namespace):
-        config = vars(config)
-    if not isinstance(config, Mapping):
-        raise UnsupportedValueError(
-            f"config: expected a dict, dataclass or argparse.Namespace, got {type(config).__qualname__}"
-        )
-    return _json_plain(config, (), "config")
-
-
 def vocab_to_json(vocab: object) -> object:
     """A token list or a token->id dict, as JSON."""
     if not isinstance(vocab, (list, tuple, Mapping)):
@@ -136,36 +124,6 @@ def vocab_to_json(vocab: object) -> object:
             f"vocab: expected a list of tokens or a dict, got {type(vocab).__qualname__}"
         )
     return _json_plain(vocab, (), "vocab")
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-
-
-def check_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool, source: str) -> None:
-    """Raise :class:`CheckpointMismatchError` listing every key, shape or dtype that does not fit."""
-    expected = model.state_dict()
-    problems = []
-    if strict:
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if missing:
-            problems.append(f"missing keys: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    for key, tensor in state.items():
-        target = expected.get(key)
-        if target is None:
-            continue
-        if target.shape != tensor.shape or (strict and target.dtype != tensor.dtype):
-            problems.append(f"{key}: checkpoint has {_describe(tensor)}, model has {_describe(target)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"{source}: checkpoint does not fit {type(model).__qualname__}: "
-            + "; ".join(problems)
-            + ". Build the model with the configuration it was saved with"
-            + (", or pass strict=False to load the keys that match" if strict else "")
-        )
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, source: str) -> None:

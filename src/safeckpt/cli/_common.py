@@ -1,0 +1,167 @@
+"""What every command shares: exit codes, JSON and table output, progress bars, and naming a
+file that is not a checkpoint. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+__all__ = [
+    "EXIT_CODES_HELP",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Progress",
+    "add_command",
+    "add_json",
+    "add_quiet",
+    "describe_file",
+    "emit_json",
+    "finite",
+    "human_size",
+    "iso_time",
+    "progress",
+    "stderr_note",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""A checkpoint failed verification or could not be read or written, or ``diff`` found a
+difference beyond the tolerance."""
+EXIT_USAGE = 2
+"""Bad command line (argparse's convention)."""
+
+EXIT_CODES_HELP = """exit status:
+  0  success (every checkpoint verified; diff: within tolerance)
+  1  a checkpoint failed verification, could not be read or written, or
+     diff found differences beyond --atol/--rtol
+  2  usage error (unknown command, bad option)"""
+
+
+class Progress(Protocol):
+    """The part of ``tqdm`` the commands use."""
+
+    def update(self, n: float = 1) -> object: ...
+
+
+class _NoProgress:
+    def update(self, n: float = 1) -> object:
+        return None
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the exit codes as its epilog."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description, epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    return parser
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="no progress bar (bars are shown only when stderr is a terminal and tqdm is installed)",
+    )  # fmt: skip
+
+
+@contextmanager
+def progress(total: int, description: str, *, quiet: bool, unit: str = "B") -> Iterator[Progress]:
+    """A tqdm bar on stderr when it is a terminal, ``quiet`` is off and tqdm is installed;
+    otherwise an object whose ``update`` does nothing (tqdm is an optional dependency)."""
+    if quiet or not _is_terminal():
+        yield _NoProgress()
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield _NoProgress()
+        return
+    bar = tqdm(total=total, desc=description, unit=unit, unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
+def emit_json(document: object) -> None:
+    """Print ``document`` as JSON (strict: no NaN or Infinity)."""
+    print(json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False))
+
+
+def human_size(size: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+def iso_time(timestamp: float) -> str:
+    """A POSIX timestamp as ISO 8601 UTC, like the manifest's ``created``."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def finite(value: float) -> float | None:
+    """``value`` for JSON: infinity and NaN become None (JSON has no such numbers)."""
+    return value if math.isfinite(value) else None
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def describe_file(path: Path) -> str | None:
+    """What a regular file that is not a checkpoint looks like, with what to do; None when
+    ``path`` is not a regular file or is a ``manifest.json`` (those are for the readers)."""
+    if path.name == "manifest.json" or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror})"
+    convert = f"convert it with: safeckpt convert {path} CHECKPOINT_ROOT"
+    if head.startswith(_ZIP_MAGIC):
+        return (
+            f"{path}: is a torch.save file (a zip archive holding a pickle), not a safeckpt "
+            f"checkpoint; {convert}"
+        )
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return f"{path}: is a pickle file (perhaps a legacy torch.save file), not a safeckpt checkpoint; {convert}"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return (
+            f"{path}: looks like a safetensors file, not a safeckpt checkpoint; a checkpoint is "
+            f"the folder holding manifest.json{_parent_hint(path)}"
+        )
+    return f"{path}: is a file, not a safeckpt checkpoint (a folder holding manifest.json, or a root of step-* folders)"
+
+
+def _parent_hint(path: Path) -> str:
+    return f" (try {path.parent})" if (path.parent / "manifest.json").is_file() else ""
+
+
+def stderr_note(message: str, *, quiet: bool = False) -> None:
+    """A line for the person at the terminal (not part of the command's output)."""
+    if not quiet:
+        print(message, file=sys.stderr)

@@ -1,0 +1,60 @@
+"""``safeckpt export CKPT OUT --to {torch,safetensors}``: write a verified checkpoint in a format
+other tools read (see :mod:`safeckpt.export`; new targets are one line of ``EXPORT_TARGETS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import CheckpointExistsError
+from ..export import EXPORT_TARGETS
+from . import _files
+from ._common import EXIT_OK, add_command, add_quiet, progress
+
+__all__ = ["register", "run"]
+
+HELP = (
+    "write a checkpoint as one torch.save file (default), the model as a plain safetensors file, or a "
+    "Hugging Face from_pretrained folder"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
+        "export",
+        help=HELP,
+        description=f"{HELP[0].upper()}{HELP[1:]}. The checkpoint is verified first. --to torch "
+        "writes {model, optimizer, scheduler, config, vocab, step, extra, metadata}, which "
+        "`safeckpt convert` turns back into the same checkpoint (without RNG state); --to "
+        "safetensors writes the model weights for safetensors.torch.load_file; --to hf writes the folder "
+        "OUT (model.safetensors + config.json) for transformers' from_pretrained, when the checkpoint's "
+        "config is a transformers config.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, its manifest.json, or a root (the newest)")
+    p.add_argument("target", metavar="OUT", help="file (a folder with --to hf) to write; refused if it exists, unless --overwrite")
+    p.add_argument("--to", choices=sorted(EXPORT_TARGETS), default="torch", help="output format (default: torch)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_checkpoint
+    from . import _trees
+
+    target = Path(args.target)
+    if not args.overwrite and os.path.lexists(target):
+        raise CheckpointExistsError(f"{target}: already exists; pass --overwrite to replace it")
+    folder = _files.locate(args.checkpoint)
+    manifest = _files.read_manifest(folder)
+    with progress(sum(e.size for e in manifest.files), f"read {folder.name}", quiet=args.quiet) as bar:
+        checkpoint = _trees.load(folder, manifest, done=bar.update)
+    try:
+        written = export_checkpoint(checkpoint, target, to=args.to, overwrite=args.overwrite)
+    except CheckpointExistsError:
+        raise CheckpointExistsError(f"{target}: already exists; pass --overwrite to replace it") from None
+    print(f"wrote {written} ({args.to}, step {checkpoint.step}, from {folder})")
+    return EXIT_OK

@@ -1,0 +1,13 @@
+"""PyTorch Lightning integration (needs ``pip install safeckpt[lightning]``).
+
+Example:
+    >>> from safeckpt.lightning import SafeckptIO  # doctest: +SKIP
+    >>> trainer = lightning.pytorch.Trainer(plugins=[SafeckptIO()])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .integrations.lightning import SafeckptIO as SafeckptIO
+from .integrations.lightning import load_from_checkpoint as load_from_checkpoint
+
+__all__ = ["SafeckptIO", "load_from_checkpoint"]

@@ -1,0 +1,63 @@
+"""Start N ranks of a scenario in ``dist_workers.py`` as separate processes (gloo on CPU).
+
+Each rank writes ``out/rank-R.json``: the result of every check it ran, so one group of
+processes can serve many tests. A rank that crashes leaves its stderr in ``out/rank-R.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORKERS = Path(__file__).with_name("dist_workers.py")
+TIMEOUT = 600
+"""Seconds a group may take before the test fails (a hang, not a slow machine)."""
+
+
+def start(scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = None) -> list[subprocess.Popen[bytes]]:
+    """Start ranks ``0..world-1`` of ``scenario``; files go under ``tmp``."""
+    out = tmp / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    init = tmp / "init"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    procs = []
+    for rank in range(world):
+        log = open(out / f"rank-{rank}.log", "wb")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKERS), scenario, str(rank), str(world), str(init), str(tmp)],
+                stdout=log, stderr=subprocess.STDOUT, env=environment,
+            )
+        )
+        log.close()
+    return procs
+
+
+def run(scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = None) -> dict[int, dict[str, str]]:
+    """Run a scenario to the end; returns each rank's check results (``"ok"`` or what failed)."""
+    procs = start(scenario, world, tmp, env=env)
+    try:
+        for proc in procs:
+            proc.wait(TIMEOUT)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results(tmp, world)
+
+
+def results(tmp: Path, world: int) -> dict[int, dict[str, str]]:
+    found = {}
+    for rank in range(world):
+        path = tmp / "out" / f"rank-{rank}.json"
+        found[rank] = json.loads(path.read_text()) if path.exists() else {}
+    return found
+
+
+def log(tmp: Path, rank: int) -> str:
+    path = tmp / "out" / f"rank-{rank}.log"
+    return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"

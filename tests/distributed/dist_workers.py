@@ -1,0 +1,448 @@
+"""One rank of a multi-process scenario (started by ``dist_harness``): ``main`` and ``sigkill``.
+
+Usage: ``python dist_workers.py SCENARIO RANK WORLD INIT_FILE TMP``. Every check records
+``"ok"`` or the failure in ``TMP/out/rank-RANK.json``; the tests assert on those records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import shutil
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import safeckpt
+from safeckpt import distributed as sd
+
+RESULTS: dict[str, str] = {}
+RANK = int(sys.argv[2])
+OUT = Path(sys.argv[5]) / "out"
+
+
+def record(name: str, value: str) -> None:
+    RESULTS[name] = value
+    (OUT / f"rank-{RANK}.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+@contextlib.contextmanager
+def check(name: str) -> Iterator[None]:
+    """Record ``name`` as ok, or as the failure (the scenario goes on with the next check)."""
+    try:
+        yield
+    except Exception as exc:  # recorded for the test to show
+        record(name, f"FAIL {type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}")
+    else:
+        record(name, "ok")
+
+
+class Position:
+    """A data position object with state_dict/load_state_dict, different on every rank."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.order = (offset, offset + 1)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"offset": self.offset, "order": self.order}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.offset = state["offset"]  # type: ignore[assignment]
+        self.order = state["order"]  # type: ignore[assignment]
+
+
+def build(mesh: DeviceMesh | None, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    """An MLP whose layers shard unevenly on 3 and 4 ranks (7 rows, 3 rows), AdamW, StepLR."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    if mesh is not None:
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5)
+    return model, optimizer, scheduler
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        batch = torch.randn(4, 5, generator=torch.Generator().manual_seed(100 + step))
+        loss = model(batch).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()  # type: ignore[attr-defined]
+        losses.append(loss.item())
+    return losses
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Model and optimizer state as full tensors (gathered from every rank), flat names."""
+    options = StateDictOptions(full_state_dict=True)
+    flat = {f"model.{k}": v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
+    osd = get_optimizer_state_dict(model, optimizer, options=options)
+    for fqn, state in osd["state"].items():
+        for key, value in state.items():
+            flat[f"optim.{fqn}.{key}"] = torch.as_tensor(value).detach().clone()
+    for index, group in enumerate(osd["param_groups"]):
+        flat[f"lr.{index}"] = torch.tensor(group["lr"], dtype=torch.float64)
+    return flat
+
+
+def same_as_reference(state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import load_file
+
+    reference = load_file(str(OUT / "reference.safetensors"))
+    assert set(state) == set(reference), sorted(set(state) ^ set(reference))
+    for key, value in reference.items():
+        assert torch.equal(state[key], value), key
+
+
+def local_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.to_local().clone() if hasattr(p, "to_local") else p.detach().clone() for p in model.parameters()]
+
+
+def expect(error: type[BaseException], run: Callable[[], object], *fragments: str) -> BaseException:
+    """``run()`` raises ``error`` (never a bare BaseException) whose message holds ``fragments``."""
+    try:
+        run()
+    except error as exc:
+        for fragment in fragments:
+            assert fragment in str(exc), (fragment, str(exc))
+        return exc
+    except BaseException as exc:
+        raise AssertionError(f"expected {error.__name__}, got {type(exc).__name__}: {exc}") from exc
+    raise AssertionError(f"expected {error.__name__}, nothing was raised")
+
+
+def flip_byte(path: Path, offset: int = -5) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def main(rank: int, world: int, tmp: Path) -> None:
+    g2 = dist.new_group([0, 1])
+    g3 = dist.new_group([0, 1, 2])
+    root = tmp / "run"
+    cfg, vocab = {"lr": 0.01, "dims": (5, 7, 3)}, ["<pad>", "a"]
+
+    if rank < 2:
+        mesh2 = DeviceMesh.from_group(g2, "cpu")
+        model, opt, sched = build(mesh2)
+        train(model, opt, sched, range(3))
+        torch.manual_seed(1000 + rank)  # a different RNG stream on every rank
+        with check("save_world_2"):
+            path = safeckpt.save_checkpoint(
+                model, opt, cfg, vocab, 3, directory=root, scheduler=sched, extra={"data": Position(10 + rank)}
+            )
+            assert path == root / "step-00000003" and (path / "manifest.json").is_file()
+        after_save_draws = torch.rand(3)
+        reference = full_state(model, opt)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(reference, str(OUT / "reference.safetensors"))
+        reference_losses = train(model, opt, sched, range(3, 6))
+        dist.barrier(g2)
+        with check("resume_same_world_bit_identical"):
+            model2, opt2, sched2 = build(mesh2, seed=7)
+            position = Position(-1)
+            ckpt = safeckpt.load_checkpoint(root, model=model2, optimizer=opt2, scheduler=sched2, extra={"data": position})
+            assert torch.equal(torch.rand(3), after_save_draws), "RNG of this rank not restored"
+            assert position.offset == 10 + rank and position.order == (10 + rank, 11 + rank), position.state_dict()
+            assert (ckpt.step, ckpt.config, ckpt.vocab) == (3, {"lr": 0.01, "dims": [5, 7, 3]}, vocab)
+            assert train(model2, opt2, sched2, range(3, 6)) == reference_losses
+    dist.barrier()
+
+    for size, group in ((3, g3), (4, None)):
+        if rank < size:
+            mesh = DeviceMesh.from_group(group or dist.group.WORLD, "cpu")  # type: ignore[arg-type]
+            model, opt, sched = build(mesh, seed=5)
+            before = local_params(model)
+            with check(f"load_world_{size}_refuses_rng"):
+                expect(
+                    safeckpt.CheckpointMismatchError,
+                    lambda: safeckpt.load_checkpoint(root, model=model, optimizer=opt, scheduler=sched),
+                    "saved on 2 rank(s)", f"loaded on {size}", "restore_rng=False",
+                )
+                assert all(torch.equal(a, b) for a, b in zip(before, local_params(model), strict=True))
+            with check(f"load_world_{size}_equals_reference"):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    safeckpt.load_checkpoint(root, model=model, optimizer=opt, scheduler=sched, restore_rng=False)
+                assert any(issubclass(w.category, safeckpt.MissingRNGStateWarning) for w in caught)
+                same_as_reference(full_state(model, opt))
+                assert sched.state_dict()["last_epoch"] == 3  # type: ignore[attr-defined]
+        dist.barrier()
+
+    single = tmp / "single"
+    if rank == 0:
+        with check("consolidate"):
+            sd.consolidate(root / "step-00000003", single)
+            assert safeckpt.verify_checkpoint(single / "step-00000003").step == 3
+    dist.barrier()
+    with check("single_process_checkpoint_into_fsdp2_world_4"):
+        mesh4 = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # type: ignore[arg-type]
+        model, opt, sched = build(mesh4, seed=9)
+        safeckpt.load_checkpoint(single, model=model, optimizer=opt, scheduler=sched, restore_rng=False)
+        same_as_reference(full_state(model, opt))
+    dist.barrier()
+    if rank < 2:
+        failures(rank, tmp, root, g2)
+    dist.barrier()
+
+
+def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
+    mesh2 = DeviceMesh.from_group(g2, "cpu")
+    bad = tmp / "bad"
+    target = bad / "step-00000003"
+    for name, damage, file in (
+        ("flipped_byte", lambda: flip_byte(target / "shard-00001.safetensors"), "shard-00001.safetensors"),
+        ("truncated_shard", lambda: os.truncate(target / "shard-00000.safetensors", 100), "shard-00000.safetensors"),
+        ("damaged_sharding_json", lambda: flip_byte(target / "sharding.json", 40), "sharding.json"),
+    ):
+        if rank == 0:
+            shutil.rmtree(bad, ignore_errors=True)
+            shutil.copytree(root, bad)
+            damage()
+        dist.barrier(g2)
+        with check(f"corrupt_{name}_every_rank_raises_before_restoring"):
+            model, opt, sched = build(mesh2, seed=3)
+            before = local_params(model)
+            expect(
+                safeckpt.CheckpointCorruptedError,
+                lambda: safeckpt.load_checkpoint(bad, model=model, optimizer=opt),
+                file, "rank",
+            )
+            assert all(torch.equal(a, b) for a, b in zip(before, local_params(model), strict=True))
+        dist.barrier(g2)
+
+    model, opt, sched = build(mesh2)
+    train(model, opt, sched, range(1))
+    with check("failed_rank_leaves_nothing"):
+        from safeckpt.distributed import writer
+
+        real = writer.write_file
+
+        def full_disk(*args: object, **kwargs: object) -> object:
+            if rank == 1:
+                raise OSError(errno.ENOSPC, "No space left on device", "shard")
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        writer.write_file = full_disk  # type: ignore[assignment]
+        try:
+            expect(
+                safeckpt.CheckpointWriteError,
+                lambda: safeckpt.save_checkpoint(model, opt, None, None, 7, directory=root),
+                "rank 1", "disk is full",
+            )
+        finally:
+            writer.write_file = real
+        dist.barrier(g2)
+        assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".safeckpt")) == ["step-00000003"]
+
+    with check("async_manager_commits_and_prunes"):
+        manager = safeckpt.CheckpointManager(tmp / "async", keep_last=2, async_save=True)
+        for step in (1, 2, 3):
+            train(model, opt, sched, range(step, step + 1))
+            manager.save(step, model=model, optimizer=opt, scheduler=sched)
+        manager.wait()
+        dist.barrier(g2)
+        assert manager.steps() == [2, 3], manager.steps()
+        restored, ropt, rsched = build(mesh2, seed=4)
+        ckpt = manager.restore(model=restored, optimizer=ropt, scheduler=rsched)
+        assert ckpt is not None and ckpt.step == 3
+    with check("async_error_raised_by_next_call"):
+        from safeckpt.distributed import writer as writer_module
+
+        real_finish = writer_module.Writer.finish
+
+        def failing_finish(self: object, *args: object, **kwargs: object) -> None:
+            raise OSError(errno.EIO, "Input/output error", "manifest.json")
+
+        writer_module.Writer.finish = failing_finish  # type: ignore[assignment,method-assign]
+        try:
+            manager.save(4, model=model, optimizer=opt)
+            with contextlib.suppress(BaseException):
+                manager._pending._thread.join()  # type: ignore[union-attr]
+        finally:
+            writer_module.Writer.finish = real_finish  # type: ignore[method-assign]
+        expect(safeckpt.CheckpointWriteError, lambda: manager.save(5, model=model, optimizer=opt), "rank 0", "Input/output error", "manifest.json")
+        dist.barrier(g2)
+        assert 4 not in manager.steps()
+
+    with check("ddp_roundtrip_written_once"):
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3), process_group=g2)
+        dopt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        ddp(torch.randn(2, 4)).sum().backward()
+        dopt.step()
+        path = safeckpt.save_checkpoint(ddp, dopt, None, None, 1, directory=tmp / "ddp")
+        sharding = json.loads((path / "sharding.json").read_text())
+        for key in ("model.weight", "model.bias"):
+            assert len(sharding["tensors"][key]["chunks"]) == 1, sharding["tensors"][key]
+        torch.manual_seed(1)
+        fresh = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3), process_group=g2)
+        fopt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+        safeckpt.load_checkpoint(path, model=fresh, optimizer=fopt)
+        assert torch.equal(fresh.module.weight, ddp.module.weight)
+        assert torch.equal(fopt.state_dict()["state"][0]["momentum_buffer"], dopt.state_dict()["state"][0]["momentum_buffer"])
+
+    with check("dtensor_only_roundtrip"):
+
+        def tensor_parallel(seed: int) -> torch.nn.Module:
+            torch.manual_seed(seed)
+            module = torch.nn.Linear(6, 4)
+            for name, param in list(module.named_parameters()):
+                setattr(module, name, torch.nn.Parameter(distribute_tensor(param.detach(), mesh2, [Shard(0)])))
+            return module
+
+        original, copy = tensor_parallel(0), tensor_parallel(1)
+        path = safeckpt.save_checkpoint(original, None, None, None, 1, directory=tmp / "tp", rng=False)
+        safeckpt.load_checkpoint(path, model=copy, restore_rng=False)
+        assert all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(original.parameters(), copy.parameters(), strict=True))
+
+    with check("no_unpickling_of_file_data"):
+        trapped_load(lambda: safeckpt.load_checkpoint(root, model=build(mesh2, seed=2)[0], restore_rng=False))
+
+    with check("dcp_direct_use"):
+        direct(tmp, model, opt, g2)
+
+
+def trapped_load(load: Callable[[], object]) -> None:
+    """Run ``load`` with every unpickler failing, except DCP's in-memory exchange of plans
+    between ranks (``distributed_c10d``), which the no-pickle claim does not cover."""
+    import pickle
+
+    import torch.serialization
+
+    def allowed() -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code.co_filename.endswith("distributed_c10d.py"):
+                return True
+            frame = frame.f_back  # type: ignore[assignment]
+        return False
+
+    real_loads, real_unpickler, real_torch_load = pickle.loads, pickle.Unpickler, torch.load
+
+    def loads(*args: object, **kwargs: object) -> object:
+        if not allowed():
+            raise AssertionError("pickle.loads called on the load path")
+        return real_loads(*args, **kwargs)  # type: ignore[arg-type]
+
+    class Unpickler(real_unpickler):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            if not allowed():
+                raise AssertionError("pickle.Unpickler used on the load path")
+            super().__init__(*args, **kwargs)
+
+    def torch_load(*args: object, **kwargs: object) -> object:
+        raise AssertionError("torch.load called on the load path")
+
+    pickle.loads, pickle.Unpickler = loads, Unpickler  # type: ignore[assignment,misc]
+    torch.load = torch.serialization.load = torch_load  # type: ignore[assignment]
+    try:
+        load()
+    finally:
+        pickle.loads, pickle.Unpickler = real_loads, real_unpickler  # type: ignore[misc]
+        torch.load = torch.serialization.load = real_torch_load
+
+
+def direct(tmp: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, group: dist.ProcessGroup) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd, "meta": {"epoch": 2, "betas": (0.9, 0.99), 7: "seven"}}
+    dcp.save(state, storage_writer=sd.Writer(tmp / "dcp", step=1), planner=sd.SavePlanner(), process_group=group)
+    assert (tmp / "dcp" / "step-00000001" / "manifest.json").is_file()
+    target = {"model": get_state_dict(model, opt)[0], "meta": {"epoch": None, "betas": None, 7: None}}
+    dcp.load(target, storage_reader=sd.Reader(tmp / "dcp"), planner=sd.LoadPlanner(allow_partial_load=True), process_group=group)
+    assert target["meta"] == {"epoch": 2, "betas": (0.9, 0.99), 7: "seven"}, target["meta"]
+    for planner in (None, dcp.DefaultLoadPlanner()):
+        try:
+            dcp.load(target, storage_reader=sd.Reader(tmp / "dcp"), planner=planner, process_group=group)
+        except CheckpointException as exc:
+            assert "safeckpt.distributed.LoadPlanner()" in str(exc), str(exc)
+        else:
+            raise AssertionError("the default load planner was accepted")
+    try:
+        dcp.save(state, storage_writer=sd.Writer(tmp / "dcp", step=2), planner=sd.SavePlanner(), use_collectives=False, process_group=group)
+    except sd.UsageError as exc:
+        assert "use_collectives=True" in str(exc)
+    else:
+        raise AssertionError("use_collectives=False was accepted")
+    try:
+        dcp.save(state, storage_writer=sd.Writer(tmp / "dcp", step=3), process_group=group)
+    except CheckpointException as exc:
+        assert "safeckpt.distributed.SavePlanner()" in str(exc), str(exc)
+    else:
+        raise AssertionError("the default save planner was accepted")
+    assert sorted(p.name for p in (tmp / "dcp").iterdir() if p.name.startswith("step-")) == ["step-00000001"]
+
+
+def sigkill(rank: int, world: int, tmp: Path) -> None:
+    """Step 1 commits; during step 2 the coordinator (rank 0, which owns the temporary folder)
+    kills itself in the middle of writing its shard."""
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # type: ignore[arg-type]
+    model, opt, sched = build(mesh)
+    train(model, opt, sched, range(2))
+    root = tmp / "run"
+    safeckpt.save_checkpoint(model, opt, None, None, 1, directory=root)
+    record("committed_step_1", "ok")
+    from safeckpt.distributed import writer
+
+    real = writer.write_file
+
+    def die_midway(dir_fd: int, name: str, parts: object, size_hint: int = 0) -> object:
+        if rank == 0 and name.endswith(".safetensors"):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dir_fd)
+            os.write(fd, b"partial shard")
+            os.close(fd)
+            record("killed_while_writing", "ok")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(dir_fd, name, parts, size_hint)  # type: ignore[arg-type]
+
+    writer.write_file = die_midway  # type: ignore[assignment]
+    safeckpt.save_checkpoint(model, opt, None, None, 2, directory=root)
+    record("step_2_returned", "should not happen")
+
+
+def entry() -> None:
+    scenario, rank, world, init, tmp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        {"main": main, "sigkill": sigkill}[scenario](rank, world, tmp)
+        record("finished", "ok")
+    finally:
+        if scenario == "main":
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    entry()
