@@ -60,3 +60,27 @@ def test_bad_step_is_refused(tmp_path: Path, step: object) -> None:
 def test_non_tensor_model_state_is_refused(tmp_path: Path) -> None:
     with pytest.raises(safeckpt.UnsupportedValueError, match=r"model\['x'\].*extra="):
         safeckpt.save_checkpoint({"x": 3}, None, None, None, 1, directory=tmp_path)
+
+
+@pytest.mark.parametrize("part", ["config", "vocab", "metadata", "extra"])
+def test_one_integer_rule_in_every_part(tmp_path: Path, part: str) -> None:
+    """Integers beyond 64 bits are refused in the JSON parts as in the state trees (README table)."""
+    value = {"tree": {"big": 2**70}} if part == "extra" else {"big": 2**70}
+    kwargs = {"config": None, "vocab": None, **{part: value}}
+    with pytest.raises(safeckpt.UnsupportedValueError, match="does not fit in 64 bits"):
+        safeckpt.save_checkpoint(
+            torch.nn.Linear(2, 2), None, kwargs["config"], kwargs["vocab"], 1, directory=tmp_path,
+            **{k: v for k, v in kwargs.items() if k in ("metadata", "extra")},
+        )  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("part", ["config", "vocab", "metadata"])
+def test_json_parts_convert_keys_as_json_does(tmp_path: Path, part: str) -> None:
+    value = {2: "a", True: "b", None: "c"}
+    kwargs = {"config": None, "vocab": None, "metadata": None, part: value}
+    path = safeckpt.save_checkpoint(
+        torch.nn.Linear(2, 2), None, kwargs["config"], kwargs["vocab"], 1, directory=tmp_path, metadata=kwargs["metadata"]
+    )
+    loaded = safeckpt.load_checkpoint(path)
+    assert getattr(loaded, part) == {"2": "a", "true": "b", "null": "c"}

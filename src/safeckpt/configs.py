@@ -10,8 +10,10 @@ is stored is exactly what is loaded back:
 * tuples become lists, ``os.PathLike`` values become strings;
 * NumPy scalars (``numpy.int64(3)``, ``numpy.float32(0.5)``, ``numpy.bool_``) become Python numbers.
 
-Anything else (sets, arrays, tensors, arbitrary objects, NaN and infinities) raises
-:class:`~safeckpt.errors.UnsupportedValueError` naming the key and what to convert it to.
+Anything else (sets, arrays, tensors, arbitrary objects, NaN and infinities, integers beyond
+64 bits) raises :class:`~safeckpt.errors.UnsupportedValueError` naming the key and what to convert
+it to. :func:`json_plain` is the one JSON rule of the format: ``vocab.json`` and the manifest's
+``metadata`` go through it too.
 
 This module imports neither torch nor transformers nor omegaconf: it recognises their types
 only when the caller's program has already imported them.
@@ -31,6 +33,9 @@ from .errors import UnsupportedValueError
 from .format import limits
 
 __all__ = ["config_metadata", "config_to_json", "json_plain"]
+
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+"""Integers every part of a checkpoint holds: signed or unsigned 64-bit, as in the state trees."""
 
 TRANSFORMERS_CONFIG_KEY = "transformers_config"
 """Manifest metadata key recording the class and ``model_type`` of a transformers config, which
@@ -162,6 +167,10 @@ def json_plain(value: object, label: str, path: tuple[object, ...] = ()) -> obje
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):
+        if not _INT_MIN <= value <= _UINT_MAX:  # the rule of every part (msgpack's range)
+            raise UnsupportedValueError(
+                f"{label}{_where(path)}: integer {value} does not fit in 64 bits; store it as a str"
+            )
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):

@@ -17,7 +17,7 @@ from typing import Any, Literal, cast, overload
 
 import torch
 
-from ..configs import config_metadata, config_to_json
+from ..configs import config_metadata, config_to_json, json_plain
 from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
 from ..format.documents import dump_json, dump_msgpack
 from ..format.manifest import build as build_manifest
@@ -148,9 +148,7 @@ def plan_checkpoint(
 
 
 def _as_json_object(value: Mapping[str, object], label: str) -> dict[str, object]:
-    from .state import _json_plain
-
-    plain = _json_plain(value, (), label)
+    plain = json_plain(value, label)
     assert isinstance(plain, dict)
     return plain
 

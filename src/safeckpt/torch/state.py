@@ -7,16 +7,13 @@ half-restored.
 
 from __future__ import annotations
 
-import math
-import os
 from collections import Counter
 from collections.abc import Mapping
 
 import torch
 
+from ..configs import json_plain
 from ..errors import CheckpointMismatchError, UnsupportedValueError
-from ..format import limits
-from ..format.tree import key_path
 from .names import canonical_names
 from .tensors import TensorCollector
 
@@ -80,50 +77,13 @@ def restore_types(target: object) -> None:
         restore_types(inner)
 
 
-def _json_plain(value: object, path: tuple[object, ...], label: str) -> object:
-    # Readers refuse JSON nested deeper than MAX_NESTING_DEPTH; metadata sits one level down in
-    # manifest.json, hence the -1, so that whatever saves also loads.
-    if len(path) > limits.MAX_NESTING_DEPTH - 1:
-        raise UnsupportedValueError(
-            f"{label}{key_path(path)}: nested deeper than {limits.MAX_NESTING_DEPTH - 1} levels; "
-            "flatten it"
-        )
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise UnsupportedValueError(
-                f"{label}{key_path(path)}: {value} cannot be stored in JSON; use None or a string"
-            )
-        return float(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_json_plain(v, (*path, i), label) for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise UnsupportedValueError(
-                    f"{label}{key_path(path)}: key {k!r} is a {type(k).__name__}; JSON keys must be str"
-                )
-            out[k] = _json_plain(v, (*path, k), label)
-        return out
-    raise UnsupportedValueError(
-        f"{label}{key_path(path)}: value of type {type(value).__qualname__} cannot be stored in "
-        "JSON; convert it to str, int, float, bool, None, list or dict"
-    )
-
-
 def vocab_to_json(vocab: object) -> object:
     """A token list or a token->id dict, as JSON."""
     if not isinstance(vocab, (list, tuple, Mapping)):
         raise UnsupportedValueError(
             f"vocab: expected a list of tokens or a dict, got {type(vocab).__qualname__}"
         )
-    return _json_plain(vocab, (), "vocab")
+    return json_plain(vocab, "vocab")
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, source: str) -> None:
