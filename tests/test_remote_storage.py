@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import fsspec
@@ -282,16 +283,42 @@ def test_an_object_store_checkpoint_copied_to_disk_loads_locally(tmp_path: objec
     assert safeckpt.verify_checkpoint(tmp_path).objects
 
 
-def test_the_command_line_refuses_an_s3_url_with_a_clear_message(server: S3Server, bucket: str) -> None:
-    """The command line (issue 14 section 2) reads local folders only for now: it names the URL
-    and says what to do, rather than failing on a path that does not exist."""
-    safeckpt.save_checkpoint(_model(19), None, None, None, 2, directory=f"s3://{bucket}/run", storage_options=options(server.url))
+def test_the_command_line_reads_s3_urls(server: S3Server, bucket: str, tmp_path: Path) -> None:
+    """`safeckpt verify`, `diff` and `export` take URLs (endpoint and credentials from the
+    environment, as s3fs reads them); `inspect`, `ls` and `prune` work on local folders and say so."""
+    opts = options(server.url)
+    model = _model(19)
+    safeckpt.save_checkpoint(model, None, None, None, 2, directory=f"s3://{bucket}/run", storage_options=opts)
+    safeckpt.save_checkpoint(_model(20), None, None, None, 3, directory=f"s3://{bucket}/run", storage_options=opts)
     env = {**os.environ, "AWS_ENDPOINT_URL": server.url, "AWS_DEFAULT_REGION": "us-east-1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "safeckpt.cli", "verify", f"s3://{bucket}/run"], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert done.returncode != 0
-    assert f"s3://{bucket}/run/step-00000002: this operation works on local checkpoint folders only" in done.stderr
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "safeckpt.cli", *argv], capture_output=True, text=True, env=env, timeout=120)
+
+    verified = cli("verify", f"s3://{bucket}/run", f"s3://{bucket}/run/step-00000002")
+    assert verified.returncode == 0, verified.stderr
+    assert f"OK s3://{bucket}/run: step 3" in verified.stdout
+    same = cli("diff", f"s3://{bucket}/run/step-00000002", f"s3://{bucket}/run/step-00000002")
+    assert same.returncode == 0, same.stderr
+    differ = cli("diff", f"s3://{bucket}/run/step-00000002", f"s3://{bucket}/run/step-00000003")
+    assert differ.returncode == 1, differ.stderr
+    exported = cli("export", f"s3://{bucket}/run/step-00000002", str(tmp_path / "model.safetensors"), "--to", "safetensors")
+    assert exported.returncode == 0, exported.stderr
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in load_file(tmp_path / "model.safetensors").items())
+    refused = cli("inspect", f"s3://{bucket}/run")
+    assert refused.returncode == 1
+    assert f"s3://{bucket}/run/step-00000003: this operation works on local checkpoint folders only" in refused.stderr
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**opts)  # type: ignore[arg-type]
+    damaged = next(key for key in fs.find(f"{bucket}/run/step-00000002") if key.endswith("model.safetensors"))
+    data = bytearray(fs.cat_file(damaged))
+    data[-1] ^= 0x01
+    fs.pipe_file(damaged, bytes(data))
+    failed = cli("verify", f"s3://{bucket}/run/step-00000002")
+    assert failed.returncode == 1 and "FAILED" in failed.stdout
 
 
 def test_transient_errors_while_loading_are_retried(server: S3Server, bucket: str, fast_retries: None) -> None:

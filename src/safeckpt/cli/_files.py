@@ -18,8 +18,10 @@ from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
 from ..format.documents import load_json
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ..format.safetensors import TensorInfo, parse_header
-from ..pipeline.read import locate_local, model_aliases
+from ..pipeline.read import locate_checkpoint, locate_local, model_aliases
+from ..storage.base import CheckpointFolder, Location
 from ..storage.local import LocalFolder, LocalStorage
+from ..storage.locate import storage_for
 from ..storage.posix_commit import (
     STEP_PREFIX,
     TMP_PREFIX,
@@ -70,22 +72,29 @@ def read_document(folder: Path, manifest: Manifest, part: str, *, done: Callable
     return decode_document(part, read_verified(folder, entries, done=done), folder)
 
 
-def locate(path: str | os.PathLike[str]) -> Path:
+def locate(path: str | os.PathLike[str], *, remote: bool = False) -> Path:
     """The checkpoint folder ``path`` names (a folder, its manifest, or a root: the newest).
 
-    A file that is not a checkpoint (a ``.pt`` file, say) is named for what it is.
+    A file that is not a checkpoint (a ``.pt`` file, say) is named for what it is. With
+    ``remote``, ``path`` may also be an fsspec URL (``s3://bucket/run``; credentials and endpoint
+    from the environment, as s3fs reads them), and an ``ObjectPath`` may come back.
     """
     from ._common import describe_file
 
     description = describe_file(Path(path))
     if description is not None:
         raise CheckpointNotFoundError(description)
-    return locate_local(path)
+    return locate_checkpoint(path) if remote else locate_local(path)  # type: ignore[return-value]
+
+
+def _open(folder: Location) -> CheckpointFolder:
+    """``folder`` opened through the storage that holds it (local folder or object store)."""
+    return LocalFolder(folder) if isinstance(folder, Path) else storage_for(folder.parent).open(folder)
 
 
 def read_manifest(folder: Path) -> Manifest:
     """Parse and validate ``folder``'s manifest (nothing else is read)."""
-    with LocalFolder(folder) as opened:
+    with _open(folder) as opened:
         manifest = opened.read_manifest()
     if manifest.file("model.safetensors") is None:
         raise CheckpointCorruptedError(
@@ -99,13 +108,13 @@ def _workers() -> int:
 
 
 def _each_file(
-    folder: Path, entries: list[FileEntry], job: Callable[[LocalFolder, FileEntry], object], done: Callable[[int], object]
+    folder: Path, entries: list[FileEntry], job: Callable[[CheckpointFolder, FileEntry], object], done: Callable[[int], object]
 ) -> list[object]:
     """Run ``job(opened_folder, entry)`` for every entry on a few threads, largest first; ``done(size)``
     after each. After an error no further file is started; the first error (in that order) is
     raised once the running ones have stopped."""
     ordered = sorted(entries, key=lambda e: -e.size)
-    with LocalFolder(folder) as opened, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+    with _open(folder) as opened, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
         futures = [pool.submit(job, opened, entry) for entry in ordered]
         for future, entry in zip(futures, ordered, strict=True):
             future.add_done_callback(functools.partial(_report, done, entry.size))

@@ -141,7 +141,7 @@ def diff(
     a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, parts: tuple[str, ...] = PARTS, quiet: bool = True
 ) -> dict[str, object]:
     """The report ``diff --json`` prints (see spec/cli/diff.schema.json)."""
-    folders = (_files.locate(a), _files.locate(b))
+    folders = (_files.locate(a, remote=True), _files.locate(b, remote=True))
     manifests = (_files.read_manifest(folders[0]), _files.read_manifest(folders[1]))
 
     def digests(manifest: _files.Manifest, part: str) -> dict[str, str]:

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if not args.overwrite and os.path.lexists(target):
         raise CheckpointExistsError(f"{target}: already exists; pass --overwrite to replace it")
-    folder = _files.locate(args.checkpoint)
+    folder = _files.locate(args.checkpoint, remote=True)
     manifest = _files.read_manifest(folder)
     with progress(sum(e.size for e in manifest.files), f"read {folder.name}", quiet=args.quiet) as bar:
         checkpoint = _trees.load(folder, manifest, done=bar.update)

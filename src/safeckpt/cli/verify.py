@@ -35,7 +35,7 @@ def verify_one(path: str, *, quiet: bool) -> dict[str, object]:
     """Verify one path; returns its report (``ok`` False with ``error`` when it failed)."""
     report: dict[str, object] = {"path": path, "ok": False, "checkpoint": None, "step": None, "files": None, "bytes": None, "error": None}
     try:
-        folder = _files.locate(path)
+        folder = _files.locate(path, remote=True)
         report["checkpoint"] = str(folder)
         manifest = _files.read_manifest(folder)
         report["step"] = manifest.step
