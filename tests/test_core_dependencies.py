@@ -3,16 +3,13 @@ safetensors library) saves, loads and verifies a checkpoint, and ``import safeck
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import tomllib
 from packaging.requirements import Requirement
+
+from venvs import closure, run_in_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,46 +19,9 @@ def _core_requirements() -> list[str]:
     return [Requirement(r).name for r in project["dependencies"]]
 
 
-def _closure(names: list[str]) -> set[str]:
-    """The installed distributions ``names`` need (extras and non-matching markers skipped)."""
-    seen: set[str] = set()
-    todo = list(names)
-    while todo:
-        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-        if name in seen:
-            continue
-        seen.add(name)
-        for text in importlib.metadata.distribution(name).requires or []:
-            requirement = Requirement(text)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append(requirement.name)
-    return seen
-
-
-def _link_distributions(names: set[str], into: Path) -> None:
-    """Symlink every top-level entry (package, module, .dist-info) of each distribution."""
-    into.mkdir()
-    for name in names:
-        dist = importlib.metadata.distribution(name)
-        site = Path(str(dist.locate_file("")))
-        for top in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
-            link = into / top
-            if (site / top).exists() and not link.exists() and top != "__pycache__":
-                link.symlink_to(site / top)
-
-
 def test_core_dependencies_alone_save_and_load(tmp_path: Path) -> None:
-    core = _closure(_core_requirements())
+    core = closure(_core_requirements())
     assert "numpy" not in core and "safetensors" not in core, core  # the point of this test
-    _link_distributions(core, tmp_path / "deps")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True, timeout=60,
-    ).stdout.strip()  # fmt: skip
-    (Path(site) / "core.pth").write_text(f"{tmp_path / 'deps'}\n{ROOT / 'src'}\n", encoding="utf-8")
     script = textwrap.dedent(
         f"""
         import importlib.util, random, sys
@@ -90,6 +50,5 @@ def test_core_dependencies_alone_save_and_load(tmp_path: Path) -> None:
         print("core ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    done = subprocess.run([python, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_in_venv(tmp_path, core, script)
     assert done.returncode == 0 and "core ok" in done.stdout, done.stderr[-3000:]

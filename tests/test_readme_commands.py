@@ -3,12 +3,10 @@ install of the numpy reader (exactly the packages the README names, torch absent
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 import safeckpt
-from test_core_dependencies import _closure, _link_distributions
+from venvs import closure, run_in_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -51,21 +49,11 @@ def test_torch_free_install_reads_with_exactly_the_packages_the_readme_names(tmp
     block = next(lines for lines in _bash_blocks() if any("--no-deps" in line for line in lines))
     assert any(re.fullmatch(r"pip install --no-deps (\.|safeckpt)", line) for line in block), block
     extra = next(shlex.split(line)[2:] for line in block if line.startswith("pip install") and "--no-deps" not in line)
-    deps = _closure(extra)
+    deps = closure(extra)
     assert "torch" not in deps, deps
     torch.manual_seed(0)
     path = safeckpt.save_checkpoint(torch.nn.Linear(3, 2), None, {"lr": 0.1}, ["a"], 5, directory=tmp_path / "ckpts")
 
-    _link_distributions(deps, tmp_path / "deps")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True, timeout=60,
-    ).stdout.strip()  # fmt: skip
-    # `pip install --no-deps .` puts exactly src/safeckpt on the path; so does this .pth file.
-    (Path(site) / "deps.pth").write_text(f"{tmp_path / 'deps'}\n{ROOT / 'src'}\n", encoding="utf-8")
     script = textwrap.dedent(
         f"""
         import importlib.util
@@ -77,6 +65,5 @@ def test_torch_free_install_reads_with_exactly_the_packages_the_readme_names(tmp
         print("numpy reader ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    done = subprocess.run([python, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_in_venv(tmp_path, deps, script)
     assert done.returncode == 0 and "numpy reader ok" in done.stdout, done.stderr[-3000:]
