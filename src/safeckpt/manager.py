@@ -1,6 +1,6 @@
 """``CheckpointManager``: periodic saves, retention, and automatic resume from the newest good one.
 
-One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (see :mod:`safeckpt.commit`).
+One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (see :mod:`safeckpt.storage.posix_commit`).
 
 * ``save`` writes a checkpoint through :func:`~safeckpt.save_checkpoint` (optionally in the
   background, at most one in flight) and only after it is committed applies retention: the

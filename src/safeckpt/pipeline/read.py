@@ -5,7 +5,7 @@ then reads every file it lists and checks its size, its SHA-256 and, where the m
 (format 1.1), the SHA-256 of each chunk as it arrives (so the work spreads over the cores), and
 returns only once all of them verified, so no parser ever sees a byte that failed verification.
 With ``verify=False`` files are memory-mapped and only their sizes are checked. The torch loader
-(:mod:`safeckpt.loader`) and the numpy reader (:mod:`safeckpt.numpy`) share it;
+(:mod:`safeckpt.torch.loader`) and the numpy reader (:mod:`safeckpt.numpy`) share it;
 ``verify_checkpoint`` uses ``audit_checkpoint_files``, which checks every digest and keeps nothing.
 """
 

@@ -4,7 +4,7 @@ copy of the state kept from one background save to the next.
 A save first takes the process-wide save slot; a synchronous save gives it back when it
 returns, a background save when it has committed or failed. So a second save waits for the
 first, and two snapshots of the state never coexist with a write. The slot's holder is
-:class:`PendingSave`; :mod:`safeckpt.saver` decides what it runs.
+:class:`PendingSave`; :mod:`safeckpt.torch.saver` decides what it runs.
 
 A background save copies the state into CPU memory before returning. When it has finished, that
 memory is kept (:func:`keep_snapshot`) and the next snapshot overwrites it (:func:`take_snapshot`)

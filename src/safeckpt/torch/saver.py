@@ -3,7 +3,7 @@
 All validation and encoding happens in :func:`plan_checkpoint`, before the first byte is written,
 so an unsupported value never leaves anything on disk. :func:`write_checkpoint` streams the
 planned files into a temporary folder, hashing as it writes, and commits it (see
-:mod:`safeckpt.commit`).
+:mod:`safeckpt.storage.posix_commit`).
 """
 
 from __future__ import annotations
