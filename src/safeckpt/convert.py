@@ -29,10 +29,12 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedValueError
+from .storage.base import Location
 from .torch.saver import save_checkpoint
 
 __all__ = ["EXPORT_MARKER", "Conversion", "convert_torch_file", "export_torch_checkpoint", "import_torch_checkpoint"]
@@ -53,7 +55,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 class Conversion:
     """What :func:`convert_torch_file` wrote and where each top-level entry of the file went."""
 
-    path: Path
+    path: Location
+    """The checkpoint written (an ``ObjectPath`` when ``directory`` was a URL)."""
     step: int
     placed: dict[str, str] = field(default_factory=dict)
     """Top-level key of the file -> ``model``, ``optimizer``, ``scheduler``, ``config``,
@@ -245,8 +248,12 @@ def convert_torch_file(
     step: int | None = None,
     overwrite: bool = False,
     allow_classes: Sequence[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Conversion:
     """Convert a ``torch.save`` checkpoint into a safeckpt checkpoint (see the module docstring).
+
+    ``directory`` may be an fsspec URL (``s3://bucket/run``), opened with ``storage_options``
+    as in :func:`~safeckpt.save_checkpoint`.
 
     Raises:
         UnsupportedValueError: the file holds a class outside the allow-list (the message names
@@ -321,6 +328,7 @@ def convert_torch_file(
         metadata=metadata,
         rng=False,
         overwrite=overwrite,
+        storage_options=storage_options,
     )
     return Conversion(path=path, step=step, placed=placed)
 
@@ -332,7 +340,7 @@ def import_torch_checkpoint(
     step: int | None = None,
     overwrite: bool = False,
     allow_classes: Sequence[str] = (),
-) -> Path:
+) -> Location:
     """Convert a ``torch.save`` checkpoint into a safeckpt checkpoint; returns its path.
 
     Understands a bare model state dict and the common layout ``{"model": ..., "optimizer":

@@ -1,5 +1,5 @@
-"""What every command shares: exit codes, JSON and table output, progress bars, and naming a
-file that is not a checkpoint. Torch-free.
+"""What every command shares: exit codes, JSON and table output, progress bars, fsspec
+``--storage-option``s, and naming a file that is not a checkpoint. Torch-free.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "add_command",
     "add_json",
     "add_quiet",
+    "add_storage_options",
     "describe_file",
     "emit_json",
     "finite",
@@ -30,6 +31,7 @@ __all__ = [
     "iso_time",
     "progress",
     "stderr_note",
+    "storage_options",
 ]
 
 EXIT_OK = 0
@@ -75,6 +77,40 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
         "-q", "--quiet", action="store_true",
         help="no progress bar (bars are shown only when stderr is a terminal and tqdm is installed)",
     )  # fmt: skip
+
+
+STORAGE_OPTION_HELP = (
+    "fsspec storage option for URL paths (s3://..., gs://..., memory://...), repeatable; VALUE is "
+    "read as JSON when it parses (true, 3, {\"region_name\": \"eu-west-1\"}), else as a string: "
+    "--storage-option anon=true, --storage-option endpoint_url=http://127.0.0.1:9000, "
+    "--storage-option client_kwargs='{\"region_name\": \"us-east-1\"}'. Without it, s3fs reads "
+    "credentials and endpoint from the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)"
+)
+
+
+def _storage_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. anon=true), got {text!r}")
+    try:
+        parsed: object = json.loads(value)
+    except ValueError:
+        parsed = value  # a plain string: endpoint_url=http://..., profile=dev
+    return key.strip(), parsed
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """``--storage-option KEY=VALUE`` (repeatable); read them back with :func:`storage_options`."""
+    parser.add_argument(
+        "--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE",
+        dest="storage_options", help=STORAGE_OPTION_HELP,
+    )  # fmt: skip
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, object] | None:
+    """The ``--storage-option``s as fsspec ``storage_options`` (the last of a repeated key wins);
+    None when there are none, so that local paths are accepted."""
+    return dict(getattr(args, "storage_options", None) or ()) or None
 
 
 @contextmanager

@@ -1,27 +1,34 @@
-"""The command line's torch-free access to checkpoints: locate one, read its manifest, verify
-its files with a progress bar, and list archives' tensors from their headers alone.
+"""The command line's torch-free access to checkpoints, local or behind an fsspec URL: locate
+one, read its manifest, verify its files with a progress bar, and list archives' tensors from
+their headers alone.
 
 Every core function the torch-free commands (``verify``, ``inspect``, ``ls``, ``prune``) use is
-imported here, so that moving core modules changes this file only.
+imported here, so that moving core modules changes this file only. ``storage_options`` are the
+fsspec options of a URL (``--storage-option``); None for local paths.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import mmap
 import os
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..format import limits
 from ..format.documents import load_json
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ..format.safetensors import TensorInfo, parse_header
-from ..pipeline.read import locate_checkpoint, locate_local, model_aliases
-from ..storage.base import CheckpointFolder, Location
-from ..storage.local import LocalFolder, LocalStorage
-from ..storage.locate import storage_for
+from ..pipeline.read import locate_checkpoint, model_aliases
+from ..storage.base import CheckpointFolder, CheckpointStorage, Location, ObjectPath
+from ..storage.local import LocalFolder
+from ..storage.locate import as_location, storage_for
+from ..storage.objectstore import OBJECTS_PREFIX, ObjectFolder, ObjectStorage
 from ..storage.posix_commit import (
     STEP_PREFIX,
     TMP_PREFIX,
@@ -31,11 +38,14 @@ from ..storage.posix_commit import (
 
 __all__ = [
     "MANIFEST_NAME",
+    "OBJECTS_PREFIX",
     "STEP_PREFIX",
     "TMP_PREFIX",
     "TRASH_PREFIX",
-    "LocalStorage",
+    "Location",
     "Manifest",
+    "ObjectPath",
+    "Options",
     "TensorInfo",
     "archive_headers",
     "audit",
@@ -48,7 +58,11 @@ __all__ = [
     "read_document",
     "read_manifest",
     "read_verified",
+    "storage_at",
 ]
+
+Options = Mapping[str, Any] | None
+"""fsspec ``storage_options`` for a URL (None: none given, or a local path)."""
 
 
 def files_of(part: str) -> tuple[str, ...]:
@@ -60,41 +74,50 @@ def files_of(part: str) -> tuple[str, ...]:
     return (f"{part}.msgpack", f"{part}.safetensors")
 
 
-def decode_document(part: str, buffers: Mapping[str, memoryview], folder: Path) -> object | None:
+def decode_document(part: str, buffers: Mapping[str, memoryview], folder: Location) -> object | None:
     """``config`` or ``vocab`` from its verified bytes (None when the checkpoint has none)."""
     name = f"{part}.json"
     return load_json(bytes(buffers[name]), source=str(folder / name)) if name in buffers else None
 
 
-def read_document(folder: Path, manifest: Manifest, part: str, *, done: Callable[[int], object] = lambda size: None) -> object | None:
+def read_document(
+    folder: Location, manifest: Manifest, part: str, *, done: Callable[[int], object] = lambda size: None, storage_options: Options = None
+) -> object | None:
     """Read, verify and parse ``config`` or ``vocab``."""
     entries = [entry for entry in manifest.files if entry.name in files_of(part)]
-    return decode_document(part, read_verified(folder, entries, done=done), folder)
+    return decode_document(part, read_verified(folder, entries, done=done, storage_options=storage_options), folder)
 
 
-def locate(path: str | os.PathLike[str], *, remote: bool = False) -> Path:
-    """The checkpoint folder ``path`` names (a folder, its manifest, or a root: the newest).
+def locate(path: str | os.PathLike[str], *, storage_options: Options = None) -> Location:
+    """The checkpoint ``path`` names (a folder, its manifest, or a root: the newest).
 
-    A file that is not a checkpoint (a ``.pt`` file, say) is named for what it is. With
-    ``remote``, ``path`` may also be an fsspec URL (``s3://bucket/run``; credentials and endpoint
-    from the environment, as s3fs reads them), and an ``ObjectPath`` may come back.
+    ``path`` may be an fsspec URL (``s3://bucket/run``; credentials and endpoint from
+    ``storage_options``, else from the environment as s3fs reads them): an ``ObjectPath`` comes
+    back. A local file that is not a checkpoint (a ``.pt`` file, say) is named for what it is.
     """
     from ._common import describe_file
 
-    description = describe_file(Path(path))
+    location = as_location(path)
+    description = describe_file(location) if isinstance(location, Path) else None
     if description is not None:
         raise CheckpointNotFoundError(description)
-    return locate_checkpoint(path) if remote else locate_local(path)  # type: ignore[return-value]
+    return locate_checkpoint(location, storage_options=storage_options)
 
 
-def _open(folder: Location) -> CheckpointFolder:
+def storage_at(root: str | os.PathLike[str], *, storage_options: Options = None) -> tuple[Location, CheckpointStorage]:
+    """A root of checkpoints (a local folder or a URL) and the storage holding it."""
+    location = as_location(root)
+    return location, storage_for(location, storage_options)
+
+
+def _open(folder: Location, storage_options: Options) -> CheckpointFolder:
     """``folder`` opened through the storage that holds it (local folder or object store)."""
-    return LocalFolder(folder) if isinstance(folder, Path) else storage_for(folder.parent).open(folder)
+    return LocalFolder(folder) if isinstance(folder, Path) else storage_for(folder.parent, storage_options).open(folder)
 
 
-def read_manifest(folder: Path) -> Manifest:
+def read_manifest(folder: Location, *, storage_options: Options = None) -> Manifest:
     """Parse and validate ``folder``'s manifest (nothing else is read)."""
-    with _open(folder) as opened:
+    with _open(folder, storage_options) as opened:
         manifest = opened.read_manifest()
     if manifest.file("model.safetensors") is None:
         raise CheckpointCorruptedError(
@@ -108,13 +131,17 @@ def _workers() -> int:
 
 
 def _each_file(
-    folder: Path, entries: list[FileEntry], job: Callable[[CheckpointFolder, FileEntry], object], done: Callable[[int], object]
+    folder: Location,
+    entries: list[FileEntry],
+    job: Callable[[CheckpointFolder, FileEntry], object],
+    done: Callable[[int], object],
+    storage_options: Options,
 ) -> list[object]:
     """Run ``job(opened_folder, entry)`` for every entry on a few threads, largest first; ``done(size)``
     after each. After an error no further file is started; the first error (in that order) is
     raised once the running ones have stopped."""
     ordered = sorted(entries, key=lambda e: -e.size)
-    with _open(folder) as opened, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+    with _open(folder, storage_options) as opened, concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
         futures = [pool.submit(job, opened, entry) for entry in ordered]
         for future, entry in zip(futures, ordered, strict=True):
             future.add_done_callback(functools.partial(_report, done, entry.size))
@@ -133,19 +160,23 @@ def _report(done: Callable[[int], object], size: int, future: concurrent.futures
         done(size)
 
 
-def audit(folder: Path, manifest: Manifest, *, done: Callable[[int], object] = lambda size: None) -> None:
+def audit(
+    folder: Location, manifest: Manifest, *, done: Callable[[int], object] = lambda size: None, storage_options: Options = None
+) -> None:
     """Check every file's size and every digest the manifest records (as ``verify_checkpoint``),
     streaming through small buffers; ``done(size)`` is called as each file passes."""
-    _each_file(folder, list(manifest.files), lambda opened, entry: opened.audit([entry]), done)
+    _each_file(folder, list(manifest.files), lambda opened, entry: opened.audit([entry]), done, storage_options)
 
 
 def read_verified(
-    folder: Path, entries: list[FileEntry], *, done: Callable[[int], object] = lambda size: None
+    folder: Location, entries: list[FileEntry], *, done: Callable[[int], object] = lambda size: None, storage_options: Options = None
 ) -> dict[str, memoryview]:
     """Read and verify the files ``entries`` name (size and digests); returns their bytes.
 
     Nothing is returned unless every one of them verified."""
-    results = _each_file(folder, entries, lambda opened, entry: opened.read_files([entry], verify=True), done)
+    results = _each_file(
+        folder, entries, lambda opened, entry: opened.read_files([entry], verify=True), done, storage_options
+    )
     buffers: dict[str, memoryview] = {}
     for result in results:
         assert isinstance(result, dict)
@@ -154,10 +185,18 @@ def read_verified(
 
 
 @contextmanager
-def mapped_files(folder: Path, manifest: Manifest) -> Iterator[dict[str, memoryview]]:
-    """Every file as a lazy memory map (sizes checked, nothing read until touched)."""
-    with LocalFolder(folder) as opened:
-        maps = opened.read_files(manifest.files, verify=False)
+def mapped_files(folder: Location, manifest: Manifest, *, storage_options: Options = None) -> Iterator[dict[str, memoryview]]:
+    """Every file as a lazy memory map (sizes checked, nothing read until touched).
+
+    In an object store, each ``.safetensors`` object is a zero-filled anonymous map of its size
+    holding only what :func:`archive_headers` reads (fetched by byte ranges); the JSON documents
+    are downloaded whole. Nothing is verified.
+    """
+    if isinstance(folder, ObjectPath):
+        maps = _remote_heads(folder, manifest, storage_options)
+    else:
+        with LocalFolder(folder) as opened:
+            maps = opened.read_files(manifest.files, verify=False)
     try:
         yield maps
     finally:
@@ -172,7 +211,35 @@ def mapped_files(folder: Path, manifest: Manifest) -> Iterator[dict[str, memoryv
                     pass
 
 
-def archive_headers(folder: Path, maps: dict[str, memoryview]) -> dict[str, tuple[list[TensorInfo], dict[str, str]]]:
+def _remote_heads(folder: ObjectPath, manifest: Manifest, storage_options: Options) -> dict[str, memoryview]:
+    with ObjectStorage(folder.parent, storage_options).open(folder) as opened:
+        opened.read_manifest()
+        documents = [e for e in manifest.files if not e.name.endswith(".safetensors")]
+        views = dict(opened.read_files(documents, verify=False))
+        for entry in manifest.files:
+            if entry.name.endswith(".safetensors"):
+                views[entry.name] = _remote_head(opened, folder, entry)
+    return views
+
+
+def _remote_head(opened: ObjectFolder, folder: ObjectPath, entry: FileEntry) -> memoryview:
+    """``entry``'s archive as a lazily allocated buffer holding its header and the bytes of its
+    bool tensors (which the strict parser checks), fetched by byte ranges; zeros elsewhere."""
+    view = memoryview(mmap.mmap(-1, entry.size) if entry.size else bytearray())
+    if entry.size < 8:
+        return view
+    view[:8] = opened.read_range(entry, 0, 8)
+    # An oversized length is refused by parse_header from the first 8 bytes alone.
+    end = min(8 + struct.unpack_from("<Q", view, 0)[0], 8 + limits.MAX_SAFETENSORS_HEADER_BYTES, entry.size)
+    view[8:end] = opened.read_range(entry, 8, end)
+    tensors, _ = parse_header(view, source=str(folder / entry.name))  # (the zeros pass as bools)
+    for info in tensors:
+        if info.dtype == "BOOL" and info.end > info.begin:
+            view[info.begin : info.end] = opened.read_range(entry, info.begin, info.end)
+    return view
+
+
+def archive_headers(folder: Location, maps: dict[str, memoryview]) -> dict[str, tuple[list[TensorInfo], dict[str, str]]]:
     """Tensors and metadata of every ``.safetensors`` file, parsed strictly from the header only.
 
     Each file is a memory map, so only the pages of the 8-byte length and the header JSON (and of

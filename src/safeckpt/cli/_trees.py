@@ -8,12 +8,11 @@ moving core modules changes this file only.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 
 from ..pipeline.read import decode_tree
-from ..storage.base import Buffer
+from ..storage.base import Buffer, Location
 from ..torch.loader import Checkpoint
 from ..torch.tensors import tensors_from_buffer
 from . import _files
@@ -24,7 +23,7 @@ TREES = ("optimizer", "scheduler", "rng", "extra")
 """The state trees besides the model, each stored as ``NAME.msgpack`` + ``NAME.safetensors``."""
 
 
-def decode_part(part: str, buffers: Mapping[str, memoryview], folder: Path) -> object | None:
+def decode_part(part: str, buffers: Mapping[str, memoryview], folder: Location) -> object | None:
     """Decode one part from verified buffers (None when the checkpoint does not hold it)."""
     if part == "model":
         source = str(folder / "model.safetensors")
@@ -42,17 +41,28 @@ def _tensors(buffer: Buffer, source: str) -> dict[str, torch.Tensor]:
 
 
 def read_part(
-    folder: Path, manifest: _files.Manifest, part: str, *, done: Callable[[int], object] = lambda size: None
+    folder: Location,
+    manifest: _files.Manifest,
+    part: str,
+    *,
+    done: Callable[[int], object] = lambda size: None,
+    storage_options: _files.Options = None,
 ) -> object | None:
     """Read, verify and decode one part of a checkpoint."""
     entries = [entry for entry in manifest.files if entry.name in _files.files_of(part)]
-    return decode_part(part, _files.read_verified(folder, entries, done=done), folder)
+    return decode_part(part, _files.read_verified(folder, entries, done=done, storage_options=storage_options), folder)
 
 
-def load(folder: Path, manifest: _files.Manifest, *, done: Callable[[int], object] = lambda size: None) -> Checkpoint:
+def load(
+    folder: Location,
+    manifest: _files.Manifest,
+    *,
+    done: Callable[[int], object] = lambda size: None,
+    storage_options: _files.Options = None,
+) -> Checkpoint:
     """Everything the checkpoint holds, verified, as a :class:`~safeckpt.Checkpoint` (nothing is
     restored anywhere)."""
-    buffers = _files.read_verified(folder, list(manifest.files), done=done)
+    buffers = _files.read_verified(folder, list(manifest.files), done=done, storage_options=storage_options)
     trees = {part: decode_part(part, buffers, folder) for part in TREES}
     model = decode_part("model", buffers, folder)
     assert isinstance(model, dict)

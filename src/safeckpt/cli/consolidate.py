@@ -1,11 +1,15 @@
 """``safeckpt consolidate SRC DST``: rewrite a sharded (multi-rank) checkpoint as a
 single-process one that ``load_checkpoint``, ``safeckpt.numpy`` and the JavaScript reader open
-(see :func:`safeckpt.distributed.consolidate`)."""
+(see :func:`safeckpt.distributed.consolidate`). Local folders only: sharded checkpoints are not
+written to or read from object stores yet, so a URL is refused before anything is read."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import CheckpointUsageError
+from ..storage.base import ObjectPath
+from ..storage.locate import as_location
 from ._common import EXIT_OK, add_command
 
 __all__ = ["register", "run"]
@@ -29,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for path in (args.source, args.directory):
+        if isinstance(as_location(path), ObjectPath):
+            raise CheckpointUsageError(
+                f"{path}: consolidate works on local folders only (sharded checkpoints are not kept in "
+                "object stores yet); consolidate into a local folder, then copy that step-* folder into "
+                "the bucket, manifest.json last"
+            )
     from ..distributed import consolidate
 
     path = consolidate(args.source, args.directory, overwrite=args.overwrite)

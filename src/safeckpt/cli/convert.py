@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointExistsError, CheckpointUsageError
-from ._common import EXIT_OK, add_command
+from ..storage.base import ObjectPath
+from ..storage.locate import as_location
+from ._common import EXIT_OK, add_command, add_storage_options, storage_options
 
 __all__ = ["register", "run"]
 
@@ -42,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ROOT/checkpoint-N with its RNG state and trainer_state.json, which safeckpt.hf.Trainer resumes.",
     )
     p.add_argument("source", metavar="IN", help="torch.save file (.pt, .pth, .bin) or a Trainer checkpoint-N folder")
-    p.add_argument("directory", metavar="ROOT", help="checkpoint root to write step-NNNNNNNN into")
+    p.add_argument("directory", metavar="ROOT", help="checkpoint root to write step-NNNNNNNN into, or a URL (torch.save files only)")
     p.add_argument("--step", type=_step, default=None, help="step to record (default: the file's own step, else 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint of that step")
     p.add_argument(
@@ -50,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="let the loader rebuild instances of this class as plain records of their attributes "
         "(its code is never imported or run); repeatable",
     )  # fmt: skip
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
@@ -60,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = convert_torch_file(
-            args.source, args.directory, step=args.step, overwrite=args.overwrite, allow_classes=args.allow_classes
-        )
+            args.source, args.directory, step=args.step, overwrite=args.overwrite, allow_classes=args.allow_classes,
+            storage_options=storage_options(args),
+        )  # fmt: skip
     except CheckpointExistsError as exc:
         raise CheckpointExistsError(
             f"{str(exc).split(': ', 1)[0]}: a checkpoint for this step already exists; pass --overwrite "
@@ -81,6 +85,11 @@ def _run_trainer_folder(args: argparse.Namespace) -> int:
     """A stock ``transformers.Trainer`` ``checkpoint-N`` folder -> ``ROOT/checkpoint-N``."""
     from ..integrations.hf_convert import import_hf_checkpoint
 
+    if isinstance(as_location(args.directory), ObjectPath):
+        raise CheckpointUsageError(
+            f"{args.directory}: a Trainer folder converts into a local folder only; convert it locally, "
+            "then copy the checkpoint-N folder into the bucket, manifest.json last"
+        )
     if args.step is not None or args.allow_classes:
         raise CheckpointUsageError(
             f"{args.source}: --step and --allow-class apply to torch.save files only; a Trainer folder "

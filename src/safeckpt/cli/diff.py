@@ -18,7 +18,18 @@ import argparse
 import math
 
 from . import _files
-from ._common import EXIT_FAILED, EXIT_OK, add_command, add_json, add_quiet, emit_json, finite, progress
+from ._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_command,
+    add_json,
+    add_quiet,
+    add_storage_options,
+    emit_json,
+    finite,
+    progress,
+    storage_options,
+)
 from ._compare import close, flatten
 
 __all__ = ["diff", "register", "run"]
@@ -42,7 +53,7 @@ def _tolerance(text: str) -> float:
 def register(sub: argparse._SubParsersAction) -> None:
     description = "Compare two checkpoints:\n\n" + (__doc__ or "").split("\n\n", 1)[1].replace("``", "")
     p = add_command(sub, "diff", help=HELP, description=description)
-    p.add_argument("a", metavar="A", help="first checkpoint (folder, manifest.json, or root: the newest)")
+    p.add_argument("a", metavar="A", help="first checkpoint (folder, manifest.json, or root: the newest; or a URL)")
     p.add_argument("b", metavar="B", help="second checkpoint; relative differences are taken against B")
     p.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance (default 0: exact)")
     p.add_argument("--rtol", type=_tolerance, default=0.0, help="relative tolerance, times |B| (default 0: exact)")
@@ -52,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_json(p)
     add_quiet(p)
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
@@ -138,11 +150,19 @@ def _part_ok(report: dict[str, object]) -> bool:
 
 
 def diff(
-    a: str, b: str, *, atol: float = 0.0, rtol: float = 0.0, parts: tuple[str, ...] = PARTS, quiet: bool = True
+    a: str,
+    b: str,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    parts: tuple[str, ...] = PARTS,
+    quiet: bool = True,
+    storage_options: _files.Options = None,
 ) -> dict[str, object]:
     """The report ``diff --json`` prints (see spec/cli/diff.schema.json)."""
-    folders = (_files.locate(a, remote=True), _files.locate(b, remote=True))
-    manifests = (_files.read_manifest(folders[0]), _files.read_manifest(folders[1]))
+    opts = storage_options
+    folders = (_files.locate(a, storage_options=opts), _files.locate(b, storage_options=opts))
+    manifests = tuple(_files.read_manifest(folder, storage_options=opts) for folder in folders)
 
     def digests(manifest: _files.Manifest, part: str) -> dict[str, str]:
         return {e.name: e.sha256 for e in manifest.files if e.name in _files.files_of(part)}
@@ -164,14 +184,20 @@ def diff(
             entry: dict[str, object] = {"a": present[0], "b": present[1], "identical": part not in to_read}
             if part in to_read:
                 if part in ("config", "vocab"):
-                    values = [_files.read_document(f, m, part, done=bar.update) for f, m in zip(folders, manifests, strict=True)]
+                    values = [
+                        _files.read_document(f, m, part, done=bar.update, storage_options=opts)
+                        for f, m in zip(folders, manifests, strict=True)
+                    ]
                     changes = _value_changes(flatten(values[0]), flatten(values[1]), atol=0.0, rtol=0.0)
                     entry["count"] = len(changes)
                     entry["changes"] = changes if part == "config" else changes[:_LISTED]
                 else:  # tensors: torch is imported only now, when a tree's files differ
                     from . import _trees
 
-                    values = [_trees.read_part(f, m, part, done=bar.update) for f, m in zip(folders, manifests, strict=True)]
+                    values = [
+                        _trees.read_part(f, m, part, done=bar.update, storage_options=opts)
+                        for f, m in zip(folders, manifests, strict=True)
+                    ]
                     entry.update(_compare_part(part, values[0], values[1], atol=atol, rtol=rtol))
                 del values
             results[part] = entry
@@ -184,7 +210,9 @@ def diff(
 
 def run(args: argparse.Namespace) -> int:
     parts = tuple(args.parts) if args.parts else PARTS
-    report = diff(args.a, args.b, atol=args.atol, rtol=args.rtol, parts=parts, quiet=args.quiet)
+    report = diff(
+        args.a, args.b, atol=args.atol, rtol=args.rtol, parts=parts, quiet=args.quiet, storage_options=storage_options(args)
+    )
     if args.json:
         emit_json(report)
     else:

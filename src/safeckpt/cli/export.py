@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import CheckpointExistsError
 from ..export import EXPORT_TARGETS
 from . import _files
-from ._common import EXIT_OK, add_command, add_quiet, progress
+from ._common import EXIT_OK, add_command, add_quiet, add_storage_options, progress, storage_options
 
 __all__ = ["register", "run"]
 
@@ -33,11 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "OUT (model.safetensors + config.json) for transformers' from_pretrained, when the checkpoint's "
         "config is a transformers config.",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, its manifest.json, or a root (the newest)")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, its manifest.json, or a root (the newest); or a URL")
     p.add_argument("target", metavar="OUT", help="file (a folder with --to hf) to write; refused if it exists, unless --overwrite")
     p.add_argument("--to", choices=sorted(EXPORT_TARGETS), default="torch", help="output format (default: torch)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_quiet(p)
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
@@ -48,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if not args.overwrite and os.path.lexists(target):
         raise CheckpointExistsError(f"{target}: already exists; pass --overwrite to replace it")
-    folder = _files.locate(args.checkpoint, remote=True)
-    manifest = _files.read_manifest(folder)
+    opts = storage_options(args)
+    folder = _files.locate(args.checkpoint, storage_options=opts)
+    manifest = _files.read_manifest(folder, storage_options=opts)
     with progress(sum(e.size for e in manifest.files), f"read {folder.name}", quiet=args.quiet) as bar:
-        checkpoint = _trees.load(folder, manifest, done=bar.update)
+        checkpoint = _trees.load(folder, manifest, done=bar.update, storage_options=opts)
     try:
         written = export_checkpoint(checkpoint, target, to=args.to, overwrite=args.overwrite)
     except CheckpointExistsError:

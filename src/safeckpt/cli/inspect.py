@@ -1,6 +1,7 @@
 """``safeckpt inspect PATH``: the manifest, config, files and every stored tensor's dtype and
 shape. Torch-free; tensors are listed from the archives' headers (memory-mapped, so only the
-header pages are read), after every file has been verified by streaming (unless ``--no-verify``).
+header pages are read; in an object store, fetched by byte ranges), after every file has been
+verified by streaming (unless ``--no-verify``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,17 @@ import argparse
 
 from ..format.documents import load_json
 from . import _files
-from ._common import EXIT_OK, add_command, add_json, add_quiet, emit_json, human_size, progress
+from ._common import (
+    EXIT_OK,
+    add_command,
+    add_json,
+    add_quiet,
+    add_storage_options,
+    emit_json,
+    human_size,
+    progress,
+    storage_options,
+)
 
 __all__ = ["inspect", "register", "run"]
 
@@ -24,24 +35,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=f"{HELP[0].upper()}{HELP[1:]}. Files are verified first (streamed, small memory); "
         "tensor listings come from the safetensors headers alone.",
     )
-    p.add_argument("path", metavar="PATH", help="checkpoint folder, its manifest.json, or a root of step-* folders (the newest)")
+    p.add_argument("path", metavar="PATH", help="checkpoint folder, its manifest.json, or a root of step-* folders (the newest); or a URL (s3://bucket/run)")
     add_json(p)
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 checks (sizes and headers are still checked)")
     add_quiet(p)
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
-def inspect(path: str, *, verify: bool = True, quiet: bool = True) -> dict[str, object]:
+def inspect(path: str, *, verify: bool = True, quiet: bool = True, storage_options: _files.Options = None) -> dict[str, object]:
     """The report ``inspect --json`` prints (see spec/cli/inspect.schema.json)."""
-    folder = _files.locate(path)
-    manifest = _files.read_manifest(folder)
+    folder = _files.locate(path, storage_options=storage_options)
+    manifest = _files.read_manifest(folder, storage_options=storage_options)
     if verify:
         with progress(sum(e.size for e in manifest.files), f"verify {folder.name}", quiet=quiet) as bar:
-            _files.audit(folder, manifest, done=bar.update)
+            _files.audit(folder, manifest, done=bar.update, storage_options=storage_options)
     files: dict[str, dict[str, object]] = {}
     config: object = None
     vocab_size: int | None = None
-    with _files.mapped_files(folder, manifest) as maps:
+    with _files.mapped_files(folder, manifest, storage_options=storage_options) as maps:
         headers = _files.archive_headers(folder, maps)
         for entry in manifest.files:
             info: dict[str, object] = {"size": entry.size, "sha256": entry.sha256}
@@ -77,7 +89,7 @@ def inspect(path: str, *, verify: bool = True, quiet: bool = True) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect(args.path, verify=not args.no_verify, quiet=args.quiet)
+    report = inspect(args.path, verify=not args.no_verify, quiet=args.quiet, storage_options=storage_options(args))
     if args.json:
         emit_json(report)
         return EXIT_OK

@@ -1,13 +1,15 @@
 """``safeckpt ls ROOT``: every checkpoint of a run with its step, time, size and whether it is
 committed (and with ``--verify`` whether it verifies); leftover temporary and trash folders of
-interrupted saves and removals are listed apart. Torch-free.
+interrupted saves and removals are listed apart. In an object store (``s3://bucket/run``) the
+leftovers are the ``objects-*`` upload prefixes no manifest names (spec/FORMAT.md §10.1).
+Torch-free.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 from . import _files
@@ -17,10 +19,12 @@ from ._common import (
     add_command,
     add_json,
     add_quiet,
+    add_storage_options,
     emit_json,
     human_size,
     iso_time,
     progress,
+    storage_options,
 )
 
 __all__ = ["list_root", "register", "run"]
@@ -34,17 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ls",
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}. Folders left by interrupted saves or removals "
-        "(.tmp-*, .trash-*) are listed separately; the next save cleans them. Times are the "
-        "manifest's 'created' for committed checkpoints, else the folder's modification time (UTC).",
+        "(.tmp-*, .trash-*; in an object store, objects-* uploads no manifest names) are listed "
+        "separately; the next save cleans them. Times are the manifest's 'created' for committed "
+        "checkpoints, else the folder's modification time or the upload's start (UTC).",
     )
-    p.add_argument("root", metavar="ROOT", help="folder holding step-* checkpoint folders")
+    p.add_argument("root", metavar="ROOT", help="folder holding step-* checkpoint folders, or a URL (s3://bucket/run)")
     p.add_argument("--verify", action="store_true", help="also verify every committed checkpoint (exit 1 if one fails)")
     add_json(p)
     add_quiet(p)
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
-def _folder_size(path: Path) -> int:
+def _folder_size(path: _files.Location, fs: Any = None) -> int:
+    if isinstance(path, _files.ObjectPath):
+        return int(fs.du(str(path)))
     total = 0
     for directory, _, names in os.walk(path):
         for name in names:
@@ -55,35 +63,41 @@ def _folder_size(path: Path) -> int:
     return total
 
 
-def _mtime(path: Path) -> str | None:
+def _mtime(path: _files.Location) -> str | None:
+    if isinstance(path, _files.ObjectPath):
+        return None  # a prefix has no time of its own
     try:
         return iso_time(os.lstat(path).st_mtime)
     except OSError:
         return None
 
 
-def _checkpoint(path: Path, step: int, *, verify: bool, quiet: bool) -> dict[str, object]:
+def _checkpoint(
+    path: _files.Location, step: int, committed: bool, *, verify: bool, quiet: bool, fs: Any, opts: _files.Options
+) -> dict[str, object]:
     row: dict[str, object] = {"step": step, "path": str(path), "committed": False, "created": None, "size": None, "files": None}
     if verify:
         row["verified"] = False
     row["error"] = None
-    if not (path / _files.MANIFEST_NAME).is_file():
-        row.update(created=_mtime(path), size=_folder_size(path), error=f"{_files.MANIFEST_NAME} is missing: never committed")
+    if not committed:
+        where = " (its uploads are listed with the leftovers)" if fs is not None else ""
+        row.update(created=_mtime(path), size=_folder_size(path, fs), error=f"{_files.MANIFEST_NAME} is missing: never committed{where}")
         return row
     row["committed"] = True
     try:
-        manifest = _files.read_manifest(path)
+        manifest = _files.read_manifest(path, storage_options=opts)
     except CheckpointError as exc:
-        row.update(created=_mtime(path), size=_folder_size(path), error=str(exc))
+        row.update(created=_mtime(path), size=_folder_size(path, fs), error=str(exc))
         return row
-    size = sum(entry.size for entry in manifest.files) + (path / _files.MANIFEST_NAME).stat().st_size
+    stored = path / _files.MANIFEST_NAME
+    size = sum(e.size for e in manifest.files) + (int(fs.size(str(stored))) if fs is not None else os.stat(str(stored)).st_size)
     row.update(created=manifest.created or _mtime(path), size=size, files=len(manifest.files) + 1)
     if manifest.step != step:
         row["error"] = f"{path / _files.MANIFEST_NAME}: says step {manifest.step}, the folder's name step {step}"
     if verify and row["error"] is None:
         try:
             with progress(size, f"verify {path.name}", quiet=quiet) as bar:
-                _files.audit(path, manifest, done=bar.update)
+                _files.audit(path, manifest, done=bar.update, storage_options=opts)
         except CheckpointError as exc:
             row["error"] = str(exc)
         else:
@@ -91,14 +105,16 @@ def _checkpoint(path: Path, step: int, *, verify: bool, quiet: bool) -> dict[str
     return row
 
 
-def list_root(root: str, *, verify: bool = False, quiet: bool = True) -> dict[str, object]:
+def list_root(root: str, *, verify: bool = False, quiet: bool = True, storage_options: _files.Options = None) -> dict[str, object]:
     """The report ``ls --json`` prints (see spec/cli/ls.schema.json)."""
-    folder = Path(root)
-    if (folder / _files.MANIFEST_NAME).is_file():
+    folder, storage = _files.storage_at(root, storage_options=storage_options)
+    if storage.committed(folder):
         raise CheckpointNotFoundError(
             f"{folder}: is a checkpoint, not a root of checkpoints; list {folder.parent} or run "
             f"safeckpt inspect {folder}"
         )
+    if isinstance(folder, _files.ObjectPath):
+        return _list_objects(folder, storage, verify=verify, quiet=quiet, opts=storage_options)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except FileNotFoundError:
@@ -112,7 +128,8 @@ def list_root(root: str, *, verify: bool = False, quiet: bool = True) -> dict[st
         path = folder / entry.name
         step = _files.parse_step(entry.name)
         if step is not None:
-            checkpoints.append(_checkpoint(path, step, verify=verify, quiet=quiet))
+            committed = (path / _files.MANIFEST_NAME).is_file()
+            checkpoints.append(_checkpoint(path, step, committed, verify=verify, quiet=quiet, fs=None, opts=None))
         elif entry.name.startswith((_files.TMP_PREFIX, _files.TRASH_PREFIX)):
             kind = "temporary" if entry.name.startswith(_files.TMP_PREFIX) else "trash"
             leftovers.append({"path": str(path), "kind": kind, "modified": _mtime(path), "size": _folder_size(path)})
@@ -120,8 +137,26 @@ def list_root(root: str, *, verify: bool = False, quiet: bool = True) -> dict[st
     return {"root": str(folder), "checkpoints": checkpoints, "leftovers": leftovers}
 
 
+def _list_objects(root: _files.ObjectPath, storage: Any, *, verify: bool, quiet: bool, opts: _files.Options) -> dict[str, object]:
+    """:func:`list_root` of an object-store root: ``step-*`` prefixes, and as leftovers the
+    ``objects-*`` uploads no manifest names (a running save's, an interrupted or losing one's,
+    or an overwritten checkpoint's; a save deletes them once stale)."""
+    if not storage.exists(root):
+        raise CheckpointNotFoundError(f"{root}: nothing is stored under this URL; check the bucket and path")
+    fs = storage.fs
+    checkpoints = [
+        _checkpoint(place, step, committed, verify=verify, quiet=quiet, fs=fs, opts=opts)
+        for step, place, committed in storage.scan_steps()
+    ]
+    leftovers = [
+        {"path": str(place), "kind": "upload", "modified": iso_time(started.timestamp()) if started else None, "size": _folder_size(place, fs)}
+        for place, started in storage.uploads()
+    ]
+    return {"root": str(root), "checkpoints": checkpoints, "leftovers": leftovers}
+
+
 def run(args: argparse.Namespace) -> int:
-    report = list_root(args.root, verify=args.verify, quiet=args.quiet)
+    report = list_root(args.root, verify=args.verify, quiet=args.quiet, storage_options=storage_options(args))
     checkpoints = report["checkpoints"]
     leftovers = report["leftovers"]
     assert isinstance(checkpoints, list) and isinstance(leftovers, list)
@@ -136,11 +171,20 @@ def run(args: argparse.Namespace) -> int:
         if args.verify and row["committed"]:
             state += ", verified" if row.get("verified") else ", FAILED"
         size = human_size(row["size"]) if row["size"] is not None else "?"
-        print(f"{row['step']:>10}  {row['created'] or '?':<25} {size:>10}  {state}  {Path(row['path']).name}")
+        print(f"{row['step']:>10}  {row['created'] or '?':<25} {size:>10}  {state}  {_tail(row['path'])}")
         if row["error"] is not None:
             print(f"{'':>12}{row['error']}")
     if leftovers:
-        print("temporary and trash folders (a running save's, or left by an interrupted save or removal; the next save removes dead ones):")
+        print(
+            "leftovers: temporary and trash folders or uncommitted uploads (a running save's, or left by an "
+            "interrupted save, a removal or an overwrite; saves remove dead or stale ones):"
+        )
         for row in leftovers:
-            print(f"  {row['kind']:<9} {row['modified'] or '?':<25} {human_size(row['size']):>10}  {Path(row['path']).name}")
+            print(f"  {row['kind']:<9} {row['modified'] or '?':<25} {human_size(row['size']):>10}  {_tail(row['path'])}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _tail(path: str) -> str:
+    """The part of a listed path below the root (``step-00000009/objects-...`` for an upload)."""
+    parts = path.replace(os.sep, "/").rsplit("/", 2)
+    return "/".join(parts[-2:]) if parts[-1].startswith(_files.OBJECTS_PREFIX) else parts[-1]

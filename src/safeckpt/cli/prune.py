@@ -1,7 +1,7 @@
 """``safeckpt prune ROOT --keep-last N [--keep-every M] [--dry-run]``: delete old checkpoints by
 the rules :class:`~safeckpt.CheckpointManager` applies (:mod:`safeckpt.retention`), each through
-the commit protocol's safe removal (the folder is uncommitted by a rename before any file goes).
-Torch-free.
+the storage's safe removal: a local folder is uncommitted by a rename before any file goes; in an
+object store (``s3://bucket/run``) the manifest is deleted before the data objects. Torch-free.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import CheckpointNotFoundError, CheckpointWriteError
+from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ..retention import steps_to_remove
 from . import _files
-from ._common import EXIT_OK, add_command, add_json, emit_json
+from ._common import EXIT_OK, add_command, add_json, add_storage_options, emit_json, storage_options
 
 __all__ = ["prune", "register", "run"]
 
@@ -36,35 +36,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}: keeps the N newest committed checkpoints plus "
         "every step that is a multiple of M, and deletes the other committed ones. Uncommitted "
-        "folders are left alone. Each checkpoint is renamed out of sight before its files are "
-        "deleted, so an interrupted prune never leaves a half-deleted checkpoint.",
+        "folders are left alone. Each checkpoint is uncommitted before its files are deleted (renamed "
+        "out of sight; in an object store, its manifest.json deleted first), so an interrupted prune "
+        "never leaves a half-deleted checkpoint that looks committed.",
     )
-    p.add_argument("root", metavar="ROOT", help="folder holding step-* checkpoint folders")
+    p.add_argument("root", metavar="ROOT", help="folder holding step-* checkpoint folders, or a URL (s3://bucket/run)")
     p.add_argument("--keep-last", type=_positive, required=True, metavar="N", help="keep the N newest committed checkpoints")
     p.add_argument("--keep-every", type=_positive, default=None, metavar="M", help="also keep every checkpoint whose step is a multiple of M")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     add_json(p)
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
-def prune(root: str, *, keep_last: int, keep_every: int | None = None, dry_run: bool = False) -> dict[str, object]:
+def prune(
+    root: str, *, keep_last: int, keep_every: int | None = None, dry_run: bool = False, storage_options: _files.Options = None
+) -> dict[str, object]:
     """Apply the retention rules to ``root``; returns the report ``prune --json`` prints."""
-    folder = Path(root)
-    if not folder.is_dir():
+    folder, storage = _files.storage_at(root, storage_options=storage_options)
+    if isinstance(folder, Path) and not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: is not a folder of checkpoints; check the path")
-    storage = _files.LocalStorage(folder)
+    if isinstance(folder, _files.ObjectPath) and not storage.exists(folder):
+        raise CheckpointNotFoundError(f"{folder}: nothing is stored under this URL; check the bucket and path")
     committed = dict(storage.list_checkpoints())
     remove = steps_to_remove(committed, keep_last=keep_last, keep_every=keep_every)
     removed: list[int] = []
     for step in remove:
         if not dry_run:
             try:
-                storage.remove(committed[step])  # uncommitted by a hidden rename, then deleted
-            except OSError as exc:
+                storage.remove(committed[step])  # uncommitted first (rename, or manifest deleted), then deleted
+            except CheckpointError:
+                raise
+            except Exception as exc:  # OSError locally; the object store's client errors after retries
                 raise CheckpointWriteError(
-                    exc.errno or 0,
-                    f"{committed[step]}: could not remove it ({exc.strerror or exc}); removed so far: "
-                    f"{removed or 'none'}. Fix the cause and run prune again",
+                    getattr(exc, "errno", None) or 0,
+                    f"{committed[step]}: could not remove it ({getattr(exc, 'strerror', None) or exc}); removed "
+                    f"so far: {removed or 'none'}. Fix the cause and run prune again",
                 ) from exc
         removed.append(step)
     return {
@@ -78,7 +85,10 @@ def prune(root: str, *, keep_last: int, keep_every: int | None = None, dry_run: 
 
 
 def run(args: argparse.Namespace) -> int:
-    report = prune(args.root, keep_last=args.keep_last, keep_every=args.keep_every, dry_run=args.dry_run)
+    report = prune(
+        args.root, keep_last=args.keep_last, keep_every=args.keep_every, dry_run=args.dry_run,
+        storage_options=storage_options(args),
+    )  # fmt: skip
     if args.json:
         emit_json(report)
         return EXIT_OK

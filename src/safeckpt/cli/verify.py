@@ -9,7 +9,18 @@ import sys
 
 from ..errors import CheckpointError
 from . import _files
-from ._common import EXIT_FAILED, EXIT_OK, add_command, add_json, add_quiet, emit_json, human_size, progress
+from ._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_command,
+    add_json,
+    add_quiet,
+    add_storage_options,
+    emit_json,
+    human_size,
+    progress,
+    storage_options,
+)
 
 __all__ = ["register", "run"]
 
@@ -25,23 +36,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "one fails; the exit status is 1 if any failed. A root of step-* folders verifies its "
         "newest committed checkpoint (use `safeckpt ls --verify ROOT` for all of them).",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint folder, its manifest.json, or a root of step-* folders")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint folder, its manifest.json, or a root of step-* folders; or a URL (s3://bucket/run)")
     add_json(p)
     add_quiet(p)
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
-def verify_one(path: str, *, quiet: bool) -> dict[str, object]:
+def verify_one(path: str, *, quiet: bool, storage_options: _files.Options = None) -> dict[str, object]:
     """Verify one path; returns its report (``ok`` False with ``error`` when it failed)."""
     report: dict[str, object] = {"path": path, "ok": False, "checkpoint": None, "step": None, "files": None, "bytes": None, "error": None}
     try:
-        folder = _files.locate(path, remote=True)
+        folder = _files.locate(path, storage_options=storage_options)
         report["checkpoint"] = str(folder)
-        manifest = _files.read_manifest(folder)
+        manifest = _files.read_manifest(folder, storage_options=storage_options)
         report["step"] = manifest.step
         total = sum(entry.size for entry in manifest.files)
         with progress(total, f"verify {folder.name}", quiet=quiet) as bar:
-            _files.audit(folder, manifest, done=bar.update)
+            _files.audit(folder, manifest, done=bar.update, storage_options=storage_options)
     except CheckpointError as exc:
         report["error"] = str(exc)
         return report
@@ -52,7 +64,7 @@ def verify_one(path: str, *, quiet: bool) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     reports = []
     for path in args.paths:
-        report = verify_one(path, quiet=args.quiet)
+        report = verify_one(path, quiet=args.quiet, storage_options=storage_options(args))
         reports.append(report)
         if args.json:
             continue

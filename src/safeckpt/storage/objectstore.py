@@ -38,7 +38,7 @@ from ..errors import (
 from ..format import limits
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .base import FileSource, Location, ObjectPath
-from .objectio import REMOTE, audit_object, download_object, retrying, upload_object
+from .objectio import REMOTE, _checked_size, _fetch, audit_object, download_object, retrying, upload_object
 from .parallel import in_parallel
 from .posix_commit import parse_step, step_dirname
 
@@ -144,28 +144,34 @@ class ObjectStorage:
             pass
         retrying(lambda: self.fs.rm(str(place), recursive=True), what=str(place))
 
-    def clean_stale(self, now: datetime.datetime | None = None) -> None:
-        """Delete ``objects-*`` prefixes older than ``REMOTE.stale_after_s`` that no manifest names."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+    def uploads(self, *, started_before: datetime.datetime | None = None) -> list[tuple[ObjectPath, datetime.datetime | None]]:
+        """Every ``objects-*`` prefix no manifest names, with the start time its name records: a
+        running save's, an interrupted or losing save's, or an overwritten checkpoint's (the
+        object store's leftovers; a step whose manifest cannot be read is left out). With
+        ``started_before``, only those whose recorded start is earlier."""
+        found = []
         for step_name in _children(self.fs, self.root):
             place = self.root / step_name
             names = _children(self.fs, place)
-            stale = [
+            unnamed = [
                 n for n in names
                 if n.startswith(OBJECTS_PREFIX)
-                and (started := _started(n)) is not None
-                and (now - started).total_seconds() > REMOTE.stale_after_s
-            ]
-            if not stale:
-                continue
-            if MANIFEST_NAME in names:
+                and (started_before is None or ((started := _started(n)) is not None and started < started_before))
+            ]  # fmt: skip
+            if unnamed and MANIFEST_NAME in names:
                 try:
                     with self.open(place) as folder:
-                        stale = [n for n in stale if n != folder.read_manifest().objects]
+                        unnamed = [n for n in unnamed if n != folder.read_manifest().objects]
                 except CheckpointError:
                     continue  # an unreadable manifest: leave its objects for a person to look at
-            for name in stale:
-                retrying(lambda: self.fs.rm(str(place / name), recursive=True), what=str(place / name))
+            found += [(place / name, _started(name)) for name in unnamed]
+        return found
+
+    def clean_stale(self, now: datetime.datetime | None = None) -> None:
+        """Delete ``objects-*`` prefixes older than ``REMOTE.stale_after_s`` that no manifest names."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        for place, _ in self.uploads(started_before=now - datetime.timedelta(seconds=REMOTE.stale_after_s)):
+            retrying(lambda: self.fs.rm(str(place), recursive=True), what=str(place))
 
 
 class ObjectPendingWrite:
@@ -272,6 +278,17 @@ class ObjectFolder:
                 e.name: download_object(self.fs, str(objects / e.name), e, verify=verify, pool=pool)
                 for e in ordered
             }
+
+    def read_range(self, entry: FileEntry, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of ``entry``'s object, its size checked but not its digests:
+        for listing an archive's header without downloading its tensors (``safeckpt inspect``)."""
+        url = str(self._files_at() / entry.name)
+        _checked_size(self.fs, url, entry)
+        if end <= start:
+            return b""
+        piece = bytearray(end - start)
+        _fetch(self.fs, url, start, end, memoryview(piece))
+        return bytes(piece)
 
     def audit(self, entries: Iterable[FileEntry]) -> None:
         objects = self._files_at()
