@@ -1,15 +1,21 @@
-"""Shared fixtures: a small model, a trained optimizer, and a saved checkpoint."""
+"""Shared fixtures: a small model, a trained optimizer, a saved checkpoint, and an S3 API server
+(moto, on loopback) with a fresh bucket."""
 
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 import safeckpt
+
+if TYPE_CHECKING:
+    from s3_server import S3Server
 
 
 class TinyLM(torch.nn.Module):
@@ -72,6 +78,32 @@ def saved(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> Pa
         directory=tmp_path / "checkpoints",
         extra={"loader": {"epoch": 1, "offset": 12}},
     )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[S3Server]:
+    """moto's S3 API on a free loopback port, for one test module (moto is imported only here,
+    so that test modules without object storage do not need it)."""
+    from s3_server import S3Server
+
+    s3 = S3Server()
+    s3.start()
+    yield s3
+    s3.stop()
+
+
+@pytest.fixture()
+def bucket(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on ``server``; dummy credentials in the environment, as s3fs reads them."""
+    import boto3
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket=name)
+    return name
 
 
 def spy_everywhere(monkeypatch: pytest.MonkeyPatch, function: Callable[..., object], calls: list[tuple[str, dict]]) -> None:
