@@ -1,7 +1,8 @@
 """The ``safeckpt`` command line: one module per command, torch-free where possible.
 
 ``verify``, ``inspect``, ``ls`` and ``prune`` never import torch; ``diff``, ``export`` and
-``convert`` import it when they run. Every read command takes ``--json``; long work shows a
+``convert`` import it when they run. Every path but ``consolidate``'s may be an fsspec URL, with
+``--storage-option KEY=VALUE`` for the file system (:mod:`._common`). Every read command takes ``--json``; long work shows a
 progress bar when stderr is a terminal (tqdm, optional). Exit status: 0 on success, 1 when a
 checkpoint fails verification or cannot be read or written or ``diff`` finds differences beyond
 its tolerance, 2 on bad usage.
@@ -30,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (``safeckpt demo`` parses its own arguments)."""
     parser = argparse.ArgumentParser(
         prog="safeckpt",
-        description="Verify, inspect, compare, prune, convert and export safeckpt checkpoints.",
+        description="Verify, inspect, compare, prune, convert and export safeckpt checkpoints.\n\n"
+        "Paths may be fsspec URLs (s3://bucket/run, gs://..., memory://...; all commands but "
+        "consolidate). Credentials and endpoint come from the environment as s3fs reads them "
+        "(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...) or from --storage-option KEY=VALUE (repeatable; "
+        "VALUE is JSON when it parses, else a string: anon=true, endpoint_url=http://host:9000).",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
