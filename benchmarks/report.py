@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 Summary = dict[str, dict[str, dict[str, float]]]
@@ -95,6 +96,18 @@ def _targets(summary: Summary, size: str, floor_bps: float) -> list[tuple[str, s
     return rows
 
 
+OTHER_SECTIONS = re.compile(r"^<!-- [a-z]+:begin -->$", re.MULTILINE)
+"""Where the sections other benchmarks write (``distributed.py``, ``remote.py``) start."""
+
+
+def _other_sections(path: Path) -> str:
+    """Everything from the first ``<!-- NAME:begin -->`` marker of the existing ``path`` on: the
+    other benchmarks' sections, which this report keeps as they are instead of dropping them."""
+    text = path.read_text() if path.exists() else ""
+    match = OTHER_SECTIONS.search(text)
+    return "" if match is None else "\n" + text[match.start() :]
+
+
 def write_markdown(path: Path, meta: dict[str, object], summary: Summary) -> None:
     floor_core = _get(summary, "floor", "sha256_core_Bps") or 0.0
     floor_all = _get(summary, "floor", "sha256_all_Bps") or 0.0
@@ -163,7 +176,7 @@ def write_markdown(path: Path, meta: dict[str, object], summary: Summary) -> Non
     lines += [f"## Targets at {target_size}", "", "| Target | Measured | Met |", "|---|---|---|"]
     for name, text, ok in _targets(summary, str(target_size), floor_all):
         lines.append(f"| {name} | {text} | {'–' if ok is None else 'yes' if ok else '**no**'} |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + _other_sections(path))
 
 
 def write_chart(path: Path, meta: dict[str, object], summary: Summary) -> None:
