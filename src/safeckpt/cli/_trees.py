@@ -12,16 +12,14 @@ from pathlib import Path
 
 import torch
 
+from ..format.tree import TREE_NAMES
 from ..pipeline.read import decode_tree
 from ..storage.base import Buffer
 from ..torch.loader import Checkpoint
 from ..torch.tensors import tensors_from_buffer
 from . import _files
 
-__all__ = ["TREES", "Checkpoint", "decode_part", "load", "read_part"]
-
-TREES = ("optimizer", "scheduler", "rng", "extra")
-"""The state trees besides the model, each stored as ``NAME.msgpack`` + ``NAME.safetensors``."""
+__all__ = ["Checkpoint", "decode_part", "load", "read_part"]
 
 
 def decode_part(part: str, buffers: Mapping[str, memoryview], folder: Path) -> object | None:
@@ -53,7 +51,7 @@ def load(folder: Path, manifest: _files.Manifest, *, done: Callable[[int], objec
     """Everything the checkpoint holds, verified, as a :class:`~safeckpt.Checkpoint` (nothing is
     restored anywhere)."""
     buffers = _files.read_verified(folder, list(manifest.files), done=done)
-    trees = {part: decode_part(part, buffers, folder) for part in TREES}
+    trees = {part: decode_part(part, buffers, folder) for part in TREE_NAMES}
     model = decode_part("model", buffers, folder)
     assert isinstance(model, dict)
     extra = trees["extra"]
