@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from .._version import __version__
-from ..format.documents import dump_json, dump_msgpack, load_json, load_msgpack
+from ..format.documents import dump_msgpack, load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
 from ..format.safetensors import DTYPE_SIZES
 from ..format.tree import decode_document, encode_document
@@ -21,7 +21,7 @@ from ..storage.posix_commit import TMP_PREFIX, PosixPendingWrite, list_checkpoin
 from ..storage.posix_write import fsync_dir, write_file
 from ..torch.background import PendingSave, acquire_slot
 from ..torch.plan import SaveOptions, plan_documents, plan_trees, standard_trees
-from ..torch.rng import capture_rng, restore_rng
+from ..torch.rng import restore_rng
 from ..torch.tensors import DTYPE_NAMES, TORCH_DTYPES, TensorCollector, archive_parts, tensors_from_buffer
 
 
@@ -56,11 +56,9 @@ __all__ = [
     "acquire_slot",
     "archive_parts",
     "build",
-    "capture_rng",
     "core_loader",
     "core_saver",
     "decode_document",
-    "dump_json",
     "dump_msgpack",
     "encode_document",
     "fsync_dir",

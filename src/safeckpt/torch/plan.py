@@ -29,7 +29,7 @@ from ..configs import config_metadata, config_to_json, json_plain
 from ..errors import CheckpointUsageError, UnsupportedValueError
 from ..format.documents import dump_json, dump_msgpack
 from ..format.tree import TREE_NAMES, encode_document
-from ..storage.base import Location
+from ..storage.base import Buffer, Location
 from .background import take_snapshot
 from .rng import capture_rng
 from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
@@ -44,8 +44,6 @@ __all__ = [
     "plan_trees",
     "standard_trees",
 ]
-
-Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
