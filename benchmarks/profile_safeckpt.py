@@ -79,12 +79,13 @@ def main() -> None:
         print(f"state: {state_bytes / 1e6:.0f} MB, baseline RSS {_rss_mb():.0f} MB")
         floors(min(state_bytes, 512 << 20), root)
 
+        from safeckpt.torch import plan as planning
         from safeckpt.torch import saver
 
         warm = int(args.warm_gb * 1e9)
         warm_memory(warm)
         t0 = time.perf_counter()
-        plan = saver.plan_checkpoint(model, optimizer, None, None, 1)
+        plan = planning.plan_checkpoint(model, optimizer, None, None, 1)
         t1 = time.perf_counter()
         print(f"save: plan {t1 - t0:.3f}s")
         profiler = cProfile.Profile() if args.profile else None

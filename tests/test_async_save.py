@@ -18,6 +18,7 @@ from conftest import TinyLM, train_steps
 from safeckpt.storage import posix_commit
 from safeckpt.storage.posix_commit import list_checkpoints
 from safeckpt.torch import background, saver
+from safeckpt.torch import plan as planning
 
 
 @pytest.fixture(autouse=True)
@@ -78,13 +79,13 @@ def test_a_second_save_waits_for_the_first(
     tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log: list[str] = []
-    real_snapshot = saver.CheckpointPlan.snapshot
+    real_snapshot = planning.CheckpointPlan.snapshot
 
-    def logged_snapshot(plan: saver.CheckpointPlan) -> None:
+    def logged_snapshot(plan: planning.CheckpointPlan) -> None:
         log.append(f"snapshot {plan.step}")
         real_snapshot(plan)
 
-    monkeypatch.setattr(saver.CheckpointPlan, "snapshot", logged_snapshot)
+    monkeypatch.setattr(planning.CheckpointPlan, "snapshot", logged_snapshot)
     gate = _Gate(monkeypatch, log)
     first = safeckpt.save_checkpoint(model, optimizer, None, None, 1, directory=tmp_path, async_=True)
     gate.entered.wait(30)
@@ -176,9 +177,9 @@ def test_next_snapshot_reuses_the_memory_of_the_last(tmp_path: Path, model: Tiny
     assert kept["model"] and kept["optimizer"]
     live = {t.data_ptr() for t in [*model.state_dict().values(), *_optimizer_tensors(optimizer)]}
     assert not live & {p for ts in kept.values() for p in ts.values()}  # copies, never the caller's tensors
-    plan = saver.plan_checkpoint(model, optimizer, None, None, 2)
+    plan = planning.plan_checkpoint(model, optimizer, None, None, 2)
     plan.snapshot()
-    for name, (archive, _) in plan.archives.items():
+    for name, archive in plan.archives.items():
         for key, tensor in archive.tensors.items():
             assert tensor.data_ptr() == kept[name][key], (name, key)
     background.release_snapshot_memory()
@@ -211,14 +212,14 @@ def test_on_commit_runs_after_the_commit_and_its_error_is_the_saves(
     tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer
 ) -> None:
     seen: list[bool] = []
-    plan = saver.plan_checkpoint(model, optimizer, None, None, 1)
+    plan = planning.plan_checkpoint(model, optimizer, None, None, 1)
     pending = saver.write_checkpoint_async(plan, tmp_path, on_commit=lambda p: seen.append((p / "manifest.json").exists()))
     assert pending.wait() == tmp_path / "step-00000001" and seen == [True]
 
     def fail(path: Path) -> None:
         raise RuntimeError(f"pruning after {path.name} failed")
 
-    plan = saver.plan_checkpoint(model, optimizer, None, None, 2)
+    plan = planning.plan_checkpoint(model, optimizer, None, None, 2)
     with pytest.raises(RuntimeError, match="after step-00000002"):
         saver.write_checkpoint_async(plan, tmp_path, on_commit=fail).wait()
 

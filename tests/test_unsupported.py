@@ -51,6 +51,17 @@ def test_non_json_config_is_refused(tmp_path: Path) -> None:
         safeckpt.save_checkpoint({"w": torch.ones(1)}, None, {"lr": float("nan")}, None, 1, directory=tmp_path)
 
 
+@pytest.mark.parametrize(
+    "metadata, message",
+    [([("run", "a")], "metadata: expected a mapping"), ({"run": {1, 2}}, r"metadata\['run'\]")],
+    ids=["not-a-mapping", "set-value"],
+)
+def test_bad_metadata_is_refused_before_anything_is_written(tmp_path: Path, metadata: object, message: str) -> None:
+    with pytest.raises(safeckpt.UnsupportedValueError, match=message):
+        safeckpt.save_checkpoint({"w": torch.ones(1)}, None, None, None, 1, directory=tmp_path, metadata=metadata)  # type: ignore[arg-type]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("step", [-1, 1.5, True, "3"])
 def test_bad_step_is_refused(tmp_path: Path, step: object) -> None:
     with pytest.raises(safeckpt.UnsupportedValueError, match="step"):

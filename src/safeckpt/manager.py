@@ -49,7 +49,8 @@ from .storage.base import Location
 from .storage.locate import as_location, storage_for
 from .storage.posix_commit import step_dirname
 from .torch.loader import Checkpoint, load_checkpoint
-from .torch.saver import PendingSave, plan_checkpoint, save_checkpoint, write_checkpoint_async
+from .torch.plan import SaveOptions
+from .torch.saver import PendingSave, save
 from .torch.usage import check_extra
 
 __all__ = ["CheckpointManager"]
@@ -279,38 +280,18 @@ class CheckpointManager:
         self.wait()
         if not overwrite:
             overwrite = self._replace_if_damaged(step)
-        sharded = _sharded_api(model)
-        if sharded is not None:  # FSDP2/DTensor/DDP in a job: every rank saves, the coordinator prunes
-            retain = sharded.is_coordinator(model)
-            result = sharded.save_checkpoint(
-                model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler, extra=extra,
-                metadata=metadata, rng=rng, overwrite=overwrite, async_=self.async_save,
-                on_commit=(lambda _: self._apply_retention(step)) if retain else None,
-            )  # fmt: skip
-            if not isinstance(result, PendingSave):
-                if retain:
-                    self._apply_retention(step)
-                return result
+        sharded = _sharded_api(model)  # FSDP2/DTensor/DDP in a job: every rank saves, the coordinator prunes
+        retain = sharded is None or sharded.is_coordinator(model)
+        options = SaveOptions(
+            directory=self.directory, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng, overwrite=overwrite,
+            async_=self.async_save, storage_options=self.storage_options,
+            on_commit=(lambda _: self._apply_retention(step)) if retain else None,
+        )  # fmt: skip
+        result = save(model, optimizer, config, vocab, step, options)
+        if isinstance(result, PendingSave):
             self._pending = result
             return result.path
-        if self.async_save:
-            plan = plan_checkpoint(
-                model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
-            )
-            self._pending = write_checkpoint_async(
-                plan,
-                self.directory,
-                overwrite=overwrite,
-                on_commit=lambda _: self._apply_retention(step),
-                storage_options=self.storage_options,
-            )
-            return self._pending.path
-        path = save_checkpoint(
-            model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler,
-            extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, storage_options=self.storage_options,
-        )
-        self._apply_retention(step)
-        return path
+        return result
 
     def _replace_if_damaged(self, step: int) -> bool:
         path = self.path(step)

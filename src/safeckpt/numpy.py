@@ -30,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - the numpy extra installs it
 
 from .format.documents import load_json
 from .format.safetensors import DTYPE_SIZES, parse_header
+from .format.tree import TREE_NAMES
 from .pipeline.read import (
     CheckpointContents,
     decode_tree,
@@ -50,8 +51,6 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("bool"),
 }  # fmt: skip
 """The numpy dtype of every format dtype (all little-endian)."""
-
-TREES = ("optimizer", "scheduler", "rng", "extra")
 
 
 class Checkpoint(CheckpointContents[np.ndarray]):
@@ -120,7 +119,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
     model_state, model_meta = arrays_from_buffer(buffers["model.safetensors"], source=source)
     for alias, target in model_aliases(model_meta, model_state.keys(), source=source).items():
         model_state[alias] = model_state[target]
-    trees = {name: decode_tree(name, buffers, folder, _tree_arrays) for name in TREES}
+    trees = {name: decode_tree(name, buffers, folder, _tree_arrays) for name in TREE_NAMES}
     config = vocab = None
     if "config.json" in buffers:
         config = load_json(bytes(buffers["config.json"]), source=str(folder / "config.json"))

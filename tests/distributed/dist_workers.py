@@ -262,6 +262,23 @@ def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
         dist.barrier(g2)
         assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".safeckpt")) == ["step-00000003"]
 
+    with check("invalid_options_refused_on_every_rank_before_writing"):
+        # The sharded save plans as the single-process one does: metadata and extra are checked
+        # on every rank before DCP writes a byte (metadata used to fail in the coordinator's finish()).
+        expect(
+            safeckpt.UnsupportedValueError,
+            lambda: safeckpt.save_checkpoint(model, opt, None, None, 8, directory=root, metadata={"bad": object()}),
+            "metadata['bad']",
+        )
+        loader = torch.utils.data.DataLoader(list(range(4)))
+        expect(
+            safeckpt.CheckpointUsageError,
+            lambda: safeckpt.save_checkpoint(model, opt, None, None, 8, directory=root, extra={"data": loader}),
+            "extra['data']", "StatefulDataLoader",
+        )
+        dist.barrier(g2)
+        assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".safeckpt")) == ["step-00000003"]
+
     with check("async_manager_commits_and_prunes"):
         manager = safeckpt.CheckpointManager(tmp / "async", keep_last=2, async_save=True)
         for step in (1, 2, 3):

@@ -53,6 +53,7 @@ def assert_ok(job: tuple[Path, Results], name: str, ranks: range) -> None:
         ("corrupt_truncated_shard_every_rank_raises_before_restoring", range(2)),
         ("corrupt_damaged_sharding_json_every_rank_raises_before_restoring", range(2)),
         ("failed_rank_leaves_nothing", range(2)),
+        ("invalid_options_refused_on_every_rank_before_writing", range(2)),
         ("async_manager_commits_and_prunes", range(2)),
         ("async_error_raised_by_next_call", range(2)),
         ("ddp_roundtrip_written_once", range(2)),

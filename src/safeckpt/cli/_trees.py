@@ -11,16 +11,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ..format.tree import TREE_NAMES
 from ..pipeline.read import decode_tree
 from ..storage.base import Buffer, Location
 from ..torch.loader import Checkpoint
 from ..torch.tensors import tensors_from_buffer
 from . import _files
 
-__all__ = ["TREES", "Checkpoint", "decode_part", "load", "read_part"]
-
-TREES = ("optimizer", "scheduler", "rng", "extra")
-"""The state trees besides the model, each stored as ``NAME.msgpack`` + ``NAME.safetensors``."""
+__all__ = ["Checkpoint", "decode_part", "load", "read_part"]
 
 
 def decode_part(part: str, buffers: Mapping[str, memoryview], folder: Location) -> object | None:
@@ -63,7 +61,7 @@ def load(
     """Everything the checkpoint holds, verified, as a :class:`~safeckpt.Checkpoint` (nothing is
     restored anywhere)."""
     buffers = _files.read_verified(folder, list(manifest.files), done=done, storage_options=storage_options)
-    trees = {part: decode_part(part, buffers, folder) for part in TREES}
+    trees = {part: decode_part(part, buffers, folder) for part in TREE_NAMES}
     model = decode_part("model", buffers, folder)
     assert isinstance(model, dict)
     extra = trees["extra"]

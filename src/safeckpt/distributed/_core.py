@@ -10,8 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from .._version import __version__
-from ..configs import config_metadata, config_to_json
-from ..format.documents import dump_json, dump_msgpack, load_json, load_msgpack
+from ..format.documents import dump_msgpack, load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
 from ..format.safetensors import DTYPE_SIZES
 from ..format.tree import decode_document, encode_document
@@ -21,8 +20,8 @@ from ..storage.posix import read_bounded, read_files
 from ..storage.posix_commit import TMP_PREFIX, PosixPendingWrite, list_checkpoints, step_dirname, write_error
 from ..storage.posix_write import fsync_dir, write_file
 from ..torch.background import PendingSave, acquire_slot
-from ..torch.rng import capture_rng, restore_rng
-from ..torch.state import state_of, vocab_to_json
+from ..torch.plan import SaveOptions, plan_documents, plan_trees, standard_trees
+from ..torch.rng import restore_rng
 from ..torch.tensors import DTYPE_NAMES, TORCH_DTYPES, TensorCollector, archive_parts, tensors_from_buffer
 
 
@@ -51,18 +50,15 @@ __all__ = [
     "Manifest",
     "PendingSave",
     "PosixPendingWrite",
+    "SaveOptions",
     "TensorCollector",
     "__version__",
     "acquire_slot",
     "archive_parts",
     "build",
-    "capture_rng",
-    "config_metadata",
-    "config_to_json",
     "core_loader",
     "core_saver",
     "decode_document",
-    "dump_json",
     "dump_msgpack",
     "encode_document",
     "fsync_dir",
@@ -70,13 +66,14 @@ __all__ = [
     "load_json",
     "load_msgpack",
     "locate_checkpoint",
+    "plan_documents",
+    "plan_trees",
     "read_bounded",
     "read_files",
     "restore_rng",
-    "state_of",
+    "standard_trees",
     "step_dirname",
     "tensors_from_buffer",
-    "vocab_to_json",
     "write_error",
     "write_file",
 ]

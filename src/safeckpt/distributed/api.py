@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -37,21 +37,19 @@ from . import dcp_calls
 from ._core import (
     TORCH_DTYPES,
     PendingSave,
-    capture_rng,
-    config_metadata,
-    config_to_json,
+    SaveOptions,
     core_loader,
-    dump_json,
     load_json,
     locate_checkpoint,
+    plan_documents,
     read_files,
-    state_of,
-    vocab_to_json,
+    standard_trees,
 )
 from ._core import restore_rng as restore_rng_state
-from .layout import decode_tree, encode_tree, group_rank, has_prefix, rank_key, template
+from .layout import PER_RANK, decode_tree, encode_tree, group_rank, has_prefix, rank_key, template
 from .reader import Reader, is_sharded
 from .sharding import Sharding
+from .writer import WriterOptions
 
 __all__ = ["handles_load", "handles_save", "is_coordinator", "load_checkpoint", "process_group_of", "save_checkpoint"]
 
@@ -100,29 +98,19 @@ def process_group_of(model: object) -> dist.ProcessGroup | None:
 
 
 def save_checkpoint(
-    model: object,
-    optimizer: object | None,
-    config: object | None,
-    vocab: object | None,
-    step: int,
-    *,
-    directory: str | os.PathLike[str] | None = None,
-    path: str | os.PathLike[str] | None = None,
-    scheduler: object | None = None,
-    extra: Mapping[str, object] | None = None,
-    metadata: Mapping[str, object] | None = None,
-    rng: bool | Mapping[str, object] = True,
-    overwrite: bool = False,
-    async_: bool = False,
-    on_commit: Callable[[Path], object] | None = None,
+    model: object, optimizer: object | None, config: object | None, vocab: object | None, step: int, options: SaveOptions
 ) -> Path | PendingSave:
-    """``safeckpt.save_checkpoint`` for a sharded or DDP model; called on every rank."""
-    if path is not None:
+    """``safeckpt.save_checkpoint`` for a sharded or DDP model; called on every rank.
+
+    The plan is the single-process one (:mod:`safeckpt.torch.plan`) laid out for DCP: the model
+    and optimizer as DCP's state dicts, each named tree encoded (:func:`~.layout.encode_tree`)
+    once (``scheduler``) or per rank (:data:`~.layout.PER_RANK` trees), the documents and the
+    metadata written by the coordinator."""
+    if options.path is not None:
         raise CheckpointUsageError(
             "save_checkpoint(path=...) is not supported for sharded models yet: pass directory= "
             "(the checkpoint goes to directory/step-NNNNNNNN)"
         )
-    directory = "checkpoints" if directory is None else directory
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedValueError(f"model: a sharded save needs the nn.Module itself, got {type(model).__qualname__}")
     group = process_group_of(model)
@@ -131,33 +119,23 @@ def save_checkpoint(
         raise UnsupportedValueError(
             f"optimizer: a sharded save needs the torch.optim.Optimizer itself, got {type(optimizer).__qualname__}"
         )
-    if extra is not None and not isinstance(extra, Mapping):
-        raise UnsupportedValueError(f"extra: expected a mapping of names to state, got {type(extra).__qualname__}")
+    trees = standard_trees(None, options)  # DCP shards the optimizer's state itself
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    if scheduler is not None:
-        state["scheduler"] = encode_tree(state_of(scheduler, "scheduler"), "scheduler")
-    own: dict[str, object] = {}
-    if rng:
-        try:
-            own["rng"] = encode_tree(capture_rng(rng if isinstance(rng, Mapping) else None), "rng")
-        except TypeError as exc:
-            raise UnsupportedValueError(str(exc)) from None
-    if extra is not None:
-        own["extra"] = encode_tree({k: state_of(v, f"extra[{k!r}]") for k, v in extra.items()}, "extra")
+    own = {name: encode_tree(tree, name) for name, tree in trees.items() if name in PER_RANK}
+    state.update((name, encode_tree(tree, name)) for name, tree in trees.items() if name not in PER_RANK)
     if own:
         state[rank_key(rank)] = own
-    documents = {}
-    if config is not None:
-        documents["config.json"] = dump_json(config_to_json(config), source="config")
-        metadata = {**config_metadata(config), **(metadata or {})}
-    if vocab is not None:
-        documents["vocab.json"] = dump_json(vocab_to_json(vocab), source="vocab")
-    options: dict[str, Any] = dict(step=step, overwrite=overwrite, documents=documents, metadata=metadata, process_group=group)
-    if async_:
-        return dcp_calls.async_save(state, Path(directory), on_commit=on_commit, **options)
-    return dcp_calls.save(state, Path(directory), **options)
+    documents, metadata = plan_documents(config, vocab, options.metadata)
+    root = Path(cast("str | os.PathLike[str]", "checkpoints" if options.directory is None else options.directory))
+    writer = WriterOptions(step=step, overwrite=options.overwrite, documents=documents, metadata=metadata)
+    if options.async_:
+        return dcp_calls.async_save(state, root, process_group=group, on_commit=options.on_commit, **writer)
+    final = dcp_calls.save(state, root, process_group=group, **writer)
+    if options.on_commit is not None:
+        options.on_commit(final)
+    return final
 
 
 def _locate(path: str | os.PathLike[str], group: dist.ProcessGroup | None, *, together: bool) -> Path:

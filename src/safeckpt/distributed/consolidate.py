@@ -18,10 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CheckpointMismatchError
-from ._core import TensorCollector, core_saver, dump_msgpack, encode_document, locate_checkpoint
+from ._core import core_saver, locate_checkpoint, plan_trees
 from .api import _documents
 from .dcp_calls import load
 from .layout import decode_tree, rank_key, template
@@ -83,14 +81,9 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
         **manifest.metadata,
         "consolidated_from": {"world_size": sharding.world_size, "checkpoint": folder.name},
     }
-    saver = core_saver()
-    plan = saver.plan_checkpoint(
-        state.get("model", {}), optimizer, documents.get("config.json"), documents.get("vocab.json"), manifest.step,
-        scheduler=scheduler, extra=extra if isinstance(extra, dict) else None, metadata=metadata, rng=False,
+    trees = {"optimizer": optimizer, "scheduler": scheduler, "rng": rng, "extra": extra if isinstance(extra, dict) else None}
+    plan = plan_trees(
+        state.get("model", {}), trees, manifest.step, config=documents.get("config.json"),
+        vocab=documents.get("vocab.json"), metadata=metadata,
     )  # fmt: skip
-    if rng is not None:  # the saved streams, not this process's (plan_checkpoint captures its own)
-        archive = TensorCollector("rng")
-        document = encode_document(rng, name="rng", is_tensor=lambda v: isinstance(v, torch.Tensor), add_tensor=archive.add)
-        plan.archives["rng"] = (archive, None)
-        plan.documents["rng.msgpack"] = dump_msgpack(document)
-    return saver.write_checkpoint(plan, Path(dst), overwrite=overwrite)
+    return core_saver().write_checkpoint(plan, Path(dst), overwrite=overwrite)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -24,7 +24,10 @@ from ..errors import CheckpointError, CheckpointMismatchError, CheckpointWriteEr
 from ._core import PendingSave, acquire_slot
 from .planner import LoadPlanner, SavePlanner
 from .reader import Reader
-from .writer import Writer
+from .writer import Writer, WriterOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DistributedCheckpointError", "agree", "async_save", "load", "save", "translate"]
 
@@ -105,20 +108,19 @@ def agree(group: dist.ProcessGroup | None, run: Callable[[], T], *, together: bo
 
 
 def save(
-    state: StateDict,
-    root: str | Path,
-    *,
-    step: int,
-    overwrite: bool = False,
-    documents: Mapping[str, bytes] | None = None,
-    metadata: Mapping[str, object] | None = None,
-    process_group: dist.ProcessGroup | None = None,
+    state: StateDict, root: str | Path, *, process_group: dist.ProcessGroup | None = None, **options: Unpack[WriterOptions]
 ) -> Path:
     """``dcp.save`` with :class:`Writer` and :class:`SavePlanner`; returns the committed folder.
 
     Called on every rank of ``process_group`` (default: the whole job), or in a plain process.
+    ``options`` are the :class:`Writer`'s: ``step`` (required), ``overwrite``, ``documents``,
+    ``metadata``.
+
+    Example:
+        >>> sd.save({"model": model.state_dict()}, "checkpoints", step=100)  # doctest: +SKIP
+        PosixPath('checkpoints/step-00000100')
     """
-    writer = Writer(root, step=step, overwrite=overwrite, documents=documents, metadata=metadata)
+    writer = Writer(root, **options)
     try:
         with _quiet_single_process():
             dcp.save(
@@ -178,21 +180,19 @@ def async_save(
     state: StateDict,
     root: str | Path,
     *,
-    step: int,
-    overwrite: bool = False,
-    documents: Mapping[str, bytes] | None = None,
-    metadata: Mapping[str, object] | None = None,
     process_group: dist.ProcessGroup | None = None,
     on_commit: Callable[[Path], object] | None = None,
+    **options: Unpack[WriterOptions],
 ) -> PendingSave:
     """``dcp.async_save``: returns once ``state`` is copied; ``wait()`` returns the folder.
+    ``options`` are :func:`save`'s; ``on_commit(folder)`` runs right after the commit.
 
     One save is in flight at a time (as for single-process saves): this first waits for the
     previous one, and raises its error if nobody collected it.
     """
     release = acquire_slot()
     try:
-        writer = Writer(root, step=step, overwrite=overwrite, documents=documents, metadata=metadata)
+        writer = Writer(root, **options)
         group = checkpoint_group(process_group)
         with _quiet_single_process():
             future = dcp.async_save(
@@ -209,7 +209,7 @@ def async_save(
             return writer.final
 
         committed = None if on_commit is None else (lambda final: on_commit(Path(str(final))))
-        return PendingSave(step, writer.final, wait, on_commit=committed, on_exit=release)
+        return PendingSave(writer.step, writer.final, wait, on_commit=committed, on_exit=release)
     except BaseException:
         release()
         raise

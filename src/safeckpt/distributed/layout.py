@@ -25,9 +25,12 @@ from ..errors import CheckpointCorruptedError
 from ._core import TORCH_DTYPES, TensorCollector, decode_document, dump_msgpack, encode_document, load_msgpack
 from .sharding import Sharding
 
-__all__ = ["RANK_PREFIX", "decode_tree", "encode_tree", "group_rank", "has_prefix", "rank_key", "template"]
+__all__ = ["PER_RANK", "RANK_PREFIX", "decode_tree", "encode_tree", "group_rank", "has_prefix", "rank_key", "template"]
 
 RANK_PREFIX = "rank-"
+PER_RANK = ("rng", "extra")
+"""The named trees each rank saves its own of, under :func:`rank_key`; the others (the
+scheduler's) are the same on every rank and saved once, at the top level."""
 
 
 def rank_key(rank: int) -> str:

@@ -30,7 +30,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
@@ -57,7 +57,7 @@ from ._core import (
 from .planner import PLANNER_MARK, SavePlanner
 from .sharding import SHARDING_NAME, Chunk, Location, TensorEntry, dump_sharding
 
-__all__ = ["SHARDED_FORMAT_VERSION", "Writer", "shard_name"]
+__all__ = ["SHARDED_FORMAT_VERSION", "Writer", "WriterOptions", "shard_name"]
 
 SHARDED_FORMAT_VERSION = (1, 2)
 """Format version of a sharded checkpoint's manifest (1.2 adds ``sharding.json``)."""
@@ -66,6 +66,20 @@ SHARDED_FORMAT_VERSION = (1, 2)
 UsageError = CheckpointUsageError
 """A DCP call configured so that safeckpt cannot give its guarantees (the message says what to
 pass instead): ``safeckpt.errors.CheckpointUsageError``."""
+
+
+class _Step(TypedDict):
+    step: int
+
+
+class WriterOptions(_Step, total=False):
+    """The keywords of :class:`Writer` after ``root``, as one value: ``step`` (required),
+    ``overwrite``, ``documents``, ``metadata``; what ``safeckpt.distributed.save`` and
+    ``async_save`` take besides the state, the root and the group."""
+
+    overwrite: bool
+    documents: Mapping[str, bytes] | None
+    metadata: Mapping[str, object] | None
 
 
 def shard_name(rank: int) -> str:

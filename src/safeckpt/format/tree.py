@@ -22,8 +22,12 @@ from typing import TypeVar
 from ..errors import CheckpointCorruptedError, UnsupportedValueError
 from . import limits
 
-__all__ = ["TREE_VERSION", "decode_document", "encode_document", "key_path"]
+__all__ = ["TREE_NAMES", "TREE_VERSION", "decode_document", "encode_document", "key_path"]
 
+TREE_NAMES = ("optimizer", "scheduler", "rng", "extra")
+"""The state trees a checkpoint may hold besides the model, in writing order: each is stored as
+``<name>.safetensors`` (its tensors) + ``<name>.msgpack`` (its structure), spec/FORMAT.md §3.
+Readers look for exactly these; a writer stores no other tree."""
 TREE_VERSION = 1
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 _SCALARS = (type(None), bool, int, float, str, bytes)

@@ -50,8 +50,9 @@ from ..format.manifest import MANIFEST_NAME
 from ..pipeline.verify import verify_checkpoint
 from ..storage.posix_commit import remove_checkpoint
 from ..torch.loader import Checkpoint, load_checkpoint
+from ..torch.plan import plan_checkpoint
 from ..torch.rng import restore_rng
-from ..torch.saver import plan_checkpoint, write_checkpoint
+from ..torch.saver import write_checkpoint
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "TRAINER_STATE_NAME", "Trainer", "latest_checkpoint"]
 

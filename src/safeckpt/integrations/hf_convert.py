@@ -21,11 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedValueError
-from ..format.documents import dump_msgpack
 from ..format.manifest import MANIFEST_NAME
-from ..format.tree import encode_document
-from ..torch.saver import plan_checkpoint, write_checkpoint
-from ..torch.tensors import TensorCollector
+from ..torch.plan import plan_trees
+from ..torch.saver import write_checkpoint
 
 __all__ = ["import_hf_checkpoint"]
 
@@ -141,25 +139,12 @@ def import_hf_checkpoint(
         step = int(digits) if digits.isdigit() else 0
     if "scaler" in states:
         extra["scaler"] = states.pop("scaler")
-    plan = plan_checkpoint(
-        _load_weights(folder),
-        states.get("optimizer"),
-        config,
-        None,
-        step,
-        scheduler=states.get("scheduler"),
-        extra=extra or None,
-        metadata={"converted_from": f"transformers checkpoint {folder.name}"},
-        rng=False,
-    )
     if "rng" in states:
-        archive = TensorCollector("rng")
-        document = encode_document(
-            _rng_tree(states["rng"], folder / "rng_state.pth"), name="rng",
-            is_tensor=lambda v: isinstance(v, torch.Tensor), add_tensor=archive.add,
-        )  # fmt: skip
-        plan.archives["rng"] = (archive, None)
-        plan.documents["rng.msgpack"] = dump_msgpack(document)
+        states["rng"] = _rng_tree(states["rng"], folder / "rng_state.pth")
+    plan = plan_trees(
+        _load_weights(folder), {**states, "extra": extra or None}, step, config=config,
+        metadata={"converted_from": f"transformers checkpoint {folder.name}"},
+    )  # fmt: skip
     plan.documents.update(documents)
     target = Path(target)
     written = write_checkpoint(plan, path=target, overwrite=overwrite)

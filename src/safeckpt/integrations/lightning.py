@@ -38,9 +38,9 @@ from ..errors import MissingRNGStateWarning, UnsupportedValueError
 from ..format.manifest import MANIFEST_NAME
 from ..storage.posix_commit import remove_checkpoint as remove_safeckpt_folder
 from ..torch.loader import load_checkpoint as load_safeckpt
+from ..torch.plan import SaveOptions, plan_checkpoint
 from ..torch.rng import restore_rng
-from ..torch.saver import PendingSave
-from ..torch.saver import save_checkpoint as save_safeckpt
+from ..torch.saver import PendingSave, write_plan
 
 __all__ = ["SafeckptIO", "load_from_checkpoint"]
 
@@ -109,21 +109,19 @@ class SafeckptIO(CheckpointIO):
             meta[_HPARAMS_TYPE] = f"{hparams_type.__module__}.{hparams_type.__qualname__}"
         step = checkpoint.get("global_step", 0)
         try:
-            result = save_safeckpt(  # type: ignore[call-overload]
+            plan = plan_checkpoint(
                 checkpoint.get("state_dict", {}),
                 checkpoint.get("optimizer_states"),
                 checkpoint.get(_HPARAMS),
                 None,
                 step if isinstance(step, int) and step >= 0 else 0,
-                path=Path(path),
-                overwrite=True,
                 scheduler=checkpoint.get("lr_schedulers"),
                 extra=rest,
                 metadata={_META: meta},
-                async_=self.async_save,
             )
         except UnsupportedValueError as exc:
             raise _name_lightning_key(exc, Path(path)) from None
+        result = write_plan(plan, SaveOptions(path=Path(path), overwrite=True, async_=self.async_save))
         if isinstance(result, PendingSave):
             self._pending = result
 

@@ -25,6 +25,7 @@ from ..errors import (
     MissingRNGStateWarning,
 )
 from ..format.documents import load_json
+from ..format.tree import TREE_NAMES
 from ..pipeline.read import CheckpointContents, decode_tree, locate_checkpoint, read_checkpoint_files
 from ..storage.base import Buffer, Location
 from .fit import check_model
@@ -152,7 +153,7 @@ def load_checkpoint(
     restored = {"optimizer": optimizer is not None, "scheduler": scheduler is not None, "extra": bool(extra)}
     trees = {
         name: _decode_tree(name, buffers, folder, device, aligned=verify, copy=not verify and restored.get(name, False))
-        for name in ("optimizer", "scheduler", "rng", "extra")
+        for name in TREE_NAMES
     }
     config = load_json(bytes(buffers["config.json"]), source=str(folder / "config.json")) if "config.json" in buffers else None
     vocab = load_json(bytes(buffers["vocab.json"]), source=str(folder / "vocab.json")) if "vocab.json" in buffers else None

@@ -1,156 +1,39 @@
-"""``save_checkpoint``: user objects -> state trees -> archives and documents -> manifest -> commit.
+"""``save_checkpoint``: plan (:mod:`safeckpt.torch.plan`) -> write -> manifest -> commit.
 
-All validation and encoding happens in :func:`plan_checkpoint`, before the first byte is written,
-so an unsupported value never leaves anything on disk. :func:`write_checkpoint` streams the
-planned files into a temporary folder, hashing as it writes, and commits it (see
-:mod:`safeckpt.storage.posix_commit`).
+:func:`save` takes the options as one :class:`~safeckpt.torch.plan.SaveOptions` and sends a
+sharded model to :mod:`safeckpt.distributed`; everything else is planned, with all validation
+and encoding done before the first byte is written, so an unsupported value never leaves
+anything on disk. :func:`write_checkpoint` streams the planned files into a temporary folder,
+hashing as it writes, and commits it (see :mod:`safeckpt.storage.posix_commit`);
+:func:`write_plan` does that in the background with ``async_``, one save in flight at a time.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, cast, overload
+from typing import Any, Literal, overload
 
 import torch
 
-from ..configs import config_metadata, config_to_json, json_plain
-from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
-from ..format.documents import dump_json, dump_msgpack
+from ..errors import CheckpointUsageError, checkpoint_exists
 from ..format.manifest import build as build_manifest
-from ..format.tree import encode_document
 from ..storage.base import Location
 from ..storage.locate import as_location, storage_for
 from ..storage.posix_commit import step_dirname
-from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
-from .rng import capture_rng
-from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
-from .tensors import TensorCollector, archive_parts
-from .usage import check_extra, check_save_arguments
+from .background import PendingSave, acquire_slot, keep_snapshot
+from .plan import CheckpointPlan, SaveOptions, plan_checkpoint
 
-__all__ = ["PendingSave", "plan_checkpoint", "save_checkpoint", "write_checkpoint", "write_checkpoint_async"]
-
-TREES = ("optimizer", "scheduler", "rng", "extra")
-"""State trees stored as ``<name>.safetensors`` + ``<name>.msgpack``, in this order."""
-
-Buffer = bytes | bytearray | memoryview
-
-
-@dataclass
-class CheckpointPlan:
-    """Everything to write, validated and encoded; tensors still live in the caller's memory."""
-
-    step: int
-    metadata: dict[str, object]
-    archives: dict[str, tuple[TensorCollector, dict[str, str] | None]] = field(default_factory=dict)
-    documents: dict[str, bytes] = field(default_factory=dict)
-
-    def snapshot(self) -> None:
-        """Copy every tensor so the caller may keep training while the files are written.
-
-        The copies reuse the memory of the last finished background save's copies where they
-        fit (see :mod:`safeckpt.background`)."""
-        reuse = take_snapshot()
-        for name, (archive, _) in self.archives.items():
-            archive.snapshot(reuse.get(name))
-
-    def file_size(self, name: str) -> int:
-        """Bytes the data of file ``name`` will take (tensor bytes of an archive, a document's
-        length); used to start the largest files first."""
-        if name in self.documents:
-            return len(self.documents[name])
-        archive = self.archives[name.removesuffix(".safetensors")][0]
-        return sum(t.nbytes for t in archive.tensors.values())
-
-    def files(self) -> Iterator[tuple[str, Iterable[Buffer], int]]:
-        """Each file's name, its content as a lazy sequence of buffers and :meth:`file_size`,
-        in writing order."""
-        for name, (archive, meta) in self.archives.items():
-            file = f"{name}.safetensors"
-            yield file, _Restartable(archive.tensors, meta), self.file_size(file)
-        for name, data in self.documents.items():
-            yield name, (data,), len(data)
-
-
-class _Restartable:
-    """An archive's buffers, produced afresh by each ``iter()``, so an upload can be retried."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
-        self.tensors, self.metadata = tensors, metadata
-
-    def __iter__(self) -> Iterator[memoryview | bytes]:
-        return archive_parts(self.tensors, self.metadata)
-
-
-def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise UnsupportedValueError(f"step: expected a non-negative int, got {step!r}")
-    return step
-
-
-def plan_checkpoint(
-    model: object,
-    optimizer: object | None,
-    config: object | None,
-    vocab: object | None,
-    step: int,
-    *,
-    scheduler: object | None = None,
-    extra: Mapping[str, object] | None = None,
-    metadata: Mapping[str, object] | None = None,
-    rng: bool | Mapping[str, object] = True,
-) -> CheckpointPlan:
-    """Validate and encode everything :func:`save_checkpoint` will write; writes nothing."""
-    check_save_arguments(model, optimizer, scheduler)
-    check_extra("save_checkpoint", extra)
-    plan = CheckpointPlan(step=_check_step(step), metadata={})
-    if metadata is not None:
-        plan.metadata = dict(_as_json_object(metadata, "metadata"))
-    archive, aliases = model_archive(model)  # type: ignore[arg-type]
-    plan.archives["model"] = (
-        archive,
-        {"format": "pt", **({ALIASES_KEY: json.dumps(aliases, sort_keys=True, separators=(",", ":"))} if aliases else {})},
-    )
-    if extra is not None and not isinstance(extra, Mapping):
-        raise UnsupportedValueError(f"extra: expected a mapping of names to state, got {type(extra).__qualname__}")
-    trees: dict[str, object] = {
-        "optimizer": None if optimizer is None else state_of(optimizer, "optimizer"),
-        "scheduler": None if scheduler is None else state_of(scheduler, "scheduler"),
-        "rng": None,
-        "extra": None if extra is None else {k: state_of(v, f"extra[{k!r}]") for k, v in extra.items()},
-    }
-    if rng:
-        try:
-            trees["rng"] = capture_rng(rng if isinstance(rng, Mapping) else None)
-        except TypeError as exc:
-            raise UnsupportedValueError(str(exc)) from None
-    for name in TREES:
-        if trees[name] is None:
-            continue
-        archive = TensorCollector(name)
-        document = encode_document(
-            trees[name],
-            name=name,
-            is_tensor=lambda v: isinstance(v, torch.Tensor),
-            add_tensor=archive.add,
-        )
-        plan.archives[name] = (archive, None)
-        plan.documents[f"{name}.msgpack"] = dump_msgpack(document)
-    if config is not None:
-        plan.documents["config.json"] = dump_json(config_to_json(config), source="config")
-        plan.metadata = {**config_metadata(config), **plan.metadata}
-    if vocab is not None:
-        plan.documents["vocab.json"] = dump_json(vocab_to_json(vocab), source="vocab")
-    return plan
-
-
-def _as_json_object(value: Mapping[str, object], label: str) -> dict[str, object]:
-    plain = json_plain(value, label)
-    assert isinstance(plain, dict)
-    return plain
+__all__ = [
+    "PendingSave",
+    "checkpoint_target",
+    "save",
+    "save_checkpoint",
+    "write_checkpoint",
+    "write_checkpoint_async",
+    "write_plan",
+]
 
 
 def checkpoint_target(
@@ -292,31 +175,58 @@ def save_checkpoint(
         >>> path.name  # doctest: +SKIP
         'step-00000100'
     """
+    options = SaveOptions(
+        directory=directory, path=path, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng,
+        overwrite=overwrite, async_=async_, storage_options=storage_options,
+    )  # fmt: skip
+    return save(model, optimizer, config, vocab, step, options)
+
+
+def save(
+    model: object, optimizer: object | None, config: object | None, vocab: object | None, step: int, options: SaveOptions
+) -> Location | PendingSave:
+    """:func:`save_checkpoint` with its keyword options as one value (what ``CheckpointManager``
+    calls); ``options.on_commit`` runs once the checkpoint is committed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from ..distributed import api as sharded  # FSDP2/DTensor/DDP models go through DCP
 
         if sharded.handles_save(model):
-            remote = [x for x in (directory, path) if x is not None and not isinstance(as_location(x), Path)]
-            if remote or storage_options:
+            places = (options.directory, options.path)
+            remote = [x for x in places if x is not None and not isinstance(as_location(x), Path)]
+            if remote or options.storage_options:
                 raise CheckpointUsageError(
                     f"{remote[0] if remote else 'storage_options'}: sharded (FSDP2/DTensor/DDP) saves write "
                     "local folders only; save to a local path, or copy the checkpoint afterwards"
                 )
-            return sharded.save_checkpoint(
-                model, optimizer, config, vocab, step, directory=cast("str | None", directory),
-                path=cast("str | None", path), scheduler=scheduler,
-                extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, async_=async_,
-            )  # fmt: skip
+            return sharded.save_checkpoint(model, optimizer, config, vocab, step, options)
     plan = plan_checkpoint(
-        model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
-    )
-    if async_:
-        return write_checkpoint_async(plan, directory, path=path, overwrite=overwrite, storage_options=storage_options)
+        model, optimizer, config, vocab, step,
+        scheduler=options.scheduler, extra=options.extra, metadata=options.metadata, rng=options.rng,
+    )  # fmt: skip
+    return write_plan(plan, options)
+
+
+def write_plan(plan: CheckpointPlan, options: SaveOptions) -> Location | PendingSave:
+    """Write and commit ``plan`` where ``options`` say (their ``directory``, ``path``,
+    ``overwrite``, ``storage_options``), in the background with ``async_``: after the save in
+    flight, if any, and before the next one; then ``on_commit(path)``. The plan's own options
+    (``scheduler``, ``extra``, ``metadata``, ``rng``) were used when it was made."""
+    if options.async_:
+        return write_checkpoint_async(
+            plan, options.directory, path=options.path, overwrite=options.overwrite,
+            on_commit=options.on_commit, storage_options=options.storage_options,
+        )  # fmt: skip
     release = acquire_slot()
     try:
-        return write_checkpoint(plan, directory, path=path, overwrite=overwrite, storage_options=storage_options)
+        final = write_checkpoint(
+            plan, options.directory, path=options.path, overwrite=options.overwrite,
+            storage_options=options.storage_options,
+        )  # fmt: skip
     finally:
         release()
+    if options.on_commit is not None:
+        options.on_commit(final)
+    return final
 
 
 def write_checkpoint_async(
@@ -344,7 +254,7 @@ def write_checkpoint_async(
         plan.snapshot()
 
         def finish() -> None:
-            keep_snapshot({name: archive.tensors for name, (archive, _) in plan.archives.items()})
+            keep_snapshot({name: archive.tensors for name, archive in plan.archives.items()})
             release()
 
         return PendingSave(
