@@ -16,18 +16,13 @@ from pathlib import Path
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
 from ..format.documents import load_json
+from ..format.layout import STEP_PREFIX, TMP_PREFIX, TRASH_PREFIX, parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ..format.safetensors import TensorInfo, parse_header
 from ..pipeline.read import locate_checkpoint, locate_local, model_aliases
 from ..storage.base import CheckpointFolder, Location
 from ..storage.local import LocalFolder, LocalStorage
 from ..storage.locate import storage_for
-from ..storage.posix_commit import (
-    STEP_PREFIX,
-    TMP_PREFIX,
-    TRASH_PREFIX,
-    parse_step,
-)
 
 __all__ = [
     "MANIFEST_NAME",

@@ -20,11 +20,11 @@ import torch
 from ..configs import config_metadata, config_to_json, json_plain
 from ..errors import CheckpointUsageError, UnsupportedValueError, checkpoint_exists
 from ..format.documents import dump_json, dump_msgpack
+from ..format.layout import step_dirname
 from ..format.manifest import build as build_manifest
 from ..format.tree import encode_document
 from ..storage.base import Location
 from ..storage.locate import as_location, storage_for
-from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot, take_snapshot
 from .rng import capture_rng
 from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
