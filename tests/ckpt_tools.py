@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from safeckpt.storage.posix_commit import LOCK_NAME
+from safeckpt.format.layout import LOCK_NAME
 
 
 def replace_file(folder: Path, name: str, data: bytes, *, fix_hash: bool = True) -> None:

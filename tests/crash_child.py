@@ -24,6 +24,7 @@ import torch
 
 import safeckpt
 from safeckpt.storage import posix_commit as commit
+from safeckpt.storage.local import list_checkpoints
 
 
 def start_forkserver() -> multiprocessing.context.BaseContext:
@@ -199,7 +200,7 @@ def save_forever(root: str, first_step: int, keep: int) -> None:
     step = first_step
     while True:
         safeckpt.save_checkpoint(big_state(step), None, None, None, step, directory=root, rng=False)
-        for _, old in commit.list_checkpoints(root)[:-keep]:
+        for _, old in list_checkpoints(root)[:-keep]:
             commit.remove_checkpoint(old)
         step += 1
 

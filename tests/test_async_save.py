@@ -16,7 +16,7 @@ import safeckpt
 from ckpt_tools import run_python
 from conftest import TinyLM, train_steps
 from safeckpt.storage import posix_commit
-from safeckpt.storage.posix_commit import list_checkpoints
+from safeckpt.storage.local import list_checkpoints
 from safeckpt.torch import background, saver
 from safeckpt.torch import plan as planning
 

@@ -15,7 +15,7 @@ from ckpt_tools import leftovers
 from cli_tools import cli, cli_process
 from conftest import TinyLM
 from safeckpt.retention import check_policy, steps_to_keep, steps_to_remove
-from safeckpt.storage.posix_commit import list_checkpoints
+from safeckpt.storage.local import list_checkpoints
 
 STEPS = [0, 3, 4, 8, 9, 12, 13, 14]
 

@@ -13,7 +13,7 @@ import crash_child
 import safeckpt
 from ckpt_tools import leftovers
 from crash_child import expected_small, loaded_fingerprint, start_forkserver
-from safeckpt.storage import posix_commit as commit
+from safeckpt.storage.local import list_checkpoints
 
 STRESS = os.environ.get("SAFECKPT_STRESS") == "1"
 
@@ -47,7 +47,7 @@ def test_two_writers_one_folder_never_mix(tmp_path: Path) -> None:
     assert results[0]["errors"] == results[1]["errors"] == [], results
     # Odd steps were saved without overwrite: exactly one writer of the two was refused.
     assert results[0]["refused"] + results[1]["refused"] == rounds // 2, results
-    found_steps = commit.list_checkpoints(root)
+    found_steps = list_checkpoints(root)
     assert [s for s, _ in found_steps] == list(range(rounds))
     winners = set()
     for step, path in found_steps:

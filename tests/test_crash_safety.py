@@ -19,7 +19,9 @@ import crash_child
 import safeckpt
 from ckpt_tools import leftovers
 from crash_child import Faults, expected_small, loaded_fingerprint, save_small, start_forkserver
+from safeckpt.format import layout
 from safeckpt.storage import posix_commit as commit
+from safeckpt.storage.local import list_checkpoints
 
 STRESS = os.environ.get("SAFECKPT_STRESS") == "1"
 OLD, NEW, NEXT = 1, 2, 3
@@ -73,7 +75,7 @@ def check_after_fault(root: Path, step: int, *, hidden_ok: bool = False) -> str:
     save_small(root, 10, content=NEXT)
     assert leftovers(root) == [], outcome
     assert loaded_fingerprint(root) == (10, expected_small(NEXT))
-    states = {s: loaded_fingerprint(path)[1] for s, path in commit.list_checkpoints(root)}
+    states = {s: loaded_fingerprint(path)[1] for s, path in list_checkpoints(root)}
     assert states[OLD] in (expected_small(OLD), expected_small(NEW))
     if outcome == "hidden":
         assert states[OLD] == expected_small(OLD)
@@ -145,7 +147,7 @@ def measure_save_times(root: Path, forkserver: multiprocessing.context.BaseConte
     try:
         while len(commits) < 2:
             assert child.is_alive(), "the calibrating child died"
-            committed = len(commit.list_checkpoints(root))
+            committed = len(list_checkpoints(root))
             commits.extend([time.monotonic()] * (min(committed, 2) - len(commits)))
             time.sleep(0.005)  # polling interval only; nothing below depends on it
     finally:
@@ -180,7 +182,7 @@ def test_sigkill_at_random_times_during_large_saves(tmp_path: Path, forkserver: 
         os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
         child.join(30)
         assert child.exitcode == -signal.SIGKILL, (trial, child.exitcode)
-        found = commit.list_checkpoints(root)
+        found = list_checkpoints(root)
         if not found or found[-1][0] < next_step:  # killed before this child's first commit
             window = min(window * 1.05, 3 * measured)
         else:
@@ -209,12 +211,12 @@ def test_sigkill_at_random_times_during_large_saves(tmp_path: Path, forkserver: 
 def test_next_save_removes_dead_writers_folders_never_a_live_ones(tmp_path: Path) -> None:
     root = tmp_path / "run"
     save_small(root, OLD, content=OLD)
-    dead = root / f"{commit.TMP_PREFIX}step-00000007.{'0' * 32}"  # nobody holds its lock
+    dead = root / f"{layout.TMP_PREFIX}step-00000007.{'0' * 32}"  # nobody holds its lock
     dead.mkdir()
     (dead / "model.safetensors").write_bytes(b"half written")
-    moved_aside = root / f"{commit.TRASH_PREFIX}step-00000004.{'1' * 32}"  # an overwrite that died
+    moved_aside = root / f"{layout.TRASH_PREFIX}step-00000004.{'1' * 32}"  # an overwrite that died
     shutil.copytree(root / "step-00000001", moved_aside)
-    deleted = root / f"{commit.TRASH_PREFIX}deleted.{'2' * 32}"
+    deleted = root / f"{layout.TRASH_PREFIX}deleted.{'2' * 32}"
     deleted.mkdir()
     with commit.PosixPendingWrite(root, 9) as live:  # a live writer in the middle of its save
         (live.path / "model.safetensors").write_bytes(b"in progress")

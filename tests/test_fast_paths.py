@@ -20,6 +20,7 @@ from safeckpt.format import safetensors as archive
 from safeckpt.pipeline.read import read_checkpoint_files
 from safeckpt.storage import posix as fileio
 from safeckpt.storage import posix_write
+from safeckpt.storage.base import ReadArena
 from safeckpt.storage.tuning import TUNING
 from safeckpt.torch import tensors
 
@@ -132,9 +133,11 @@ def test_unverified_buffers_are_private_memory_maps(saved: Path) -> None:
 def test_verified_buffers_are_not_file_maps(saved: Path) -> None:
     _, buffers = read_checkpoint_files(saved, verify=True)
     archive = buffers["optimizer.safetensors"]
-    assert isinstance(archive.obj, fileio._Arena) and fileio.realign_room(archive) > 0
+    assert isinstance(archive.obj, ReadArena) and ReadArena.spare_room(archive) > 0
     assert bytes(archive) == (saved / "optimizer.safetensors").read_bytes()
     assert bytes(buffers["config.json"]) == (saved / "config.json").read_bytes()
+    # Offsets into the arena are offsets into the buffer only at its start: a slice has no room.
+    assert ReadArena.spare_room(archive[64:]) == 0 and ReadArena.spare_room(memoryview(bytearray(8))) == 0
 
 
 def _archive(named: dict[str, torch.Tensor]) -> bytes:
@@ -152,7 +155,7 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
     }
     data = _archive(named)
     plain, _ = tensors.tensors_from_buffer(bytearray(data), source="x")
-    roomy = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    roomy = ReadArena.allocate(len(data), room=ReadArena.room_for_archive(data[:8], len(data)))
     roomy[:] = data
     for buffer in (bytearray(data), roomy):
         aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)
@@ -164,7 +167,7 @@ def test_aligned_tensors_equal_views_with_and_without_room() -> None:
 def test_aligned_tensors_are_moved_not_copied_when_there_is_room() -> None:
     named = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(6)}
     data = _archive(named)
-    buffer = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    buffer = ReadArena.allocate(len(data), room=ReadArena.room_for_archive(data[:8], len(data)))
     buffer[:] = data
     aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)
     base = torch.frombuffer(buffer.obj, dtype=torch.uint8).data_ptr()  # type: ignore[arg-type]
@@ -203,13 +206,13 @@ def test_streamed_write_hashes_what_it_writes(tmp_path: Path, small_pieces: None
 
 
 def test_buffers_are_freed_with_the_objects_that_use_them(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    arenas: list[weakref.ref[fileio._Arena]] = []
+    arenas: list[weakref.ref[ReadArena]] = []
 
-    class Tracked(fileio._Arena):
+    class Tracked(ReadArena):
         def __init__(self, *args: object, **kwargs: object) -> None:
             arenas.append(weakref.ref(self))
 
-    monkeypatch.setattr(fileio, "_Arena", Tracked)
+    monkeypatch.setattr(fileio, "ReadArena", Tracked)
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ckpt = safeckpt.load_checkpoint(saved, model=model, optimizer=opt)
@@ -265,7 +268,7 @@ def test_written_archives_load_in_place_with_only_odd_sized_tensors_moved() -> N
     named = {f"w{i}": torch.randn(16, 4 + i) for i in range(5)}  # 64-byte multiples: 256 + 64 i
     named |= {"step": torch.tensor(3.0), "odd": torch.arange(5, dtype=torch.int16)}
     data = _archive(named)
-    buffer = memoryview(fileio._arena(len(data) + fileio._archive_room(data[:8], len(data))))[: len(data)]
+    buffer = ReadArena.allocate(len(data), room=ReadArena.room_for_archive(data[:8], len(data)))
     buffer[:] = data
     infos, _ = archive.parse_header(buffer, source="x")
     aligned, _ = tensors.tensors_from_buffer(buffer, source="x", aligned=True)

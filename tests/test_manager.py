@@ -15,7 +15,7 @@ import safeckpt
 from ckpt_tools import flip_bits, same_state
 from conftest import TinyLM, train_steps
 from safeckpt.format.manifest import MANIFEST_NAME
-from safeckpt.storage import local as local_module
+from safeckpt.storage import posix_commit
 from safeckpt.torch import saver as saver_module
 
 
@@ -127,13 +127,13 @@ def test_retention_deletes_only_after_the_new_checkpoint_is_committed(
     mgr = safeckpt.CheckpointManager(tmp_path, keep_last=1)
     _save_steps(mgr, [1])
     committed_when_removed = []
-    real_remove = local_module.remove_checkpoint
+    real_remove = posix_commit.remove_checkpoint
 
     def spy(path: Path) -> None:
         committed_when_removed.append((tmp_path / "step-00000002" / MANIFEST_NAME).is_file())
         real_remove(path)
 
-    monkeypatch.setattr(local_module, "remove_checkpoint", spy)
+    monkeypatch.setattr(posix_commit, "remove_checkpoint", spy)
     _save_steps(mgr, [2])
     assert committed_when_removed == [True] and mgr.steps() == [2]
 
@@ -316,7 +316,7 @@ def test_a_failed_removal_warns_and_the_save_still_succeeds(
     model, opt = _trained()
     mgr.save(1, model=model, optimizer=opt)
     mgr.wait()
-    monkeypatch.setattr(local_module, "remove_checkpoint", refuse)
+    monkeypatch.setattr(posix_commit, "remove_checkpoint", refuse)
     with pytest.warns(RuntimeWarning, match=r"step-00000001: could not remove this old checkpoint \(Permission denied\)"):
         assert mgr.save(2, model=model, optimizer=opt) == tmp_path / "step-00000002"
         mgr.wait()  # the background save's error, if it had one, is raised here

@@ -4,6 +4,9 @@ manifest.build, and the protocols' contract on the local implementation."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,33 @@ def test_build_stamps_versions_and_the_lowest_format_version() -> None:
     built = manifest_format.build(3, [entry], producer={"torch": "x"})
     assert built.format_version == (1, 0) and built.producer["torch"] == "x" and "safeckpt" in built.producer
     assert manifest_format.Manifest.from_json_bytes(built.to_json_bytes(), source="m") == built
+
+
+_READ_WITHOUT_THE_TRANSACTION = r"""
+import json, sys
+from pathlib import Path
+import safeckpt.cli.inspect, safeckpt.cli.verify, safeckpt.numpy, safeckpt.pipeline.read
+from safeckpt.storage.local import LocalStorage
+def loaded():
+    return sorted(m for m in ("fcntl", "safeckpt.storage.posix_commit") if m in sys.modules)
+root = Path(sys.argv[1])
+safeckpt.numpy.load_checkpoint(root)
+safeckpt.verify_checkpoint(root)
+reading = loaded()
+with LocalStorage(root / "other").begin(1):  # the control: a write takes the lock
+    writing = loaded()
+print(json.dumps({"reading": reading, "writing": writing}))
+"""
+
+
+def test_readers_load_the_commit_transaction_only_when_they_write(tmp_path: Path) -> None:
+    # Reading a checkpoint (torch-free) needs its names, not flock and renameat2: the transaction
+    # stays out of the readers' imports, so a platform or a read-only mount without them can read.
+    safeckpt.save_checkpoint({"w": torch.ones(3)}, None, None, None, 1, directory=tmp_path, rng=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_WITHOUT_THE_TRANSACTION, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {"reading": [], "writing": ["fcntl", "safeckpt.storage.posix_commit"]}

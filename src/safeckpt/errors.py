@@ -3,12 +3,15 @@
 Every error derives from :class:`CheckpointError` and also from the built-in exception a
 caller would naturally catch (``FileNotFoundError``, ``ValueError``, ``TypeError``,
 ``OSError``), so ``except FileNotFoundError`` keeps working for code that predates safeckpt.
-Messages name the file or key, what was expected, what was found, and what to do.
+Messages name the file or key, what was expected, what was found, and what to do; the helpers at
+the end build the parts every module repeats (a quoted value, a damaged file's message, the fix).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "LOAD_EARLIER",
+    "NEVER_COMMITTED",
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointExistsError",
@@ -21,7 +24,14 @@ __all__ = [
     "UnsupportedFormatError",
     "UnsupportedValueError",
     "checkpoint_exists",
+    "damaged",
+    "short",
 ]
+
+LOAD_EARLIER = "load an earlier checkpoint"
+"""The fix for a checkpoint that cannot be read: a save never touches the ones before it."""
+NEVER_COMMITTED = f"missing; the checkpoint was never committed (its save was interrupted), {LOAD_EARLIER}"
+"""Why a checkpoint's manifest is absent (after the manifest's path)."""
 
 
 class CheckpointError(Exception):
@@ -78,3 +88,18 @@ def checkpoint_exists(
     return CheckpointExistsError(
         f"{folder}: a checkpoint for step {step} already exists{why}; pass overwrite=True to replace it, or {fix}"
     )
+
+
+def short(value: object) -> str:
+    """``repr(value)``, cut to 80 characters: a value read from a damaged or hostile file stays
+    one readable line when a message quotes it."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def damaged(
+    source: object, what: str, *, cause: str = "the file is damaged", fix: str = ""
+) -> CheckpointCorruptedError:
+    """The one shape of "this file cannot be trusted": ``{source}: {what}; {cause}``, then
+    ``, {fix}`` when there is something to do besides the obvious (e.g. :data:`LOAD_EARLIER`)."""
+    return CheckpointCorruptedError(f"{source}: {what}; {cause}" + (f", {fix}" if fix else ""))

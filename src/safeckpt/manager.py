@@ -1,6 +1,6 @@
 """``CheckpointManager``: periodic saves, retention, and automatic resume from the newest good one.
 
-One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (see :mod:`safeckpt.storage.posix_commit`).
+One manager owns one root folder of ``step-NNNNNNNN`` checkpoints (names in :mod:`safeckpt.format.layout`).
 
 * ``save`` writes a checkpoint through :func:`~safeckpt.save_checkpoint` (optionally in the
   background, at most one in flight) and only after it is committed applies retention: the
@@ -20,34 +20,19 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 import torch
 
-from .errors import (
-    CheckpointCorruptedError,
-    CheckpointError,
-    CheckpointFallbackWarning,
-    CheckpointNotFoundError,
-    CheckpointUsageError,
-    checkpoint_exists,
-)
-from .format.manifest import MANIFEST_NAME
+from .errors import CheckpointNotFoundError, CheckpointUsageError, checkpoint_exists
+from .fallback import UNREADABLE, by_metric, first_good, metric_of, newest_first
+from .format.layout import step_dirname
 from .pipeline.verify import verify_checkpoint
-from .retention import (
-    attach_metrics,
-    best_steps,
-    check_best_policy,
-    check_policy,
-    metric_value,
-    rank_by_metric,
-    steps_to_keep,
-)
+from .retention import attach_metrics, best_steps, check_best_policy, check_policy, steps_to_keep
 from .storage.base import Location
 from .storage.locate import as_location, storage_for
-from .storage.posix_commit import step_dirname
 from .torch.loader import Checkpoint, load_checkpoint
 from .torch.plan import SaveOptions
 from .torch.saver import PendingSave, save
@@ -56,10 +41,6 @@ from .torch.usage import check_extra
 __all__ = ["CheckpointManager"]
 
 logger = logging.getLogger("safeckpt")
-
-_UNREADABLE = (CheckpointCorruptedError, CheckpointNotFoundError)
-"""What a damaged or incomplete checkpoint raises when read; anything else is the caller's problem."""
-
 
 class _Returned:
     """Stands in for an ``extra`` value without ``load_state_dict``: its presence is checked with
@@ -160,13 +141,6 @@ class CheckpointManager:
         """Where the checkpoint for ``step`` lives (whether or not it exists)."""
         return self.directory / step_dirname(step)
 
-    def _candidates(self) -> list[tuple[int, Location, str | None]]:
-        """Every ``step-*`` folder, newest first, with why it is unusable when that is already known
-        (a folder without a manifest was never committed, e.g. a partial copy of a run)."""
-        missing = f"{MANIFEST_NAME} is missing (it was never committed)"
-        found = [(step, path, None if committed else missing) for step, path, committed in self._storage.scan_steps()]
-        return sorted(found, key=lambda item: item[0], reverse=True)
-
     def latest(self) -> Location | None:
         """The newest checkpoint that verifies completely, or None when there is none at all.
 
@@ -179,7 +153,7 @@ class CheckpointManager:
         :class:`~safeckpt.errors.CheckpointCorruptedError` when checkpoints exist but none verifies.
         """
         self.wait()
-        return self._first_good(self._verify)
+        return first_good(self.directory, self._verify, newest_first(self._storage))
 
     def _verify(self, path: Location) -> object:
         return verify_checkpoint(path, storage_options=self.storage_options)
@@ -194,56 +168,7 @@ class CheckpointManager:
                 "metric='name' (and mode='min' or 'max') and save with metrics={'name': value}"
             )
         self.wait()
-        candidates = {step: (path, why) for step, path, why in self._candidates()}
-        values = {step: self._metric_of(path) if why is None else None for step, (path, why) in candidates.items()}
-        ranked = [(step, *candidates[step]) for step in rank_by_metric(values, mode=self.mode)]
-        return self._first_good(self._verify, ranked)
-
-    def _metric_of(self, path: Location) -> float | None:
-        """The checkpoint's ``metric`` from its manifest, or None (absent, or unreadable: then
-        :meth:`best` and retention treat it as unranked, and :meth:`latest` reports it)."""
-        try:
-            with self._storage.open(path) as folder:
-                metadata = folder.read_manifest().metadata
-        except CheckpointError:
-            return None
-        return metric_value(metadata.get("metrics"), self.metric) if self.metric is not None else None
-
-    def _first_good(
-        self, attempt: Callable[[Location], object], candidates: list[tuple[int, Location, str | None]] | None = None
-    ) -> Location | None:
-        """Try ``attempt(path)`` on each checkpoint (newest first, or ``candidates`` in their
-        order); returns the first that succeeds."""
-        failures: list[tuple[Location, str]] = []
-        for _, path, known_bad in self._candidates() if candidates is None else candidates:
-            if known_bad is not None:
-                failures.append((path, known_bad))
-                continue
-            try:
-                attempt(path)
-            except _UNREADABLE as exc:
-                failures.append((path, str(exc)))
-                continue
-            if failures:
-                self._announce_fallback(failures, path)
-            return path
-        if failures:
-            listing = "; ".join(f"{path.name}: {why}" for path, why in failures)
-            raise CheckpointCorruptedError(
-                f"{self.directory}: none of the {len(failures)} checkpoint(s) verifies ({listing}); "
-                "restore a copy of the folder, or move it aside to start the run from scratch"
-            )
-        return None
-
-    def _announce_fallback(self, failures: list[tuple[Location, str]], chosen: Location) -> None:
-        newest, why = failures[0]
-        skipped = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        message = (
-            f"checkpoint {newest} cannot be used: {why}; falling back to {chosen}{skipped}. "
-            "Training resumes from the older step"
-        )
-        logger.warning("%s", message)
-        warnings.warn(message, CheckpointFallbackWarning, stacklevel=4)
+        return first_good(self.directory, self._verify, by_metric(self._storage, self.metric, self.mode))
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -299,7 +224,7 @@ class CheckpointManager:
             return False
         try:
             self._verify(path)
-        except _UNREADABLE as exc:
+        except UNREADABLE as exc:
             logger.warning("replacing damaged checkpoint %s: %s", path, exc)
             return True
         raise checkpoint_exists(
@@ -311,8 +236,8 @@ class CheckpointManager:
             return
         committed = self._storage.list_checkpoints()
         best = None
-        if self.keep_best is not None:
-            values = {step: self._metric_of(path) for step, path in committed}
+        if self.keep_best is not None and self.metric is not None:  # check_best_policy: both or neither
+            values = {step: metric_of(self._storage, path, self.metric) for step, path in committed}
             best = best_steps(values, keep_best=self.keep_best, mode=self.mode)
         keep = steps_to_keep(
             [step for step, _ in committed],
@@ -421,6 +346,6 @@ class CheckpointManager:
                     f"{path}: no committed checkpoint for step {step} (available: {self.steps()})"
                 )
             attempt(path)
-        elif self._first_good(attempt) is None:
+        elif first_good(self.directory, attempt, newest_first(self._storage)) is None:
             return None
         return loaded[-1]

@@ -22,19 +22,14 @@ from typing import Any
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
 from ..format import limits
 from ..format.documents import load_json
+from ..format.layout import OBJECTS_PREFIX, STEP_PREFIX, TMP_PREFIX, TRASH_PREFIX, parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ..format.safetensors import TensorInfo, parse_header
 from ..pipeline.read import locate_checkpoint, model_aliases
 from ..storage.base import CheckpointFolder, CheckpointStorage, Location, ObjectPath
 from ..storage.local import LocalFolder
 from ..storage.locate import as_location, storage_for
-from ..storage.objectstore import OBJECTS_PREFIX, ObjectFolder, ObjectStorage
-from ..storage.posix_commit import (
-    STEP_PREFIX,
-    TMP_PREFIX,
-    TRASH_PREFIX,
-    parse_step,
-)
+from ..storage.objectstore import ObjectFolder, ObjectStorage
 
 __all__ = [
     "MANIFEST_NAME",

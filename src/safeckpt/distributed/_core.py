@@ -11,13 +11,14 @@ from types import ModuleType
 
 from .._version import __version__
 from ..format.documents import dump_msgpack, load_json, load_msgpack
+from ..format.layout import TMP_PREFIX, step_dirname
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
 from ..format.safetensors import DTYPE_SIZES
 from ..format.tree import decode_document, encode_document
 from ..pipeline.read import locate_local as locate_checkpoint  # sharded checkpoints: local folders only
-from ..storage.local import LocalStorage
+from ..storage.local import LocalStorage, list_checkpoints
 from ..storage.posix import read_bounded, read_files
-from ..storage.posix_commit import TMP_PREFIX, PosixPendingWrite, list_checkpoints, step_dirname, write_error
+from ..storage.posix_commit import PosixPendingWrite, write_error
 from ..storage.posix_write import fsync_dir, write_file
 from ..torch.background import PendingSave, acquire_slot
 from ..torch.plan import SaveOptions, plan_documents, plan_trees, standard_trees

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import CheckpointCorruptedError, UnsupportedValueError
+from ..errors import CheckpointCorruptedError, UnsupportedValueError, short
 from ..format import limits
 from ..format.documents import load_json
 from ..format.manifest import FileEntry, check_file_name
@@ -132,11 +132,6 @@ def _is_int(value: object, low: int = 0, high: int = 2**63 - 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
-
-
 class _Parser:
     def __init__(self, source: str, files: Mapping[str, FileEntry]) -> None:
         self.source = source
@@ -150,7 +145,7 @@ class _Parser:
 
     def file(self, name: object, suffix: str, where: str) -> str:
         if not isinstance(name, str) or not name.endswith(suffix):
-            raise self.fail(f"{where}: 'file' must name a {suffix} file, found {_short(name)}")
+            raise self.fail(f"{where}: 'file' must name a {suffix} file, found {short(name)}")
         check_file_name(name, source=self.source)
         if name not in self.files:
             raise self.fail(f"{where}: file {name!r} is not listed in manifest.json")
@@ -158,19 +153,19 @@ class _Parser:
 
     def ints(self, value: object, count: int, what: str) -> list[int]:
         if not isinstance(value, list) or len(value) != count or not all(_is_int(v) for v in value):
-            raise self.fail(f"{what} must be a list of {count} non-negative integers, found {_short(value)}")
+            raise self.fail(f"{what} must be a list of {count} non-negative integers, found {short(value)}")
         return value
 
     def tensor(self, fqn: str, entry: object) -> TensorEntry:
-        where = f"tensor {_short(fqn)}"
+        where = f"tensor {short(fqn)}"
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "chunks"}:
             raise self.fail(f"{where} must be an object with exactly dtype, shape and chunks")
         dtype = entry["dtype"]
         if dtype not in DTYPE_SIZES:
-            raise self.fail(f"{where} has unsupported dtype {_short(dtype)}")
+            raise self.fail(f"{where} has unsupported dtype {short(dtype)}")
         shape = entry["shape"]
         if not isinstance(shape, list) or len(shape) > limits.MAX_TENSOR_NDIM:
-            raise self.fail(f"{where} has an invalid shape {_short(shape)}")
+            raise self.fail(f"{where} has an invalid shape {short(shape)}")
         shape = self.ints(shape, len(shape), f"{where}: shape")
         if math.prod(max(d, 1) for d in shape) >= 2**63:
             raise self.fail(f"{where} has shape {shape}, too large")
@@ -219,7 +214,7 @@ class _Parser:
             or not all(isinstance(p, str) or _is_int(p) for p in path)
             or ".".join(map(str, path)) != fqn
         ):
-            raise self.fail(f"path of {_short(fqn)} must be a list of keys and indices joined by '.' into it, found {_short(path)}")
+            raise self.fail(f"path of {short(fqn)} must be a list of keys and indices joined by '.' into it, found {short(path)}")
         return tuple(path)
 
 
@@ -230,14 +225,14 @@ def parse_sharding(data: bytes | bytearray | memoryview, *, files: Mapping[str, 
     if not isinstance(doc, dict) or set(doc) != _KEYS:
         raise parser.fail(f"expected an object with exactly the keys {sorted(_KEYS)}")
     if doc["format"] != SHARDING_FORMAT:
-        raise parser.fail(f"'format' is {_short(doc['format'])}, expected {SHARDING_FORMAT!r}")
+        raise parser.fail(f"'format' is {short(doc['format'])}, expected {SHARDING_FORMAT!r}")
     if doc["version"] != SHARDING_VERSION or not _is_int(doc["version"]):
         raise CheckpointCorruptedError(
-            f"{source}: sharding version {_short(doc['version'])} is not supported (this reader "
+            f"{source}: sharding version {short(doc['version'])} is not supported (this reader "
             f"reads version {SHARDING_VERSION}); upgrade safeckpt"
         )
     if not _is_int(doc["world_size"], 1, 2**31):
-        raise parser.fail(f"'world_size' is {_short(doc['world_size'])}, expected a positive integer")
+        raise parser.fail(f"'world_size' is {short(doc['world_size'])}, expected a positive integer")
     tensors, values, paths = doc["tensors"], doc["values"], doc["paths"]
     if not isinstance(tensors, dict) or not isinstance(values, dict) or not isinstance(paths, dict):
         raise parser.fail("'tensors', 'values' and 'paths' must be objects")
@@ -245,10 +240,10 @@ def parse_sharding(data: bytes | bytearray | memoryview, *, files: Mapping[str, 
     parsed_values: dict[str, Location] = {}
     for fqn, entry in values.items():
         if fqn in parsed_tensors:
-            raise parser.fail(f"{_short(fqn)} is both a tensor and a value")
+            raise parser.fail(f"{short(fqn)} is both a tensor and a value")
         if not isinstance(entry, dict) or set(entry) != {"file"}:
-            raise parser.fail(f"value {_short(fqn)} must be an object with exactly 'file'")
-        parsed_values[fqn] = Location(parser.file(entry["file"], ".msgpack", f"value {_short(fqn)}"), fqn)
+            raise parser.fail(f"value {short(fqn)} must be an object with exactly 'file'")
+        parsed_values[fqn] = Location(parser.file(entry["file"], ".msgpack", f"value {short(fqn)}"), fqn)
     keys = set(parsed_tensors) | set(parsed_values)
     if set(paths) != keys:
         extra = sorted(set(paths) ^ keys)[:3]

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import msgpack
 
-from ..errors import CheckpointCorruptedError, UnsupportedValueError
+from ..errors import CheckpointCorruptedError, UnsupportedValueError, damaged, short
 from . import limits
 
 __all__ = ["dump_json", "dump_msgpack", "load_json", "load_msgpack"]
@@ -27,12 +27,7 @@ _MSGPACK_TYPES = (type(None), bool, int, float, str, bytes, list, dict)
 
 
 def _corrupt(source: str, what: str) -> CheckpointCorruptedError:
-    return CheckpointCorruptedError(f"{source}: {what}; the file is damaged or not a safeckpt file")
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
+    return damaged(source, what, cause="the file is damaged or not a safeckpt file")
 
 
 class _Budget:
@@ -56,9 +51,9 @@ class _Budget:
         out: dict[object, object] = {}
         for key, value in pairs:
             if self.string_keys and type(key) is not str:
-                raise _corrupt(self.source, f"map key {_short(key)} is a {type(key).__name__}, not a string")
+                raise _corrupt(self.source, f"map key {short(key)} is a {type(key).__name__}, not a string")
             if key in out:
-                raise _corrupt(self.source, f"duplicate key {_short(key)}")
+                raise _corrupt(self.source, f"duplicate key {short(key)}")
             out[key] = value
         return out
 
@@ -90,7 +85,7 @@ def _check_text(text: str, source: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise _corrupt(source, f"string {_short(text)} holds a lone UTF-16 surrogate") from None
+            raise _corrupt(source, f"string {short(text)} holds a lone UTF-16 surrogate") from None
 
 
 def _check_json(value: object, source: str, depth: int = 0) -> None:

@@ -16,7 +16,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeGuard, Union
 
-from ..errors import CheckpointCorruptedError, CheckpointUsageError, UnsupportedFormatError
+from ..errors import (
+    LOAD_EARLIER,
+    CheckpointCorruptedError,
+    CheckpointUsageError,
+    UnsupportedFormatError,
+    damaged,
+    short,
+)
 from . import limits
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Chunks", "FileEntry", "Manifest", "build", "writer_version"]
@@ -137,10 +144,8 @@ class Manifest:
 
 
 def _fail(source: str, what: str) -> CheckpointCorruptedError:
-    return CheckpointCorruptedError(
-        f"{source}: invalid manifest: {what}. The checkpoint is damaged or was not written by "
-        "safeckpt; load an earlier checkpoint."
-    )
+    cause = "the checkpoint is damaged or was not written by safeckpt"
+    return damaged(source, f"invalid manifest: {what}", cause=cause, fix=LOAD_EARLIER)
 
 
 def _parse(doc: object, source: str) -> Manifest:
@@ -148,13 +153,13 @@ def _parse(doc: object, source: str) -> Manifest:
         raise _fail(source, f"expected a JSON object, found {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
         raise UnsupportedFormatError(
-            f"{source}: 'format' is {_short(doc.get('format'))}, expected {FORMAT_NAME!r}; "
+            f"{source}: 'format' is {short(doc.get('format'))}, expected {FORMAT_NAME!r}; "
             "this file is not a safeckpt manifest"
         )
     version = doc.get("format_version")
     match = re.fullmatch(r"([0-9]{1,6})\.([0-9]{1,6})", version) if isinstance(version, str) else None
     if match is None:
-        raise _fail(source, f"'format_version' is {_short(version)}, expected 'MAJOR.MINOR'")
+        raise _fail(source, f"'format_version' is {short(version)}, expected 'MAJOR.MINOR'")
     major, minor = int(match.group(1)), int(match.group(2))
     if major != FORMAT_VERSION[0]:
         raise UnsupportedFormatError(
@@ -163,7 +168,7 @@ def _parse(doc: object, source: str) -> Manifest:
         )
     step = doc.get("step")
     if not _is_int(step) or not 0 <= step <= limits.MAX_STEP:
-        raise _fail(source, f"'step' is {_short(step)}, expected an integer from 0 to {limits.MAX_STEP}")
+        raise _fail(source, f"'step' is {short(step)}, expected an integer from 0 to {limits.MAX_STEP}")
     created = doc.get("created", "")
     if not isinstance(created, str):
         raise _fail(source, "'created' must be a string")
@@ -181,7 +186,7 @@ def _parse(doc: object, source: str) -> Manifest:
     entries = tuple(_parse_entry(name, e, source) for name, e in sorted(files.items()))
     objects = doc.get("objects", "")
     if not isinstance(objects, str) or (objects and not _OBJECTS.fullmatch(objects)):
-        raise _fail(source, f"'objects' is {_short(objects)}, expected 'objects-' and 1 to 64 letters, digits or '-'")
+        raise _fail(source, f"'objects' is {short(objects)}, expected 'objects-' and 1 to 64 letters, digits or '-'")
     return Manifest(
         step=step,
         files=entries,
@@ -199,7 +204,7 @@ def _parse_entry(name: str, entry: JSONValue, source: str) -> FileEntry:
         raise _fail(source, f"entry for {name!r} must be an object")
     size, digest = entry.get("size"), entry.get("sha256")
     if not _is_int(size) or not 0 <= size < 2**63:
-        raise _fail(source, f"'size' of {name!r} is {_short(size)}, expected a non-negative 64-bit integer")
+        raise _fail(source, f"'size' of {name!r} is {short(size)}, expected a non-negative 64-bit integer")
     if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
         raise _fail(source, f"'sha256' of {name!r} must be 64 lower-case hex digits")
     chunks = _parse_chunks(name, size, entry["chunks"], source) if "chunks" in entry else None
@@ -217,7 +222,7 @@ def _parse_chunks(name: str, file_size: int, chunks: JSONValue, source: str) -> 
     ):
         raise _fail(
             source,
-            f"'chunks.size' of {name!r} is {_short(size)}, expected a power of two from "
+            f"'chunks.size' of {name!r} is {short(size)}, expected a power of two from "
             f"{limits.MIN_CHUNK_BYTES} to {limits.MAX_CHUNK_BYTES}",
         )
     if file_size == 0:
@@ -244,14 +249,9 @@ def check_file_name(name: str, *, source: str) -> None:
     ):
         raise _fail(
             source,
-            f"file name {_short(name)} is not allowed (names must match "
+            f"file name {short(name)} is not allowed (names must match "
             f"{limits.FILE_NAME_PATTERN.pattern}: no paths, no '..', no leading dot)",
         )
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _is_int(value: object) -> TypeGuard[int]:

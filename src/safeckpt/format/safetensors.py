@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import CheckpointCorruptedError
+from ..errors import CheckpointCorruptedError, damaged, short
 from . import limits
 from .documents import load_json
 
@@ -77,9 +77,7 @@ def parse_header(
     """
 
     def fail(what: str) -> CheckpointCorruptedError:
-        return CheckpointCorruptedError(
-            f"{source}: invalid safetensors archive: {what}; the file is damaged or truncated"
-        )
+        return damaged(source, f"invalid safetensors archive: {what}", cause="the file is damaged or truncated")
 
     total = len(data)
     if total < 8:
@@ -100,45 +98,40 @@ def parse_header(
     start, infos = 8 + n, []
     for name, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise fail(f"entry {_short(name)} must have exactly dtype, shape and data_offsets")
+            raise fail(f"entry {short(name)} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPE_SIZES:
-            raise fail(f"tensor {_short(name)} has unsupported dtype {_short(dtype)}")
+            raise fail(f"tensor {short(name)} has unsupported dtype {short(dtype)}")
         if (
             not isinstance(shape, list)
             or len(shape) > limits.MAX_TENSOR_NDIM
             or not all(_is_size(d) for d in shape)
         ):
-            raise fail(f"tensor {_short(name)} has an invalid shape {_short(shape)}")
+            raise fail(f"tensor {short(name)} has an invalid shape {short(shape)}")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
-            raise fail(f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
+            raise fail(f"tensor {short(name)} has invalid data_offsets {short(offsets)}")
         begin, end = offsets
         if math.prod(max(d, 1) for d in shape) * DTYPE_SIZES[dtype] >= 2**63:
             # Even an empty tensor's strides are products of its other dimensions.
-            raise fail(f"tensor {_short(name)} has shape {_short(shape)}, too large for 64-bit strides")
+            raise fail(f"tensor {short(name)} has shape {short(shape)}, too large for 64-bit strides")
         if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
             raise fail(
-                f"tensor {_short(name)} spans {end - begin} bytes but shape {shape} of {dtype} "
+                f"tensor {short(name)} spans {end - begin} bytes but shape {shape} of {dtype} "
                 f"needs {math.prod(shape) * DTYPE_SIZES[dtype]}"
             )
         infos.append(TensorInfo(name, dtype, tuple(shape), start + begin, start + end))
     position = start
     for info in sorted(infos, key=lambda i: (i.begin, i.end)):
         if info.begin != position:
-            raise fail(f"tensor {_short(info.name)} does not start where the previous one ends")
+            raise fail(f"tensor {short(info.name)} does not start where the previous one ends")
         position = info.end
     if position != total:
         raise fail(f"tensor data ends at byte {position} but the file has {total} bytes")
     for info in infos:
         # A torch.bool byte other than 0 or 1 is undefined behaviour in torch's kernels.
         if info.dtype == "BOOL" and bytes(data[info.begin : info.end]).translate(None, b"\x00\x01"):
-            raise fail(f"bool tensor {_short(info.name)} holds bytes other than 0 and 1")
+            raise fail(f"bool tensor {short(info.name)} holds bytes other than 0 and 1")
     return infos, metadata
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _is_size(value: object) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from ..errors import CheckpointCorruptedError, UnsupportedValueError
+from ..errors import CheckpointCorruptedError, UnsupportedValueError, damaged, short
 from . import limits
 
 __all__ = ["TREE_NAMES", "TREE_VERSION", "decode_document", "encode_document", "key_path"]
@@ -37,12 +37,7 @@ T = TypeVar("T")
 
 def key_path(path: tuple[object, ...]) -> str:
     """Human-readable location of a value, e.g. ``optimizer['state'][0]['exp_avg']``."""
-    return "".join(f"[{_short(p)}]" for p in path) or "<root>"
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
+    return "".join(f"[{short(p)}]" for p in path) or "<root>"
 
 
 def encode_document(
@@ -106,9 +101,7 @@ def decode_document(
     """
 
     def fail(what: str, path: tuple[object, ...]) -> CheckpointCorruptedError:
-        return CheckpointCorruptedError(
-            f"{source}: invalid structure at {key_path(path)}: {what}; the file is damaged"
-        )
+        return damaged(source, f"invalid structure at {key_path(path)}: {what}")
 
     def decode(node: object, path: tuple[object, ...], depth: int) -> object:
         if depth > limits.MAX_NESTING_DEPTH:
@@ -136,20 +129,18 @@ def decode_document(
                     raise fail("dict entries must be [key, value] pairs", path)
                 key = pair[0]
                 if type(key) not in (str, int):
-                    raise fail(f"dict key {_short(key)} must be a str or int", path)
+                    raise fail(f"dict key {short(key)} must be a str or int", path)
                 if key in out:
-                    raise fail(f"duplicate dict key {_short(key)}", path)
+                    raise fail(f"duplicate dict key {short(key)}", path)
                 out[key] = decode(pair[1], (*path, key), depth + 1)
             return out
-        raise fail(f"unknown tag {_short(tag)}", path)
+        raise fail(f"unknown tag {short(tag)}", path)
 
     if type(document) is not dict or set(document) != {"version", "root"}:
-        raise CheckpointCorruptedError(
-            f"{source}: expected a map with keys 'version' and 'root'; the file is damaged"
-        )
+        raise damaged(source, "expected a map with keys 'version' and 'root'")
     if type(document["version"]) is not int or document["version"] != TREE_VERSION:
         raise CheckpointCorruptedError(
-            f"{source}: structure version {_short(document['version'])} is not supported "
+            f"{source}: structure version {short(document['version'])} is not supported "
             f"(expected {TREE_VERSION}); upgrade safeckpt"
         )
     return decode(document["root"], (), 0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from ..errors import CheckpointCorruptedError, CheckpointUsageError
+from ..errors import CheckpointCorruptedError, CheckpointUsageError, damaged
 from ..format.documents import load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.tree import decode_document
@@ -128,9 +128,10 @@ def model_aliases(metadata: dict[str, str], stored: Collection[str], *, source: 
     if not isinstance(aliases, dict) or not all(
         isinstance(v, str) and v in stored and k not in stored for k, v in aliases.items()
     ):
-        raise CheckpointCorruptedError(
-            f"{source}: invalid {MODEL_ALIASES_KEY} metadata (expected a JSON object mapping names "
-            "that are not stored to names that are); the file is damaged"
+        raise damaged(
+            source,
+            f"invalid {MODEL_ALIASES_KEY} metadata (expected a JSON object mapping names that are not "
+            "stored to names that are)",
         )
     return aliases
 

@@ -2,7 +2,8 @@
 
 :class:`Hasher` digests a stream of pieces either on the calling thread (:meth:`Hasher.consume`)
 or on a thread of its own while the caller does I/O (:meth:`Hasher.hand_off`);
-:func:`chunk_size` is the writers' chunk policy; :func:`check_digest` and
+:class:`FileDigests` is what every writer hashes a file with (whole and, past
+:func:`chunk_size`, the writers' chunk policy, per chunk); :func:`check_digest` and
 :func:`check_chunk_digest` raise the one message for each kind of mismatch.
 """
 
@@ -11,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from collections.abc import Iterable, Iterator
 
-from ..errors import CheckpointCorruptedError
+from ..errors import LOAD_EARLIER, CheckpointCorruptedError, damaged
 from ..format import limits
-from ..format.manifest import FileEntry
+from ..format.manifest import Chunks, FileEntry
+from .base import Buffer
 from .tuning import TUNING, cores
 
-__all__ = ["Hasher", "check_chunk_digest", "check_digest", "chunk_size"]
+__all__ = ["FileDigests", "Hasher", "check_chunk_digest", "check_digest", "chunk_size", "wrong_size"]
 
 
 class Hasher:
@@ -104,13 +107,62 @@ def chunk_size(file_size: int) -> int:
     return size if file_size > size else 0
 
 
+class FileDigests:
+    """The digests a manifest entry records for one file being written: its SHA-256 and, when
+    ``size_hint`` is large enough (:func:`chunk_size`), the SHA-256 of each chunk.
+
+    The writers (local files, fsspec objects, S3 multipart parts) feed it the bytes they write,
+    then call :meth:`entry`; :meth:`close` must run on every path, also when the write fails.
+    """
+
+    def __init__(self, size_hint: int) -> None:
+        self.chunk = chunk_size(size_hint)
+        self.size = 0
+        """Bytes fed so far."""
+        self._whole = Hasher()
+        self._chunks = Hasher(self.chunk) if self.chunk else None
+
+    def pieces(self, parts: Iterable[Buffer], piece_size: int) -> Iterator[memoryview]:
+        """Each part cut into views of at most ``piece_size`` bytes (no copy), every one handed
+        to the hashing threads before it is yielded, so hashing overlaps the caller's write.
+        A piece must stay unchanged until :meth:`close` (the parts are the caller's)."""
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), piece_size):
+                piece = view[start : start + piece_size]
+                self._whole.hand_off(piece)
+                if self._chunks is not None:
+                    self._chunks.hand_off(piece)
+                self.size += len(piece)
+                yield piece
+
+    def consume(self, piece: memoryview) -> None:
+        """Hash ``piece`` now, on the calling thread, as the next bytes of the file."""
+        self._whole.consume(piece)
+        if self._chunks is not None:
+            self._chunks.consume(piece)
+        self.size += len(piece)
+
+    def close(self) -> None:
+        """Wait until every piece handed off is hashed (idempotent)."""
+        try:
+            self._whole.close()
+        finally:
+            if self._chunks is not None:
+                self._chunks.close()
+
+    def entry(self, name: str) -> FileEntry:
+        """The manifest entry of the ``size`` bytes fed so far, named ``name``."""
+        self.close()
+        chunks = Chunks(self.chunk, tuple(self._chunks.digests())) if self._chunks is not None and self.size else None
+        return FileEntry(name=name, size=self.size, sha256=self._whole.digests()[0], chunks=chunks)
+
+
 def check_digest(source: str, entry: FileEntry, digest: str) -> None:
     """Raise CheckpointCorruptedError unless ``digest`` is the entry's whole-file SHA-256."""
     if digest != entry.sha256:
-        raise CheckpointCorruptedError(
-            f"{source}: SHA-256 is {digest}, manifest.json says {entry.sha256}; the file is "
-            "corrupted, load an earlier checkpoint"
-        )
+        what = f"SHA-256 is {digest}, manifest.json says {entry.sha256}"
+        raise damaged(source, what, cause="the file is corrupted", fix=LOAD_EARLIER)
 
 
 def check_chunk_digest(source: str, entry: FileEntry, index: int, span: tuple[int, int, str], found: str) -> None:
@@ -118,8 +170,15 @@ def check_chunk_digest(source: str, entry: FileEntry, index: int, span: tuple[in
     start, end, expected = span
     if found != expected:
         count = len(entry.chunks.sha256) if entry.chunks is not None else 1
-        raise CheckpointCorruptedError(
-            f"{source}: SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) is "
-            f"{found}, manifest.json says {expected}; the file is corrupted, load an earlier "
-            "checkpoint"
-        )
+        what = f"SHA-256 of bytes {start} to {end} (chunk {index + 1} of {count}) is {found}, manifest.json says {expected}"
+        raise damaged(source, what, cause="the file is corrupted", fix=LOAD_EARLIER)
+
+
+MISSING_FILE = f"file listed in manifest.json is missing; the checkpoint is incomplete, {LOAD_EARLIER}"
+"""Why a file the manifest lists cannot be read (after its name)."""
+
+
+def wrong_size(source: str, entry: FileEntry, size: int) -> CheckpointCorruptedError:
+    """A file whose size is not the one its manifest entry records."""
+    what = f"size is {size} bytes, manifest.json says {entry.size}"
+    return damaged(source, what, cause="the file is truncated or damaged", fix=LOAD_EARLIER)

@@ -1,6 +1,7 @@
 """Checkpoints on a local (POSIX) file system: the first implementation of :mod:`.base`.
 
-:class:`LocalStorage` is a root folder of checkpoints; saves go through
+:class:`LocalStorage` is a root folder of checkpoints, listed here by name
+(:mod:`safeckpt.format.layout`); saves go through
 :class:`~safeckpt.storage.posix_commit.PosixPendingWrite` (temporary folder, ``flock``,
 ``renameat2``), reads through :class:`LocalFolder`, which holds the checkpoint folder open by
 descriptor so every file is opened relative to it (``O_NOFOLLOW``: a file swapped for a symlink
@@ -9,20 +10,43 @@ is refused).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from ..errors import CheckpointNotFoundError
+from ..errors import NEVER_COMMITTED, CheckpointNotFoundError
 from ..format import limits
+from ..format.layout import parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .base import Location
 from .posix import audit_files, read_bounded, read_files
-from .posix_commit import PosixPendingWrite, list_checkpoints, parse_step, remove_checkpoint, scan_steps
 
-__all__ = ["LocalFolder", "LocalStorage"]
+if TYPE_CHECKING:  # the transaction (flock, renameat2) is imported by the calls that write
+    from .posix_commit import PosixPendingWrite
+
+__all__ = ["LocalFolder", "LocalStorage", "list_checkpoints", "scan_steps"]
+
+
+def scan_steps(root: str | os.PathLike[str]) -> list[tuple[int, Path, bool]]:
+    """Every ``step-N`` folder under ``root`` (not symlinks), oldest step first, with whether it
+    is committed (holds a manifest); [] when ``root`` does not exist."""
+    root = Path(root)
+    found = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(root):
+            step = parse_step(entry.name)
+            if step is not None and entry.is_dir(follow_symlinks=False):
+                found.append((step, root / entry.name, os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))))
+    return sorted(found)
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Committed checkpoints under ``root`` (folders with a manifest), oldest step first."""
+    return [(step, path) for step, path, committed in scan_steps(root) if committed]
 
 
 class LocalStorage:
@@ -36,6 +60,8 @@ class LocalStorage:
 
     def begin(self, step: int, *, name: str | None = None) -> PosixPendingWrite:
         """A temporary folder for ``step`` that commits to ``root/step-N`` (or ``root/name``)."""
+        from .posix_commit import PosixPendingWrite
+
         return PosixPendingWrite(self.root, step, name=name)
 
     def open(self, location: Location) -> LocalFolder:
@@ -54,10 +80,7 @@ class LocalStorage:
             if found:
                 return found[-1][1]
             if parse_step(path.name) is not None:
-                raise CheckpointNotFoundError(
-                    f"{path / MANIFEST_NAME}: missing; the checkpoint was never committed (its save "
-                    "was interrupted) — load an earlier checkpoint"
-                )
+                raise CheckpointNotFoundError(f"{path / MANIFEST_NAME}: {NEVER_COMMITTED}")
             raise CheckpointNotFoundError(
                 f"{path}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* folders)"
             )
@@ -81,6 +104,8 @@ class LocalStorage:
 
     def remove(self, location: Location) -> None:
         """Delete a committed checkpoint (hidden rename first, then the files)."""
+        from .posix_commit import remove_checkpoint
+
         remove_checkpoint(Path(str(location)))
 
 
@@ -119,7 +144,7 @@ class LocalFolder:
             MANIFEST_NAME,
             limit=limits.MAX_MANIFEST_BYTES,
             source=source,
-            missing="missing; the checkpoint was never committed, load an earlier one",
+            missing=NEVER_COMMITTED,
         )
         manifest = Manifest.from_json_bytes(bytes(raw), source=source)
         self._manifest_read = True

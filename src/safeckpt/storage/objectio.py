@@ -22,13 +22,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointWriteError
-from ..format.manifest import Chunks, FileEntry
-from .base import Buffer
-from .hashing import Hasher, check_chunk_digest, check_digest, chunk_size
-from .posix import _archive_room, _arena
+from ..errors import LOAD_EARLIER, CheckpointCorruptedError, CheckpointError, CheckpointWriteError
+from ..format.manifest import FileEntry
+from .base import Buffer, ReadArena
+from .hashing import (
+    MISSING_FILE,
+    FileDigests,
+    Hasher,
+    check_chunk_digest,
+    check_digest,
+    wrong_size,
+)
 
-__all__ = ["REMOTE", "RemoteTuning", "audit_object", "download_object", "retrying", "upload_object"]
+__all__ = ["REMOTE", "RemoteTuning", "audit_object", "checked_size", "download_object", "fetch_range", "retrying", "upload_object"]
 
 logger = logging.getLogger("safeckpt")
 T = TypeVar("T")
@@ -113,20 +119,11 @@ def _upload_once(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hin
         from .s3parts import upload_parts
 
         return upload_parts(fs, url, name, parts, size_hint)
-    chunk = chunk_size(size_hint)
-    sha, chunks = Hasher(), Hasher(chunk) if chunk else None
-    size = 0
+    digests = FileDigests(size_hint)
     file = fs.open(url, "wb", block_size=REMOTE.part)
     try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            for start in range(0, len(view), REMOTE.part):
-                piece = view[start : start + REMOTE.part]
-                sha.hand_off(piece)
-                if chunks is not None:
-                    chunks.hand_off(piece)
-                file.write(piece)
-                size += len(piece)
+        for piece in digests.pieces(parts, REMOTE.part):
+            file.write(piece)
         file.close()
     except BaseException:
         discard = getattr(file, "discard", None)
@@ -134,21 +131,16 @@ def _upload_once(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hin
             if callable(discard):
                 discard()  # s3fs: abort the multipart upload instead of committing a truncated object
         finally:
-            sha.close()
-            if chunks is not None:
-                chunks.close()
+            digests.close()
         raise
-    digests = Chunks(chunk, tuple(chunks.digests())) if chunks is not None and size else None
-    return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
+    return digests.entry(name)
 
 
 def _size_of(fs: Any, url: str) -> int:
     try:
         info = retrying(lambda: fs.info(url), what=url)
     except FileNotFoundError:
-        raise CheckpointCorruptedError(
-            f"{url}: file listed in manifest.json is missing; the checkpoint is incomplete, load an earlier one"
-        ) from None
+        raise CheckpointCorruptedError(f"{url}: {MISSING_FILE}") from None
     except Exception as exc:
         raise _unreadable(url, exc) from exc
     return int(info.get("size") or 0)
@@ -156,20 +148,17 @@ def _size_of(fs: Any, url: str) -> int:
 
 def _unreadable(url: str, exc: BaseException) -> CheckpointCorruptedError:
     return CheckpointCorruptedError(
-        f"{url}: could not be read ({_describe(exc)}) after retries; check the connection, or load an earlier checkpoint"
+        f"{url}: could not be read ({_describe(exc)}) after retries; check the connection, or {LOAD_EARLIER}"
     )
 
 
-def _checked_size(fs: Any, url: str, entry: FileEntry) -> None:
+def checked_size(fs: Any, url: str, entry: FileEntry) -> None:
     size = _size_of(fs, url)
     if size != entry.size:
-        raise CheckpointCorruptedError(
-            f"{url}: size is {size} bytes, manifest.json says {entry.size}; the object is truncated "
-            "or damaged, load an earlier checkpoint"
-        )
+        raise wrong_size(url, entry, size)
 
 
-def _fetch(fs: Any, url: str, start: int, end: int, into: memoryview) -> None:
+def fetch_range(fs: Any, url: str, start: int, end: int, into: memoryview) -> None:
     """Bytes ``start`` to ``end`` of ``url`` into ``into`` (retried; short reads are errors)."""
 
     def once() -> None:
@@ -193,19 +182,19 @@ def download_object(fs: Any, url: str, entry: FileEntry, *, verify: bool, pool: 
     Ranges are fetched on ``pool``; with chunk digests each range is a chunk, verified on
     arrival; otherwise ranges are hashed in order as they arrive. Returns only once verified.
     """
-    _checked_size(fs, url, entry)
+    checked_size(fs, url, entry)
     size = entry.size
     room = 0
     if entry.name.endswith(".safetensors") and size >= 8:
         prefix = bytearray(8)
-        _fetch(fs, url, 0, 8, memoryview(prefix))
-        room = _archive_room(bytes(prefix), size)
-    view = memoryview(_arena(size + room))[:size]
+        fetch_range(fs, url, 0, 8, memoryview(prefix))
+        room = ReadArena.room_for_archive(bytes(prefix), size)
+    view = ReadArena.allocate(size, room=room)
     if entry.chunks is not None:
         spans = entry.chunks.digest_spans(size)
 
         def chunk_job(index: int, start: int, end: int, expected: str) -> None:
-            _fetch(fs, url, start, end, view[start:end])
+            fetch_range(fs, url, start, end, view[start:end])
             if verify:
                 found = hashlib.sha256(view[start:end]).hexdigest()
                 check_chunk_digest(url, entry, index, (start, end, expected), found)
@@ -215,7 +204,7 @@ def download_object(fs: Any, url: str, entry: FileEntry, *, verify: bool, pool: 
             future.result()
         return view
     ranges = [(start, min(start + REMOTE.fetch, size)) for start in range(0, size, REMOTE.fetch)]
-    futures = [pool.submit(_fetch, fs, url, start, end, view[start:end]) for start, end in ranges]
+    futures = [pool.submit(fetch_range, fs, url, start, end, view[start:end]) for start, end in ranges]
     sha = hashlib.sha256()
     for (start, end), future in zip(ranges, futures, strict=True):
         future.result()
@@ -228,14 +217,14 @@ def download_object(fs: Any, url: str, entry: FileEntry, *, verify: bool, pool: 
 
 def audit_object(fs: Any, url: str, entry: FileEntry) -> None:
     """Stream the object through one part-sized buffer and check every digest ``entry`` records."""
-    _checked_size(fs, url, entry)
+    checked_size(fs, url, entry)
     sha = hashlib.sha256()
     chunks = Hasher(entry.chunks.size) if entry.chunks is not None else None
     buffer = memoryview(bytearray(REMOTE.part))
     for start in range(0, entry.size, REMOTE.part):
         end = min(start + REMOTE.part, entry.size)
         piece = buffer[: end - start]
-        _fetch(fs, url, start, end, piece)
+        fetch_range(fs, url, start, end, piece)
         sha.update(piece)
         if chunks is not None:
             chunks.consume(piece)

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import (
+    NEVER_COMMITTED,
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -36,18 +37,24 @@ from ..errors import (
     checkpoint_exists,
 )
 from ..format import limits
+from ..format.layout import OBJECTS_PREFIX, objects_name, objects_started, parse_step, step_dirname
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .base import FileSource, Location, ObjectPath
-from .objectio import REMOTE, _checked_size, _fetch, audit_object, download_object, retrying, upload_object
+from .objectio import (
+    REMOTE,
+    audit_object,
+    checked_size,
+    download_object,
+    fetch_range,
+    retrying,
+    upload_object,
+)
 from .parallel import in_parallel
-from .posix_commit import parse_step, step_dirname
 
 __all__ = ["ObjectFolder", "ObjectPendingWrite", "ObjectStorage"]
 
 logger = logging.getLogger("safeckpt")
 
-OBJECTS_PREFIX = "objects-"
-_STAMP = "%Y%m%dT%H%M%SZ"
 
 
 def _filesystem(protocol: str, storage_options: Mapping[str, Any] | None) -> Any:
@@ -77,14 +84,6 @@ def _children(fs: Any, location: ObjectPath) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted({str(n).rstrip("/").rsplit("/", 1)[-1] for n in names})
-
-
-def _started(prefix: str) -> datetime.datetime | None:
-    try:
-        stamp = prefix[len(OBJECTS_PREFIX) :].split("-", 1)[0]
-        return datetime.datetime.strptime(stamp, _STAMP).replace(tzinfo=datetime.timezone.utc)
-    except ValueError:
-        return None
 
 
 class ObjectStorage:
@@ -128,10 +127,7 @@ class ObjectStorage:
         if committed:
             return committed[-1][1]
         if parse_step(place.name) is not None and _children(self.fs, place):
-            raise CheckpointNotFoundError(
-                f"{place / MANIFEST_NAME}: missing; the checkpoint was never committed (its save was "
-                "interrupted) — load an earlier checkpoint"
-            )
+            raise CheckpointNotFoundError(f"{place / MANIFEST_NAME}: {NEVER_COMMITTED}")
         raise CheckpointNotFoundError(f"{place}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* prefixes)")
 
     def remove(self, location: Location) -> None:
@@ -156,7 +152,7 @@ class ObjectStorage:
             unnamed = [
                 n for n in names
                 if n.startswith(OBJECTS_PREFIX)
-                and (started_before is None or ((started := _started(n)) is not None and started < started_before))
+                and (started_before is None or ((started := objects_started(n)) is not None and started < started_before))
             ]  # fmt: skip
             if unnamed and MANIFEST_NAME in names:
                 try:
@@ -164,7 +160,7 @@ class ObjectStorage:
                         unnamed = [n for n in unnamed if n != folder.read_manifest().objects]
                 except CheckpointError:
                     continue  # an unreadable manifest: leave its objects for a person to look at
-            found += [(place / name, _started(name)) for name in unnamed]
+            found += [(place / name, objects_started(name)) for name in unnamed]
         return found
 
     def clean_stale(self, now: datetime.datetime | None = None) -> None:
@@ -179,8 +175,7 @@ class ObjectPendingWrite:
 
     def __init__(self, storage: ObjectStorage, step: int, final: ObjectPath) -> None:
         self.storage, self.step, self.final = storage, step, final
-        started = datetime.datetime.now(datetime.timezone.utc).strftime(_STAMP)
-        self.prefix = f"{OBJECTS_PREFIX}{started}-{secrets.token_hex(6)}"
+        self.prefix = objects_name(datetime.datetime.now(datetime.timezone.utc), secrets.token_hex(6))
         self.location = final / self.prefix
         self._committed = False
 
@@ -254,9 +249,7 @@ class ObjectFolder:
         try:
             raw = retrying(lambda: self.fs.cat_file(url, start=0, end=limits.MAX_MANIFEST_BYTES + 1), what=url)
         except FileNotFoundError:
-            raise CheckpointNotFoundError(
-                f"{url}: missing; the checkpoint was never committed, load an earlier one"
-            ) from None
+            raise CheckpointNotFoundError(f"{url}: {NEVER_COMMITTED}") from None
         except Exception as exc:
             raise CheckpointCorruptedError(f"{url}: could not be read ({exc}); check the connection") from exc
         manifest = Manifest.from_json_bytes(bytes(raw), source=url)
@@ -283,11 +276,11 @@ class ObjectFolder:
         """Bytes ``start`` to ``end`` of ``entry``'s object, its size checked but not its digests:
         for listing an archive's header without downloading its tensors (``safeckpt inspect``)."""
         url = str(self._files_at() / entry.name)
-        _checked_size(self.fs, url, entry)
+        checked_size(self.fs, url, entry)
         if end <= start:
             return b""
         piece = bytearray(end - start)
-        _fetch(self.fs, url, start, end, memoryview(piece))
+        fetch_range(self.fs, url, start, end, memoryview(piece))
         return bytes(piece)
 
     def audit(self, entries: Iterable[FileEntry]) -> None:

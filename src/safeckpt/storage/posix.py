@@ -21,14 +21,13 @@ import hashlib
 import mmap
 import os
 import stat
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
-from ..format import limits
+from ..errors import LOAD_EARLIER, CheckpointCorruptedError, CheckpointNotFoundError
 from ..format.manifest import FileEntry
-from .hashing import Hasher, check_chunk_digest, check_digest, chunk_size
+from .base import ReadArena
+from .hashing import MISSING_FILE, Hasher, check_chunk_digest, check_digest, chunk_size, wrong_size
 from .parallel import in_parallel
 from .tuning import TUNING, cores
 
@@ -37,7 +36,6 @@ __all__ = [
     "chunk_size",
     "read_bounded",
     "read_files",
-    "realign_room",
 ]
 
 
@@ -107,41 +105,6 @@ def read_bounded(dir_fd: int, name: str, *, limit: int, source: str, missing: st
         os.close(fd)
 
 
-class _Arena(mmap.mmap):
-    """Anonymous page-aligned memory a verified file is read into; may be longer than the file."""
-
-
-def _arena(size: int) -> _Arena:
-    # Private: a shared anonymous map is shmem, whose page faults cost half again as much. Not
-    # huge pages (MADV_HUGEPAGE): filling them was five times faster when the kernel reused
-    # freed ones, but two to three times slower in a new process on a VM whose free huge blocks
-    # go back to the host (measured with benchmarks/compare_formats.py).
-    return _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-def realign_room(buffer: memoryview) -> int:
-    """Spare bytes after ``buffer`` that its owner may overwrite (0 unless :func:`read_files`
-    allocated it with room to move tensors to aligned addresses)."""
-    owner = buffer.obj
-    if isinstance(owner, _Arena) and buffer.contiguous and not buffer.readonly:
-        return len(owner) - len(buffer)
-    return 0
-
-
-def _archive_room(prefix: bytes, size: int) -> int:
-    """Room to align every tensor of a safetensors archive of ``size`` bytes to ``limits.ALIGN`` bytes.
-
-    Each tensor entry of a valid header takes well over 40 bytes of JSON, so the header length
-    (``prefix``, the file's first 8 bytes, not trusted: the room is capped by the file size and
-    the header limit, and only reserves address space until a verified archive is aligned)
-    bounds the number of tensors, and each needs at most ``limits.ALIGN`` bytes to move.
-    """
-    if len(prefix) < 8:
-        return 0
-    (length,) = struct.unpack_from("<Q", prefix)
-    return limits.ALIGN * (min(length, size, limits.MAX_SAFETENSORS_HEADER_BYTES) // 40 + 2)
-
-
 def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
     """Fill ``view`` from the file, hashing each piece while the next one is read."""
     sha = Hasher()
@@ -167,7 +130,7 @@ def _unreadable(source: str, exc: BaseException) -> CheckpointCorruptedError:
     reason = getattr(exc, "strerror", None) or type(exc).__name__
     return CheckpointCorruptedError(
         f"{source}: cannot be read ({reason}); the storage is failing or the file is larger than "
-        "the memory available: load an earlier checkpoint, or this one where more memory is free"
+        f"the memory available: {LOAD_EARLIER}, or this one where more memory is free"
     )
 
 
@@ -181,16 +144,12 @@ class _OpenFile:
             dir_fd,
             entry.name,
             source=self.source,
-            missing="file listed in manifest.json is missing; the checkpoint is incomplete, "
-            "load an earlier one",
+            missing=MISSING_FILE,
         )
         self.view = memoryview(b"")
         if size != entry.size:
             os.close(self.fd)
-            raise CheckpointCorruptedError(
-                f"{self.source}: size is {size} bytes, manifest.json says {entry.size}; "
-                "the file is truncated or damaged, load an earlier checkpoint"
-            )
+            raise wrong_size(self.source, entry, size)
 
     def allocate(self, *, verify: bool) -> memoryview:
         """The buffer the file is read into (fresh memory), or with ``verify=False`` a map of it."""
@@ -201,8 +160,9 @@ class _OpenFile:
                 return self.view
             with contextlib.suppress(OSError, AttributeError):  # a hint; not on every platform
                 os.posix_fadvise(self.fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
-            room = _archive_room(os.pread(self.fd, 8, 0), size) if self.entry.name.endswith(".safetensors") else 0
-            self.view = memoryview(_arena(size + room))[:size]
+            archive = self.entry.name.endswith(".safetensors")
+            room = ReadArena.room_for_archive(os.pread(self.fd, 8, 0), size) if archive else 0
+            self.view = ReadArena.allocate(size, room=room)
         except (OSError, MemoryError, OverflowError) as exc:
             raise _unreadable(self.source, exc) from exc
         return self.view

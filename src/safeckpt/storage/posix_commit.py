@@ -23,7 +23,8 @@ Saving step ``S`` into root folder ``R``:
    mistaken for a checkpoint.
 
 Readers consider only folders named ``step-<digits>`` that contain ``MANIFEST_NAME``; temporary
-and trash folders start with a dot and are never loaded. A crash at any point therefore leaves
+and trash folders start with a dot and are never loaded (the names are in
+:mod:`safeckpt.format.layout`; this module is the transaction). A crash at any point therefore leaves
 either the old state or the new one visible, plus at most a hidden folder the next save cleans.
 Any ``OSError`` (ENOSPC, EIO, EFBIG, ...) removes the temporary folder and becomes a
 :class:`~safeckpt.errors.CheckpointWriteError` saying what failed; earlier checkpoints are never
@@ -38,73 +39,31 @@ import errno
 import fcntl
 import functools
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import CheckpointExistsError, CheckpointWriteError, checkpoint_exists
+from ..format.layout import (
+    LOCK_NAME,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    deleted_name,
+    parse_step,
+    step_dirname,
+    temporary_name,
+    trash_name,
+    trashed_original,
+)
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .posix_write import Buffer, fsync_dir, write_file, write_files
 
-__all__ = [
-    "LOCK_NAME",
-    "STEP_PREFIX",
-    "TMP_PREFIX",
-    "TRASH_PREFIX",
-    "PosixPendingWrite",
-    "list_checkpoints",
-    "parse_step",
-    "remove_checkpoint",
-    "scan_steps",
-    "step_dirname",
-]
-
-STEP_PREFIX = "step-"
-STEP_DIGITS = 8
-TMP_PREFIX = ".tmp-"
-"""Temporary folders being written (or left by a writer that died)."""
-TRASH_PREFIX = ".trash-"
-"""Folders on their way out: ``.trash-step-S.<id>`` (moved aside by an overwrite, restored if the
-new folder never arrived) and ``.trash-deleted.<id>`` (pruned, only to be deleted)."""
-LOCK_NAME = ".safeckpt.lock"
-"""Lock file in the root folder; held only briefly, around creating and renaming folders."""
-_DELETED = "deleted."
-_STEP_NAME = re.compile(r"step-([0-9]{1,19})")
+__all__ = ["PosixPendingWrite", "remove_checkpoint", "write_error"]
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-
-
-def step_dirname(step: int) -> str:
-    """Folder name for ``step``; zero-padded so listings sort by step."""
-    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step a checkpoint folder name encodes, or None if it is not one."""
-    match = _STEP_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
-def scan_steps(root: str | os.PathLike[str]) -> list[tuple[int, Path, bool]]:
-    """Every ``step-N`` folder under ``root`` (not symlinks), oldest step first, with whether it
-    is committed (holds a manifest); [] when ``root`` does not exist."""
-    root = Path(root)
-    found = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(root):
-            step = parse_step(entry.name)
-            if step is not None and entry.is_dir(follow_symlinks=False):
-                found.append((step, root / entry.name, os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))))
-    return sorted(found)
-
-
-def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Committed checkpoints under ``root`` (folders with a manifest), oldest step first."""
-    return [(step, path) for step, path, committed in scan_steps(root) if committed]
 
 
 @functools.cache
@@ -178,11 +137,11 @@ def _clean_leftovers(root: Path) -> None:
             if entry.name.startswith(TMP_PREFIX):
                 _remove_if_unlocked(entry.path)
             elif entry.name.startswith(TRASH_PREFIX):
-                original = entry.name[len(TRASH_PREFIX) :].rsplit(".", 1)[0]
-                moved_aside = not entry.name.startswith(TRASH_PREFIX + _DELETED) and (
+                original = trashed_original(entry.name)  # None: a folder being deleted
+                moved_aside = original is not None and (
                     parse_step(original) is not None or os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))
                 )
-                if moved_aside and not os.path.lexists(root / original):
+                if original is not None and moved_aside and not os.path.lexists(root / original):
                     os.rename(entry.path, root / original)
                     _fsync_path(root)
                 else:
@@ -218,7 +177,7 @@ class PosixPendingWrite:
         self.root = Path(root)
         self.step = step
         self.final = self.root / (name or step_dirname(step))
-        self.path = self.root / f"{TMP_PREFIX}{self.final.name}.{uuid.uuid4().hex}"
+        self.path = self.root / temporary_name(self.final.name, uuid.uuid4().hex)
         self.dir_fd = -1
         self.committed = False
 
@@ -288,7 +247,7 @@ class PosixPendingWrite:
                 _fsync_path(self.root)
                 if replaced is not None and replaced.name.startswith(TRASH_PREFIX):
                     # Past this point it must never be restored: rename it to a deletion name.
-                    deleted = self.root / f"{TRASH_PREFIX}{_DELETED}{uuid.uuid4().hex}"
+                    deleted = self.root / deleted_name(uuid.uuid4().hex)
                     with contextlib.suppress(OSError):
                         os.rename(replaced, deleted)
                         replaced = deleted
@@ -318,7 +277,7 @@ class PosixPendingWrite:
             return None
         if _renameat2(self.path, self.final, _RENAME_EXCHANGE):
             return self.path  # now holds the replaced checkpoint, hidden under the temporary name
-        trash = self.root / f"{TRASH_PREFIX}{self.final.name}.{uuid.uuid4().hex}"
+        trash = self.root / trash_name(self.final.name, uuid.uuid4().hex)
         os.rename(self.final, trash)
         try:
             os.rename(self.path, self.final)
@@ -339,7 +298,7 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
         >>> remove_checkpoint("checkpoints/step-00000100")  # doctest: +SKIP
     """
     path = Path(path)
-    hidden = path.parent / f"{TRASH_PREFIX}{_DELETED}{uuid.uuid4().hex}"
+    hidden = path.parent / deleted_name(uuid.uuid4().hex)
     with _root_lock(path.parent):
         os.rename(path, hidden)
         _fsync_path(path.parent)

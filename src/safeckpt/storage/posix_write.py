@@ -19,9 +19,9 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..format.manifest import Chunks, FileEntry
+from ..format.manifest import FileEntry
 from .base import Buffer
-from .hashing import Hasher, chunk_size
+from .hashing import FileDigests
 from .parallel import in_parallel
 from .tuning import TUNING, cores
 
@@ -64,34 +64,22 @@ def write_file(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int =
     enough (:func:`chunk_size`). Raises ``OSError`` from the underlying calls; the caller owns
     cleanup of the folder.
     """
-    chunk = chunk_size(size_hint)
-    sha = Hasher()
-    chunks = Hasher(chunk) if chunk else None
-    size = flushed = 0
+    digests = FileDigests(size_hint)
+    flushed = 0
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            for start in range(0, len(view), TUNING.piece):
-                piece = view[start : start + TUNING.piece]
-                sha.hand_off(piece)
-                if chunks is not None:
-                    chunks.hand_off(piece)
-                _write_all(fd, piece)
-                size += len(piece)
-                if size - flushed >= TUNING.writeback:
-                    _start_writeback(fd, flushed, size - flushed)
-                    flushed = size
+        for piece in digests.pieces(parts, TUNING.piece):
+            _write_all(fd, piece)
+            if digests.size - flushed >= TUNING.writeback:
+                _start_writeback(fd, flushed, digests.size - flushed)
+                flushed = digests.size
         os.fsync(fd)
     finally:
         try:
-            sha.close()
-            if chunks is not None:
-                chunks.close()
+            digests.close()
         finally:
             os.close(fd)
-    digests = Chunks(chunk, tuple(chunks.digests())) if chunks is not None and size else None
-    return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
+    return digests.entry(name)
 
 
 def write_files(

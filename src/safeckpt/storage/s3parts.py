@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ..format.manifest import Chunks, FileEntry
+from ..format.manifest import FileEntry
 from .base import Buffer
-from .hashing import Hasher, chunk_size
+from .hashing import FileDigests
 from .objectio import REMOTE, retrying
 
 __all__ = ["upload_parts"]
@@ -44,25 +44,15 @@ def _cut(parts: Iterable[Buffer], size: int) -> Iterator[bytes]:
 def upload_parts(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hint: int) -> FileEntry:
     """Upload ``parts`` as ``url``: one PUT when it fits in a part, else a parallel multipart upload."""
     bucket, key, _ = fs.split_path(url)
-    chunk = chunk_size(size_hint)
-    sha, chunks = Hasher(), Hasher(chunk) if chunk else None
+    digests = FileDigests(size_hint)
     pieces = _cut(parts, REMOTE.part)
     first = next(pieces)
     second = next(pieces, None)
 
-    def digest(piece: bytes) -> None:
-        sha.consume(memoryview(piece))
-        if chunks is not None:
-            chunks.consume(memoryview(piece))
-
-    def entry(size: int) -> FileEntry:
-        digests = Chunks(chunk, tuple(chunks.digests())) if chunks is not None and size else None
-        return FileEntry(name=name, size=size, sha256=sha.digests()[0], chunks=digests)
-
     if second is None:
-        digest(first)
+        digests.consume(memoryview(first))
         retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=first), what=url)
-        return entry(len(first))
+        return digests.entry(name)
 
     upload_id = retrying(lambda: fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key), what=url)["UploadId"]
     room = threading.Semaphore(REMOTE.transfers + 1)
@@ -80,7 +70,6 @@ def upload_parts(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hin
         finally:
             room.release()
 
-    size = 0
     try:
         with ThreadPoolExecutor(REMOTE.transfers, thread_name_prefix="safeckpt-part") as pool:
             for number, piece in enumerate(_chain(first, second, pieces), start=1):
@@ -88,8 +77,7 @@ def upload_parts(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hin
                 if any(f.done() and f.exception() is not None for f in futures):
                     room.release()
                     break
-                digest(piece)
-                size += len(piece)
+                digests.consume(memoryview(piece))
                 futures.append(pool.submit(send, number, piece))
             done = [f.result() for f in futures]
         retrying(
@@ -105,7 +93,7 @@ def upload_parts(fs: Any, url: str, name: str, parts: Iterable[Buffer], size_hin
             pass
         raise
     fs.invalidate_cache(url)
-    return entry(size)
+    return digests.entry(name)
 
 
 def _chain(first: bytes, second: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:

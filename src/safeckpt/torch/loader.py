@@ -19,10 +19,10 @@ from typing import Any, cast
 import torch
 
 from ..errors import (
-    CheckpointCorruptedError,
     CheckpointError,
     CheckpointMismatchError,
     MissingRNGStateWarning,
+    damaged,
 )
 from ..format.documents import load_json
 from ..format.tree import TREE_NAMES
@@ -79,7 +79,7 @@ def _model_state(buffers: Mapping[str, Buffer], folder: Location, device: str | 
     if not isinstance(aliases, dict) or not all(
         isinstance(v, str) and v in tensors and k not in tensors for k, v in aliases.items()
     ):
-        raise CheckpointCorruptedError(f"{source}: invalid {ALIASES_KEY} metadata; the file is damaged")
+        raise damaged(source, f"invalid {ALIASES_KEY} metadata")
     for alias, target in aliases.items():
         tensors[alias] = tensors[target]
     return tensors

@@ -18,10 +18,10 @@ from typing import Any, Literal, overload
 import torch
 
 from ..errors import CheckpointUsageError, checkpoint_exists
+from ..format.layout import step_dirname
 from ..format.manifest import build as build_manifest
 from ..storage.base import Location
 from ..storage.locate import as_location, storage_for
-from ..storage.posix_commit import step_dirname
 from .background import PendingSave, acquire_slot, keep_snapshot
 from .plan import CheckpointPlan, SaveOptions, plan_checkpoint
 

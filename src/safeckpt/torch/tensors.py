@@ -19,8 +19,7 @@ from ..errors import UnsupportedValueError
 from ..format.limits import ALIGN
 from ..format.safetensors import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_header, parse_header
 from ..format.tree import key_path
-from ..storage.base import Buffer
-from ..storage.posix import realign_room
+from ..storage.base import Buffer, ReadArena
 
 __all__ = ["TensorCollector", "archive_parts", "tensors_from_buffer"]
 
@@ -176,8 +175,8 @@ def tensors_from_buffer(
 
     With ``aligned``, every CPU tensor starts on a 64-byte boundary, like torch's own
     allocations (some kernels, e.g. the dot products of LBFGS, round differently otherwise):
-    tensors are moved in place into the room :func:`safeckpt.storage.posix.read_files` leaves after
-    an archive, and only those that do not fit there are copied. With ``copy``, CPU tensors are
+    tensors are moved in place into the room a verified read leaves after an archive
+    (:class:`~safeckpt.storage.base.ReadArena`), and only those that do not fit there are copied. With ``copy``, CPU tensors are
     copies in torch's own (aligned) memory instead of views: for state that is restored into a
     live object and must not stay backed by a memory-mapped file.
     """
@@ -223,7 +222,7 @@ def _aligned_bytes(buffer: Buffer, infos: list[TensorInfo]) -> dict[str, torch.T
     view = memoryview(buffer)
     if not len(view):
         return {}
-    room = realign_room(view)
+    room = ReadArena.spare_room(view)
     owner = view.obj if room else view
     base = _region(owner, 0, 1).data_ptr()
     limit = len(view) + room
