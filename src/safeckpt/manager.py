@@ -286,6 +286,7 @@ class CheckpointManager:
                 model, optimizer, config, vocab, step, directory=self.directory, scheduler=scheduler, extra=extra,
                 metadata=metadata, rng=rng, overwrite=overwrite, async_=self.async_save,
                 on_commit=(lambda _: self._apply_retention(step)) if retain else None,
+                storage_options=self.storage_options,
             )  # fmt: skip
             if not isinstance(result, PendingSave):
                 if retain:

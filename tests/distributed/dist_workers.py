@@ -241,16 +241,16 @@ def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
     model, opt, sched = build(mesh2)
     train(model, opt, sched, range(1))
     with check("failed_rank_leaves_nothing"):
-        from safeckpt.distributed import writer
+        from safeckpt.storage import posix_write
 
-        real = writer.write_file
+        real = posix_write.write_file
 
         def full_disk(*args: object, **kwargs: object) -> object:
             if rank == 1:
                 raise OSError(errno.ENOSPC, "No space left on device", "shard")
             return real(*args, **kwargs)  # type: ignore[arg-type]
 
-        writer.write_file = full_disk  # type: ignore[assignment]
+        posix_write.write_file = full_disk  # type: ignore[assignment]
         try:
             expect(
                 safeckpt.CheckpointWriteError,
@@ -258,7 +258,7 @@ def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
                 "rank 1", "disk is full",
             )
         finally:
-            writer.write_file = real
+            posix_write.write_file = real
         dist.barrier(g2)
         assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".safeckpt")) == ["step-00000003"]
 
@@ -405,20 +405,22 @@ def direct(tmp: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, group:
 
 
 def sigkill(rank: int, world: int, tmp: Path) -> None:
-    """Step 1 commits; during step 2 the coordinator (rank 0, which owns the temporary folder)
-    kills itself in the middle of writing its shard."""
+    """Step 1 commits; during step 2 rank ``KILL_RANK`` (default 0: the coordinator, which owns
+    the temporary folder) kills itself in the middle of writing its shard. The other rank
+    records how its save ended (``step_2_error``) if it ends at all."""
+    victim = int(os.environ.get("KILL_RANK", "0"))
     mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # type: ignore[arg-type]
     model, opt, sched = build(mesh)
     train(model, opt, sched, range(2))
     root = tmp / "run"
     safeckpt.save_checkpoint(model, opt, None, None, 1, directory=root)
     record("committed_step_1", "ok")
-    from safeckpt.distributed import writer
+    from safeckpt.storage import posix_write
 
-    real = writer.write_file
+    real = posix_write.write_file
 
     def die_midway(dir_fd: int, name: str, parts: object, size_hint: int = 0) -> object:
-        if rank == 0 and name.endswith(".safetensors"):
+        if rank == victim and name.endswith(".safetensors"):
             fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dir_fd)
             os.write(fd, b"partial shard")
             os.close(fd)
@@ -426,8 +428,12 @@ def sigkill(rank: int, world: int, tmp: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(dir_fd, name, parts, size_hint)  # type: ignore[arg-type]
 
-    writer.write_file = die_midway  # type: ignore[assignment]
-    safeckpt.save_checkpoint(model, opt, None, None, 2, directory=root)
+    posix_write.write_file = die_midway  # type: ignore[assignment]
+    try:
+        safeckpt.save_checkpoint(model, opt, None, None, 2, directory=root)
+    except BaseException as exc:  # recorded for the test: which error a surviving rank sees
+        record("step_2_error", f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+        raise
     record("step_2_returned", "should not happen")
 
 

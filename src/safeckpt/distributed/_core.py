@@ -11,15 +11,16 @@ from types import ModuleType
 
 from .._version import __version__
 from ..configs import config_metadata, config_to_json
+from ..errors import checkpoint_exists
 from ..format.documents import dump_json, dump_msgpack, load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
 from ..format.safetensors import DTYPE_SIZES
 from ..format.tree import decode_document, encode_document
-from ..pipeline.read import locate_local as locate_checkpoint  # sharded checkpoints: local folders only
-from ..storage.local import LocalStorage
-from ..storage.posix import read_bounded, read_files
-from ..storage.posix_commit import TMP_PREFIX, PosixPendingWrite, list_checkpoints, step_dirname, write_error
-from ..storage.posix_write import fsync_dir, write_file
+from ..pipeline.read import is_sharded, locate_checkpoint
+from ..storage.base import Location as StorageLocation
+from ..storage.base import PendingWrite
+from ..storage.locate import as_location, storage_for
+from ..storage.posix_commit import TMP_PREFIX, list_checkpoints, step_dirname
 from ..torch.background import PendingSave, acquire_slot
 from ..torch.rng import capture_rng, restore_rng
 from ..torch.state import state_of, vocab_to_json
@@ -47,16 +48,18 @@ __all__ = [
     "TMP_PREFIX",
     "TORCH_DTYPES",
     "FileEntry",
-    "LocalStorage",
     "Manifest",
     "PendingSave",
-    "PosixPendingWrite",
+    "PendingWrite",
+    "StorageLocation",
     "TensorCollector",
     "__version__",
     "acquire_slot",
     "archive_parts",
+    "as_location",
     "build",
     "capture_rng",
+    "checkpoint_exists",
     "config_metadata",
     "config_to_json",
     "core_loader",
@@ -65,18 +68,15 @@ __all__ = [
     "dump_json",
     "dump_msgpack",
     "encode_document",
-    "fsync_dir",
+    "is_sharded",
     "list_checkpoints",
     "load_json",
     "load_msgpack",
     "locate_checkpoint",
-    "read_bounded",
-    "read_files",
     "restore_rng",
     "state_of",
     "step_dirname",
+    "storage_for",
     "tensors_from_buffer",
     "vocab_to_json",
-    "write_error",
-    "write_file",
 ]

@@ -65,7 +65,7 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
     prefixes = {str(path[0]) for path in sharding.paths.values()}
     state = template(sharding, prefixes)
     load(state, folder, reader=reader, single_process=True)
-    documents = _documents(folder, reader, verify=True)
+    documents = _documents(folder, reader)
     source = str(folder)
     ranks = {
         rank: {name: decode_tree(entry, source=f"{source} [{rank_key(rank)}.{name}]") for name, entry in own.items()}

@@ -14,14 +14,14 @@ import errno
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError, CheckpointMismatchError, CheckpointWriteError
-from ._core import PendingSave, acquire_slot
+from ._core import PendingSave, StorageLocation, acquire_slot
 from .planner import LoadPlanner, SavePlanner
 from .reader import Reader
 from .writer import Writer
@@ -106,19 +106,26 @@ def agree(group: dist.ProcessGroup | None, run: Callable[[], T], *, together: bo
 
 def save(
     state: StateDict,
-    root: str | Path,
+    root: str | Path | StorageLocation,
     *,
     step: int,
+    name: str | None = None,
     overwrite: bool = False,
     documents: Mapping[str, bytes] | None = None,
     metadata: Mapping[str, object] | None = None,
     process_group: dist.ProcessGroup | None = None,
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+) -> StorageLocation:
     """``dcp.save`` with :class:`Writer` and :class:`SavePlanner`; returns the committed folder.
 
     Called on every rank of ``process_group`` (default: the whole job), or in a plain process.
+    ``root`` may be an fsspec URL (with ``storage_options``); ``name`` and the other arguments
+    are the :class:`Writer`'s.
     """
-    writer = Writer(root, step=step, overwrite=overwrite, documents=documents, metadata=metadata)
+    writer = Writer(
+        root, step=step, name=name, overwrite=overwrite, documents=documents, metadata=metadata,
+        storage_options=storage_options,
+    )  # fmt: skip
     try:
         with _quiet_single_process():
             dcp.save(
@@ -134,7 +141,7 @@ def save(
 
 def load(
     state: StateDict,
-    path: str | Path,
+    path: str | Path | StorageLocation,
     *,
     verify: bool = True,
     allow_partial_load: bool = False,
@@ -176,14 +183,16 @@ def checkpoint_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGro
 
 def async_save(
     state: StateDict,
-    root: str | Path,
+    root: str | Path | StorageLocation,
     *,
     step: int,
+    name: str | None = None,
     overwrite: bool = False,
     documents: Mapping[str, bytes] | None = None,
     metadata: Mapping[str, object] | None = None,
     process_group: dist.ProcessGroup | None = None,
-    on_commit: Callable[[Path], object] | None = None,
+    on_commit: Callable[[StorageLocation], object] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> PendingSave:
     """``dcp.async_save``: returns once ``state`` is copied; ``wait()`` returns the folder.
 
@@ -192,14 +201,17 @@ def async_save(
     """
     release = acquire_slot()
     try:
-        writer = Writer(root, step=step, overwrite=overwrite, documents=documents, metadata=metadata)
+        writer = Writer(
+            root, step=step, name=name, overwrite=overwrite, documents=documents, metadata=metadata,
+            storage_options=storage_options,
+        )  # fmt: skip
         group = checkpoint_group(process_group)
         with _quiet_single_process():
             future = dcp.async_save(
                 state, storage_writer=writer, planner=SavePlanner(), process_group=group, no_dist=group is None
             )
 
-        def wait() -> Path:
+        def wait() -> StorageLocation:
             try:
                 future.result()  # type: ignore[union-attr]
             except CheckpointException as exc:
@@ -208,8 +220,7 @@ def async_save(
                 writer.abort()
             return writer.final
 
-        committed = None if on_commit is None else (lambda final: on_commit(Path(str(final))))
-        return PendingSave(step, writer.final, wait, on_commit=committed, on_exit=release)
+        return PendingSave(step, writer.final, wait, on_commit=on_commit, on_exit=release)
     except BaseException:
         release()
         raise

@@ -18,11 +18,19 @@ from types import TracebackType
 from ..errors import CheckpointNotFoundError
 from ..format import limits
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
-from .base import Location
+from .base import FileSource, Location, staging_parts
 from .posix import audit_files, read_bounded, read_files
-from .posix_commit import PosixPendingWrite, list_checkpoints, parse_step, remove_checkpoint, scan_steps
+from .posix_commit import (
+    PosixPendingWrite,
+    list_checkpoints,
+    parse_step,
+    remove_checkpoint,
+    scan_steps,
+    write_error,
+    write_into,
+)
 
-__all__ = ["LocalFolder", "LocalStorage"]
+__all__ = ["LocalFolder", "LocalStaging", "LocalStorage"]
 
 
 class LocalStorage:
@@ -37,6 +45,10 @@ class LocalStorage:
     def begin(self, step: int, *, name: str | None = None) -> PosixPendingWrite:
         """A temporary folder for ``step`` that commits to ``root/step-N`` (or ``root/name``)."""
         return PosixPendingWrite(self.root, step, name=name)
+
+    def join(self, staging: str) -> LocalStaging:
+        """The temporary folder ``root/staging`` of a save another process began."""
+        return LocalStaging(self.root.joinpath(*staging_parts(staging)))
 
     def open(self, location: Location) -> LocalFolder:
         """The checkpoint folder ``location`` (a path, not relative to the root), for reading."""
@@ -82,6 +94,31 @@ class LocalStorage:
     def remove(self, location: Location) -> None:
         """Delete a committed checkpoint (hidden rename first, then the files)."""
         remove_checkpoint(Path(str(location)))
+
+
+class LocalStaging:
+    """The temporary folder of a save another process began (and holds locked until it commits
+    or discards it): this process writes its own files there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"LocalStaging({str(self.path)!r})"
+
+    def write_files(self, files: Sequence[FileSource]) -> list[FileEntry]:
+        """Write, hash and fsync every file in the folder (the committing process fsyncs the
+        folder itself); their manifest entries."""
+        try:
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            action = "open the save's temporary folder, which the coordinator created (every rank must see "
+            action += "the same root folder: a shared file system for multi-node jobs)"
+            raise write_error(exc, self.path, action) from exc
+        try:
+            return write_into(dir_fd, self.path, files)
+        finally:
+            os.close(dir_fd)
 
 
 class LocalFolder:

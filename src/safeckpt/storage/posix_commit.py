@@ -59,6 +59,7 @@ __all__ = [
     "remove_checkpoint",
     "scan_steps",
     "step_dirname",
+    "write_into",
 ]
 
 STEP_PREFIX = "step-"
@@ -252,15 +253,17 @@ class PosixPendingWrite:
             self.dir_fd = -1
         _remove_tree(self.path)
 
+    @property
+    def staging(self) -> str:
+        """The temporary folder's name in the root (other processes write into it through
+        :meth:`~safeckpt.storage.local.LocalStorage.join`)."""
+        return self.path.name
+
     def write_files(self, files: Sequence[tuple[str, Iterable[Buffer], int]]) -> list[FileEntry]:
         """Write, hash and fsync every ``(name, parts, size_hint)`` in the temporary folder, the
         largest first, on several threads; their manifest entries, in the given order. Raises
         :class:`CheckpointWriteError` naming the failing file."""
-        try:
-            return write_files(self.dir_fd, files, folder=self.path)
-        except OSError as exc:
-            name = Path(str(exc.filename or "a file")).name
-            raise write_error(exc, self.path / name, f"write {name}") from exc
+        return write_into(self.dir_fd, self.path, files)
 
     def commit(self, manifest: Manifest | None = None, *, overwrite: bool = False) -> Path:
         """Write ``manifest`` last (if given; a caller may have written it), make the folder
@@ -330,6 +333,16 @@ class PosixPendingWrite:
 
     def _exists_error(self) -> CheckpointExistsError:
         return checkpoint_exists(self.final, self.step)
+
+
+def write_into(dir_fd: int, folder: Path, files: Sequence[tuple[str, Iterable[Buffer], int]]) -> list[FileEntry]:
+    """:func:`~safeckpt.storage.posix_write.write_files` into the open folder ``dir_fd``
+    (``folder``), an ``OSError`` becoming a :class:`CheckpointWriteError` naming the file."""
+    try:
+        return write_files(dir_fd, files, folder=folder)
+    except OSError as exc:
+        name = Path(str(exc.filename or "a file")).name
+        raise write_error(exc, folder / name, f"write {name}") from exc
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:

@@ -12,8 +12,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, cast, overload
+from typing import Any, Literal, overload
 
 import torch
 
@@ -296,16 +295,10 @@ def save_checkpoint(
         from ..distributed import api as sharded  # FSDP2/DTensor/DDP models go through DCP
 
         if sharded.handles_save(model):
-            remote = [x for x in (directory, path) if x is not None and not isinstance(as_location(x), Path)]
-            if remote or storage_options:
-                raise CheckpointUsageError(
-                    f"{remote[0] if remote else 'storage_options'}: sharded (FSDP2/DTensor/DDP) saves write "
-                    "local folders only; save to a local path, or copy the checkpoint afterwards"
-                )
             return sharded.save_checkpoint(
-                model, optimizer, config, vocab, step, directory=cast("str | None", directory),
-                path=cast("str | None", path), scheduler=scheduler,
+                model, optimizer, config, vocab, step, directory=directory, path=path, scheduler=scheduler,
                 extra=extra, metadata=metadata, rng=rng, overwrite=overwrite, async_=async_,
+                storage_options=storage_options,
             )  # fmt: skip
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng
