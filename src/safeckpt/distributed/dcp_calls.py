@@ -71,6 +71,23 @@ def translate(exc: CheckpointException, *, loading: bool) -> BaseException:
     return new
 
 
+def _lost_rank(exc: RuntimeError, writer: Writer) -> BaseException:
+    """What a save raises when a collective between the ranks failed (a rank died, or the
+    network between them broke): DCP reports those outside its ``CheckpointException``."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if writer.committed is not None:
+        outcome = f"{writer.final} was committed, but not every rank learned it"
+    elif writer.is_coordinator:
+        outcome = f"{writer.final} was not committed (earlier checkpoints are untouched; the next save cleans up)"
+    else:
+        outcome = f"whether {writer.final} was committed is known to the coordinator (rank 0) only"
+    return DistributedCheckpointError(
+        f"a collective between the ranks failed during the save ({exc}); a rank may have died or "
+        f"hung, check the other ranks' logs. {outcome}"
+    )
+
+
 @contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
     # In a plain process DCP warns that it assumes a single process: that is the intent here.
@@ -134,6 +151,8 @@ def save(
             )  # fmt: skip
     except CheckpointException as exc:
         raise translate(exc, loading=False) from None
+    except RuntimeError as exc:
+        raise _lost_rank(exc, writer) from exc
     finally:
         writer.abort()
     return writer.final
@@ -216,6 +235,8 @@ def async_save(
                 future.result()  # type: ignore[union-attr]
             except CheckpointException as exc:
                 raise translate(exc, loading=False) from None
+            except RuntimeError as exc:
+                raise _lost_rank(exc, writer) from exc
             finally:
                 writer.abort()
             return writer.final
