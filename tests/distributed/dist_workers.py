@@ -507,7 +507,7 @@ def remote(rank: int, world: int, tmp: Path) -> None:
                 lambda: safeckpt.save_checkpoint(model, opt, None, None, 6, path=place, storage_options=opts),
                 "already exists",
             )
-            model4, opt4, sched4 = build(mesh, seed=4)
+            model4, opt4, _ = build(mesh, seed=4)
             ckpt = safeckpt.load_checkpoint(place, model=model4, optimizer=opt4, storage_options=opts)
             assert ckpt.step == 5
             assert all(torch.equal(a, b) for a, b in zip(local_params(model), local_params(model4), strict=True))

@@ -68,7 +68,7 @@ def test_two_rank_check(job: tuple[Path, Results], check: str) -> None:
 
 
 def test_save_path_leaves_only_the_checkpoint(job: tuple[Path, Results]) -> None:
-    tmp, results = job
+    _, results = job
     assert results[0].get("path_local_leaves_only_the_checkpoint") == "ok", results[0]
 
 

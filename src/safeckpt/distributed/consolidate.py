@@ -15,13 +15,21 @@ their streams; loading then needs ``restore_rng=False``) and ``extra`` becomes
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointMismatchError
-from ._core import TensorCollector, core_saver, dump_msgpack, encode_document, locate_checkpoint
+from ._core import (
+    StorageLocation,
+    TensorCollector,
+    as_location,
+    core_saver,
+    dump_msgpack,
+    encode_document,
+    locate_checkpoint,
+)
 from .api import _documents
 from .dcp_calls import load
 from .layout import decode_tree, rank_key, template
@@ -40,13 +48,23 @@ def _by_index(optimizer: dict[str, Any]) -> dict[str, Any]:
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
-def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def consolidate(
+    src: str | os.PathLike[str] | StorageLocation,
+    dst: str | os.PathLike[str] | StorageLocation,
+    *,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> StorageLocation:
     """Write the sharded checkpoint ``src`` as a single-process checkpoint under the root ``dst``.
 
     Args:
-        src: a sharded checkpoint folder, its ``manifest.json``, or a root (its newest).
-        dst: root folder for the result (``dst/step-NNNNNNNN``, same step as ``src``).
+        src: a sharded checkpoint folder, its ``manifest.json``, or a root (its newest); or an
+            fsspec URL (``s3://bucket/run``).
+        dst: root folder for the result (``dst/step-NNNNNNNN``, same step as ``src``), or a URL.
         overwrite: replace a checkpoint of that step in ``dst``.
+        storage_options: options of the fsspec file system of URL ``src``/``dst`` (both use
+            them; for one URL and one local path, leave them out and configure the file system
+            through its environment variables).
 
     Returns:
         The new checkpoint folder.
@@ -55,10 +73,10 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
         >>> consolidate("ckpts/step-00000100", "export")  # doctest: +SKIP
         PosixPath('export/step-00000100')
     """
-    folder = locate_checkpoint(src)
-    if not is_sharded(folder):
+    folder = locate_checkpoint(src, storage_options=storage_options)
+    if not is_sharded(folder, storage_options=storage_options):
         raise CheckpointMismatchError(f"{folder}: is already a single-process checkpoint; copy it instead")
-    reader = Reader(folder)
+    reader = Reader(folder, storage_options=storage_options)
     reader.read_metadata()
     sharding, manifest = reader.sharding, reader.manifest
     assert sharding is not None and manifest is not None
@@ -93,4 +111,4 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
         document = encode_document(rng, name="rng", is_tensor=lambda v: isinstance(v, torch.Tensor), add_tensor=archive.add)
         plan.archives["rng"] = (archive, None)
         plan.documents["rng.msgpack"] = dump_msgpack(document)
-    return saver.write_checkpoint(plan, Path(dst), overwrite=overwrite)
+    return saver.write_checkpoint(plan, as_location(dst), overwrite=overwrite, storage_options=storage_options)
