@@ -17,8 +17,8 @@ from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
 from ..format.safetensors import DTYPE_SIZES
 from ..format.tree import decode_document, encode_document
 from ..pipeline.read import is_sharded, locate_checkpoint
+from ..storage.base import FileSource, PendingWrite
 from ..storage.base import Location as StorageLocation
-from ..storage.base import PendingWrite
 from ..storage.locate import as_location, storage_for
 from ..storage.posix_commit import TMP_PREFIX, list_checkpoints, step_dirname
 from ..torch.background import PendingSave, acquire_slot
@@ -48,6 +48,7 @@ __all__ = [
     "TMP_PREFIX",
     "TORCH_DTYPES",
     "FileEntry",
+    "FileSource",
     "Manifest",
     "PendingSave",
     "PendingWrite",

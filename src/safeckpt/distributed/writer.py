@@ -48,6 +48,7 @@ from ..errors import CheckpointUsageError
 from ._core import (
     DTYPE_NAMES,
     FileEntry,
+    FileSource,
     PendingWrite,
     StorageLocation,
     TensorCollector,
@@ -245,7 +246,7 @@ class Writer(StorageWriter):
             name = archive.add_named(f"{item.index.fqn}@{','.join(map(str, offsets))}", tensor)
             tensors.append((item.index, name, tensor.nbytes))
         tensor_file, value_file = f"{rank_plan.base}.safetensors", f"{rank_plan.base}.msgpack"
-        files: list[tuple[str, Any, int]] = []
+        files: list[FileSource] = []
         if tensors:
             files.append((tensor_file, _Archive(archive.tensors), sum(t.nbytes for t in archive.tensors.values())))
         if values:

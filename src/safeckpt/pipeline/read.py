@@ -92,8 +92,10 @@ def locate_local(path: str | os.PathLike[str] | Location) -> Path:
 
 
 def is_sharded(folder: Location, *, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether the committed checkpoint ``folder`` is a sharded one (its manifest lists
-    ``sharding.json``); False when its manifest cannot be read (the loader then says why)."""
+    """Whether the committed checkpoint ``folder`` is a sharded one (it holds ``sharding.json``);
+    False when its manifest cannot be read (the loader then says why)."""
+    if isinstance(folder, Path):  # a look at the folder (or a copied object-store layout), no parse
+        return (folder / SHARDING_NAME).is_file() or any(folder.glob(f"objects-*/{SHARDING_NAME}"))
     try:
         with storage_for(folder, storage_options).open(folder) as opened:
             return opened.read_manifest().file(SHARDING_NAME) is not None
