@@ -1,4 +1,4 @@
-"""One rank of a multi-process scenario (started by ``dist_harness``): ``main`` and ``sigkill``.
+"""One rank of a multi-process scenario (started by ``dist_harness``): ``main``, ``sigkill``, ``remote``.
 
 Usage: ``python dist_workers.py SCENARIO RANK WORLD INIT_FILE TMP``. Every check records
 ``"ok"`` or the failure in ``TMP/out/rank-RANK.json``; the tests assert on those records.
