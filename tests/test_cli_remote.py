@@ -161,14 +161,14 @@ def test_inspect_a_url_fetches_headers_only_and_checks_bool_tensors(
     from safeckpt.storage import objectstore
 
     fetched: list[int] = []
-    real_fetch = objectstore._fetch
+    real_fetch = objectstore.fetch_range
 
     def counting(fs_: object, url: str, start: int, end: int, into: memoryview) -> None:
         if url.endswith("model.safetensors"):
             fetched.append(end - start)
         real_fetch(fs_, url, start, end, into)
 
-    monkeypatch.setattr(objectstore, "_fetch", counting)
+    monkeypatch.setattr(objectstore, "fetch_range", counting)
     report = cli(capsys, "inspect", "--json", "--no-verify", root).json("inspect")
     assert report["files"]["model.safetensors"]["tensors"]["mask"] == {"dtype": "BOOL", "shape": [3]}  # type: ignore[index]
     size = report["files"]["model.safetensors"]["size"]  # type: ignore[index]
@@ -305,7 +305,15 @@ def test_convert_writes_into_a_url(tmp_path: Path, model: TinyLM, capsys: pytest
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
 
 
-def test_consolidate_refuses_urls_before_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["memory://run/step-00000001", tmp_path], [tmp_path, "s3://bucket/out"]):
-        result = cli(capsys, "consolidate", *argv)
-        assert result.code == 1 and "consolidate works on local folders only" in result.err
+def test_consolidate_from_and_to_urls(endpoint: str, bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from safeckpt import distributed as sd
+
+    weights = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
+    sharded = sd.save({"model": weights}, f"s3://{bucket}/sharded", step=4)
+    result = cli(capsys, "consolidate", f"s3://{bucket}/sharded", f"s3://{bucket}/single")
+    assert result.code == 0, result.err
+    assert f"wrote s3://{bucket}/single/step-00000004 (consolidated from" in result.out
+    single = safeckpt.load_checkpoint(f"s3://{bucket}/single", restore_rng=False)
+    assert single.step == 4 and single.model_state["w"].equal(weights["w"])
+    again = cli(capsys, "consolidate", str(sharded), f"s3://{bucket}/single")
+    assert again.code == 1 and "already exists" in again.err and "--overwrite" in again.err

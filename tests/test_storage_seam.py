@@ -41,6 +41,36 @@ def test_a_coordinator_commits_files_that_several_writers_wrote(tmp_path: Path) 
     assert torch.equal(ckpt.model_state["w"], weight)
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_another_process_joins_the_staging_area_and_the_coordinator_commits(tmp_path: Path, where: str) -> None:
+    """What a rank of a sharded save does: a second storage object for the same root (as in
+    another process) writes into the staging area named by ``pending.staging``."""
+    import uuid
+
+    from safeckpt.storage.locate import as_location, storage_for
+
+    root = as_location(str(tmp_path) if where == "local" else f"memory://seam-{uuid.uuid4().hex[:8]}")
+    coordinator, rank1 = storage_for(root), storage_for(root)
+    weight = torch.arange(4, dtype=torch.float32)
+    with coordinator.begin(2) as pending:
+        theirs = rank1.join(pending.staging).write_files([("rank1.bin", [b"shard of rank 1"], 0)])
+        ours = pending.write_files([_model_file(weight)])
+        assert coordinator.list_checkpoints() == []
+        final = pending.commit(manifest_format.build(2, ours + theirs))
+    assert [step for step, _ in coordinator.list_checkpoints()] == [2]
+    assert {e.name for e in safeckpt.verify_checkpoint(final).files} == {"model.safetensors", "rank1.bin"}
+    with pytest.raises(safeckpt.CheckpointUsageError, match="staging name"):
+        rank1.join("../elsewhere")
+    with coordinator.begin(3) as pending:
+        staging = pending.staging
+    if where == "local":  # a discarded temporary folder cannot be written into any more
+        with pytest.raises(safeckpt.CheckpointWriteError, match="temporary folder"):
+            rank1.join(staging).write_files([("rank1.bin", [b"late"], 0)])
+    else:  # an object store has no folder to remove: a late upload is named by no manifest
+        rank1.join(staging).write_files([("rank1.bin", [b"late"], 0)])
+    assert [step for step, _ in coordinator.list_checkpoints()] == [2]
+
+
 def test_an_uncommitted_write_leaves_nothing(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     with pytest.raises(RuntimeError, match="rank 3 died"), storage.begin(1) as pending:

@@ -1,4 +1,4 @@
-"""One rank of a multi-process scenario (started by ``dist_harness``): ``main`` and ``sigkill``.
+"""One rank of a multi-process scenario (started by ``dist_harness``): ``main``, ``sigkill``, ``remote``.
 
 Usage: ``python dist_workers.py SCENARIO RANK WORLD INIT_FILE TMP``. Every check records
 ``"ok"`` or the failure in ``TMP/out/rank-RANK.json``; the tests assert on those records.
@@ -241,16 +241,16 @@ def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
     model, opt, sched = build(mesh2)
     train(model, opt, sched, range(1))
     with check("failed_rank_leaves_nothing"):
-        from safeckpt.distributed import writer
+        from safeckpt.storage import posix_write
 
-        real = writer.write_file
+        real = posix_write.write_file
 
         def full_disk(*args: object, **kwargs: object) -> object:
             if rank == 1:
                 raise OSError(errno.ENOSPC, "No space left on device", "shard")
             return real(*args, **kwargs)  # type: ignore[arg-type]
 
-        writer.write_file = full_disk  # type: ignore[assignment]
+        posix_write.write_file = full_disk  # type: ignore[assignment]
         try:
             expect(
                 safeckpt.CheckpointWriteError,
@@ -258,7 +258,7 @@ def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
                 "rank 1", "disk is full",
             )
         finally:
-            writer.write_file = real
+            posix_write.write_file = real
         dist.barrier(g2)
         assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".safeckpt")) == ["step-00000003"]
 
@@ -422,20 +422,22 @@ def direct(tmp: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, group:
 
 
 def sigkill(rank: int, world: int, tmp: Path) -> None:
-    """Step 1 commits; during step 2 the coordinator (rank 0, which owns the temporary folder)
-    kills itself in the middle of writing its shard."""
+    """Step 1 commits; during step 2 rank ``KILL_RANK`` (default 0: the coordinator, which owns
+    the temporary folder) kills itself in the middle of writing its shard. The other rank
+    records how its save ended (``step_2_error``) if it ends at all."""
+    victim = int(os.environ.get("KILL_RANK", "0"))
     mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # type: ignore[arg-type]
     model, opt, sched = build(mesh)
     train(model, opt, sched, range(2))
     root = tmp / "run"
     safeckpt.save_checkpoint(model, opt, None, None, 1, directory=root)
     record("committed_step_1", "ok")
-    from safeckpt.distributed import writer
+    from safeckpt.storage import posix_write
 
-    real = writer.write_file
+    real = posix_write.write_file
 
     def die_midway(dir_fd: int, name: str, parts: object, size_hint: int = 0) -> object:
-        if rank == 0 and name.endswith(".safetensors"):
+        if rank == victim and name.endswith(".safetensors"):
             fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dir_fd)
             os.write(fd, b"partial shard")
             os.close(fd)
@@ -443,9 +445,93 @@ def sigkill(rank: int, world: int, tmp: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(dir_fd, name, parts, size_hint)  # type: ignore[arg-type]
 
-    writer.write_file = die_midway  # type: ignore[assignment]
-    safeckpt.save_checkpoint(model, opt, None, None, 2, directory=root)
+    posix_write.write_file = die_midway  # type: ignore[assignment]
+    try:
+        safeckpt.save_checkpoint(model, opt, None, None, 2, directory=root)
+    except BaseException as exc:  # recorded for the test: which error a surviving rank sees
+        record("step_2_error", f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+        raise
     record("step_2_returned", "should not happen")
+
+
+def remote(rank: int, world: int, tmp: Path) -> None:
+    """FSDP2 on 2 ranks against the S3 server whose storage options are in ``S3_OPTIONS`` (JSON),
+    under the URL ``S3_ROOT``; and ``save_checkpoint(path=...)`` of a sharded model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    options, url = json.loads(os.environ["S3_OPTIONS"]), os.environ["S3_ROOT"]
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # type: ignore[arg-type]
+    model, opt, sched = build(mesh)
+    train(model, opt, sched, range(3))
+    torch.manual_seed(1000 + rank)
+    manager = safeckpt.CheckpointManager(f"{url}/run", keep_last=2, storage_options=options)
+    with check("s3_manager_save"):
+        path = manager.save(3, model=model, optimizer=opt, scheduler=sched, vocab=["<pad>", "a"], extra={"data": Position(10 + rank)})
+        assert str(path) == f"{url}/run/step-00000003", path
+    after_save_draws = torch.rand(3)
+    reference = full_state(model, opt)  # a collective: every rank takes part
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file(reference, str(OUT / "reference.safetensors"))
+    reference_losses = train(model, opt, sched, range(3, 5))
+    dist.barrier()
+    with check("s3_resume_bit_identical"):
+        model2, opt2, sched2 = build(mesh, seed=7)
+        position = Position(-1)
+        ckpt = manager.restore(model=model2, optimizer=opt2, scheduler=sched2, extra={"data": position})
+        assert ckpt is not None and ckpt.step == 3 and ckpt.vocab == ["<pad>", "a"]
+        assert torch.equal(torch.rand(3), after_save_draws), "RNG of this rank not restored"
+        assert position.offset == 10 + rank, position.state_dict()
+        assert train(model2, opt2, sched2, range(3, 5)) == reference_losses
+    with check("s3_dcp_direct"):
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd, "meta": {"epoch": 2, 7: "seven"}}
+        writer = sd.Writer(f"{url}/dcp", step=1, storage_options=options)
+        dcp.save(state, storage_writer=writer, planner=sd.SavePlanner())
+        assert str(writer.final) == f"{url}/dcp/step-00000001"
+        target = {"model": get_state_dict(model, opt)[0], "meta": {"epoch": None, 7: None}}
+        reader = sd.Reader(f"{url}/dcp", storage_options=options)
+        dcp.load(target, storage_reader=reader, planner=sd.LoadPlanner(allow_partial_load=True))
+        assert target["meta"] == {"epoch": 2, 7: "seven"}, target["meta"]
+    with check("s3_corrupted_object_every_rank_raises"):
+        bad = safeckpt.save_checkpoint(model, opt, None, None, 5, directory=f"{url}/bad", storage_options=options)
+        if rank == 0:
+            from s3fs import S3FileSystem
+
+            fs = S3FileSystem(**options)
+            (shard,) = [key for key in fs.find(str(bad)) if key.endswith("shard-00001.safetensors")]
+            data = bytearray(fs.cat_file(shard))
+            data[-5] ^= 0x40
+            fs.pipe_file(shard, bytes(data))
+        dist.barrier()
+        model3, opt3, _ = build(mesh, seed=3)
+        before = local_params(model3)
+        expect(
+            safeckpt.CheckpointCorruptedError,
+            lambda: safeckpt.load_checkpoint(bad, model=model3, optimizer=opt3, storage_options=options),
+            "shard-00001.safetensors", "rank",
+        )
+        assert all(torch.equal(a, b) for a, b in zip(before, local_params(model3), strict=True))
+    for where, place in (("local", str(tmp / "exports" / "final")), ("s3", f"{url}/exports/final")):
+        with check(f"path_{where}"):
+            opts = options if where == "s3" else None
+            path = safeckpt.save_checkpoint(model, opt, None, None, 5, path=place, storage_options=opts)
+            assert str(path) == place, path
+            expect(
+                safeckpt.CheckpointExistsError,
+                lambda: safeckpt.save_checkpoint(model, opt, None, None, 6, path=place, storage_options=opts),
+                "already exists",
+            )
+            model4, opt4, _ = build(mesh, seed=4)
+            ckpt = safeckpt.load_checkpoint(place, model=model4, optimizer=opt4, storage_options=opts)
+            assert ckpt.step == 5
+            assert all(torch.equal(a, b) for a, b in zip(local_params(model), local_params(model4), strict=True))
+    dist.barrier()
+    if rank == 0:
+        with check("path_local_leaves_only_the_checkpoint"):
+            assert sorted(p.name for p in (tmp / "exports").iterdir() if not p.name.startswith(".safeckpt")) == ["final"]
 
 
 def entry() -> None:
@@ -454,7 +540,7 @@ def entry() -> None:
         "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
     try:
-        {"main": main, "sigkill": sigkill}[scenario](rank, world, tmp)
+        {"main": main, "sigkill": sigkill, "remote": remote}[scenario](rank, world, tmp)
         record("finished", "ok")
     finally:
         if scenario == "main":

@@ -222,3 +222,41 @@ def test_manager_falls_back_from_a_damaged_sharded_checkpoint(tmp_path: Path) ->
     assert torch.equal(fresh.weight, torch.ones(2, 3))
     with pytest.warns(safeckpt.CheckpointFallbackWarning):
         assert manager.latest() == tmp_path / "step-00000001"
+
+
+def test_object_store_round_trip_and_consolidate(tmp_path: Path) -> None:
+    """Through the storage seam: memory:// gets the manifest-last layout, loads verified, refuses a
+    damaged object, and consolidates into an ordinary checkpoint."""
+    import uuid
+
+    import fsspec
+
+    url = f"memory://sharded-{uuid.uuid4().hex[:8]}"
+    committed = sd.save(state(), url, step=5)
+    assert str(committed) == f"{url}/step-00000005"
+    target = empty()
+    sd.load(target, url)
+    assert target["meta"] == state()["meta"]
+    fs = fsspec.filesystem("memory")
+    names = sorted(key.rsplit("/", 1)[-1] for key in fs.find(str(committed)))
+    assert names == ["manifest.json", "shard-00000.msgpack", "shard-00000.safetensors", "sharding.json"]
+    single = sd.consolidate(url, f"{url}-single")
+    assert safeckpt.load_checkpoint(single, restore_rng=False).model_state["w"].equal(state()["model"]["w"])  # type: ignore[index]
+    (shard,) = [key for key in fs.find(str(committed)) if key.endswith(".safetensors")]
+    data = bytearray(fs.cat_file(shard))
+    data[-3] ^= 1
+    fs.pipe_file(shard, bytes(data))
+    with pytest.raises(safeckpt.CheckpointCorruptedError, match="shard-00000.safetensors"):
+        sd.load(empty(), url)
+
+
+def test_writer_name_commits_to_that_folder(tmp_path: Path) -> None:
+    writer = sd.Writer(tmp_path / "exports", step=3, name="final")
+    dcp.save(state(), storage_writer=writer, planner=sd.SavePlanner(), no_dist=True)
+    assert writer.committed == tmp_path / "exports" / "final"
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir() if p.name != ".safeckpt.lock") == ["final"]
+    target = empty()
+    sd.load(target, tmp_path / "exports" / "final")
+    assert target["meta"]["betas"] == (0.9, 0.99)  # type: ignore[index]
+    with pytest.raises(sd.UsageError, match="plain folder name"):
+        sd.Writer(tmp_path, step=1, name="../elsewhere")

@@ -10,16 +10,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from .._version import __version__
+from ..errors import checkpoint_exists
 from ..format.documents import dump_msgpack, load_json, load_msgpack
-from ..format.layout import TMP_PREFIX, step_dirname
+from ..format.layout import step_dirname
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest, build
-from ..format.safetensors import DTYPE_SIZES
 from ..format.tree import decode_document, encode_document
-from ..pipeline.read import locate_local as locate_checkpoint  # sharded checkpoints: local folders only
-from ..storage.local import LocalStorage, list_checkpoints
-from ..storage.posix import read_bounded, read_files
-from ..storage.posix_commit import PosixPendingWrite, write_error
-from ..storage.posix_write import fsync_dir, write_file
+from ..pipeline.read import is_sharded, locate_checkpoint
+from ..storage.base import FileSource, PendingWrite
+from ..storage.base import Location as StorageLocation
+from ..storage.locate import as_location, storage_for
 from ..torch.background import PendingSave, acquire_slot
 from ..torch.plan import SaveOptions, plan_documents, plan_trees, standard_trees
 from ..torch.rng import restore_rng
@@ -42,39 +41,36 @@ def core_saver() -> ModuleType:
 
 __all__ = [
     "DTYPE_NAMES",
-    "DTYPE_SIZES",
     "MANIFEST_NAME",
-    "TMP_PREFIX",
     "TORCH_DTYPES",
     "FileEntry",
-    "LocalStorage",
+    "FileSource",
     "Manifest",
     "PendingSave",
-    "PosixPendingWrite",
+    "PendingWrite",
     "SaveOptions",
+    "StorageLocation",
     "TensorCollector",
     "__version__",
     "acquire_slot",
     "archive_parts",
+    "as_location",
     "build",
+    "checkpoint_exists",
     "core_loader",
     "core_saver",
     "decode_document",
     "dump_msgpack",
     "encode_document",
-    "fsync_dir",
-    "list_checkpoints",
+    "is_sharded",
     "load_json",
     "load_msgpack",
     "locate_checkpoint",
     "plan_documents",
     "plan_trees",
-    "read_bounded",
-    "read_files",
     "restore_rng",
     "standard_trees",
     "step_dirname",
+    "storage_for",
     "tensors_from_buffer",
-    "write_error",
-    "write_file",
 ]

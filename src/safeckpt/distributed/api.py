@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import (
     CheckpointError,
     CheckpointMismatchError,
-    CheckpointUsageError,
     MissingRNGStateWarning,
     UnsupportedValueError,
 )
@@ -38,11 +36,13 @@ from ._core import (
     TORCH_DTYPES,
     PendingSave,
     SaveOptions,
+    StorageLocation,
+    as_location,
     core_loader,
+    core_saver,
     load_json,
     locate_checkpoint,
     plan_documents,
-    read_files,
     standard_trees,
 )
 from ._core import restore_rng as restore_rng_state
@@ -73,13 +73,15 @@ def handles_save(model: object) -> bool:
     return _initialised() and _is_sharded_model(model)
 
 
-def handles_load(path: str | os.PathLike[str], model: object) -> bool:
+def handles_load(
+    path: str | os.PathLike[str] | StorageLocation, model: object, *, storage_options: Mapping[str, Any] | None = None
+) -> bool:
     """Whether ``load_checkpoint(path, model)`` is this module's: a sharded checkpoint, or a sharded
     or DDP model in a job."""
     if handles_save(model):
         return True
     try:
-        return is_sharded(locate_checkpoint(path))
+        return is_sharded(locate_checkpoint(path, storage_options=storage_options), storage_options=storage_options)
     except CheckpointError:
         return False  # the core loader reports it
 
@@ -99,18 +101,15 @@ def process_group_of(model: object) -> dist.ProcessGroup | None:
 
 def save_checkpoint(
     model: object, optimizer: object | None, config: object | None, vocab: object | None, step: int, options: SaveOptions
-) -> Path | PendingSave:
-    """``safeckpt.save_checkpoint`` for a sharded or DDP model; called on every rank.
+) -> StorageLocation | PendingSave:
+    """``safeckpt.save_checkpoint`` for a sharded or DDP model; called on every rank, with the same
+    ``options.directory``/``options.path`` (a shared folder or an fsspec URL).
 
     The plan is the single-process one (:mod:`safeckpt.torch.plan`) laid out for DCP: the model
     and optimizer as DCP's state dicts, each named tree encoded (:func:`~.layout.encode_tree`)
     once (``scheduler``) or per rank (:data:`~.layout.PER_RANK` trees), the documents and the
     metadata written by the coordinator."""
-    if options.path is not None:
-        raise CheckpointUsageError(
-            "save_checkpoint(path=...) is not supported for sharded models yet: pass directory= "
-            "(the checkpoint goes to directory/step-NNNNNNNN)"
-        )
+    final = core_saver().checkpoint_target(options.directory, options.path, step)  # directory/step-N, or path
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedValueError(f"model: a sharded save needs the nn.Module itself, got {type(model).__qualname__}")
     group = process_group_of(model)
@@ -128,30 +127,38 @@ def save_checkpoint(
     if own:
         state[rank_key(rank)] = own
     documents, metadata = plan_documents(config, vocab, options.metadata)
-    root = Path(cast("str | os.PathLike[str]", "checkpoints" if options.directory is None else options.directory))
-    writer = WriterOptions(step=step, overwrite=options.overwrite, documents=documents, metadata=metadata)
+    writer = WriterOptions(
+        step=step, name=final.name, overwrite=options.overwrite, documents=documents, metadata=metadata,
+        storage_options=options.storage_options,
+    )  # fmt: skip
     if options.async_:
-        return dcp_calls.async_save(state, root, process_group=group, on_commit=options.on_commit, **writer)
-    final = dcp_calls.save(state, root, process_group=group, **writer)
+        return dcp_calls.async_save(state, final.parent, process_group=group, on_commit=options.on_commit, **writer)
+    done = dcp_calls.save(state, final.parent, process_group=group, **writer)
     if options.on_commit is not None:
-        options.on_commit(final)
-    return final
+        options.on_commit(done)
+    return done
 
 
-def _locate(path: str | os.PathLike[str], group: dist.ProcessGroup | None, *, together: bool) -> Path:
+def _locate(
+    path: str | os.PathLike[str] | StorageLocation,
+    group: dist.ProcessGroup | None,
+    *,
+    together: bool,
+    storage_options: Mapping[str, Any] | None,
+) -> StorageLocation:
     """The checkpoint folder, as the coordinator resolves it (a root's newest may change)."""
     if not (together and _initialised()):
-        return locate_checkpoint(path)
+        return locate_checkpoint(path, storage_options=storage_options)
     found: list[object] = [None]
     if dist.get_rank(group) == 0:
         try:
-            found[0] = str(locate_checkpoint(path))
+            found[0] = str(locate_checkpoint(path, storage_options=storage_options))
         except CheckpointError as exc:
             found[0] = exc
     dist.broadcast_object_list(found, group_src=0, group=group)
     if isinstance(found[0], BaseException):
         raise found[0]
-    return Path(str(found[0]))
+    return as_location(str(found[0]))
 
 
 def _check_model(model_state: Mapping[str, Any], sharding: Sharding, *, strict: bool, source: str) -> None:
@@ -179,15 +186,23 @@ def _check_model(model_state: Mapping[str, Any], sharding: Sharding, *, strict: 
         raise CheckpointMismatchError(f"{source}: the model does not fit: {'; '.join(problems[:10])}")
 
 
-def _documents(folder: Path, reader: Reader, verify: bool) -> dict[str, object]:
+def _documents(folder: StorageLocation, reader: Reader) -> dict[str, object]:
     assert reader.manifest is not None
     entries = [e for e in reader.manifest.files if e.name in ("config.json", "vocab.json")]
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        buffers = read_files(fd, entries, folder=folder, verify=verify)
-    finally:
-        os.close(fd)
+    buffers = reader.read_files(entries)
     return {name: load_json(bytes(data), source=str(folder / name)) for name, data in buffers.items()}
+
+
+def _placed(tree: Any, device: str | torch.device) -> Any:
+    """``tree`` with every tensor on ``device`` (those already there are kept, not copied)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: _placed(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        placed = [_placed(value, device) for value in tree]
+        return tuple(placed) if isinstance(tree, tuple) else placed
+    return tree
 
 
 _MISSING_RNG = (
@@ -197,34 +212,42 @@ _MISSING_RNG = (
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | StorageLocation,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     *,
     scheduler: object | None = None,
     extra: Mapping[str, object] | None = None,
+    map_location: str | torch.device = "cpu",
     strict: bool = True,
     verify: bool = True,
     restore_rng: bool | Mapping[str, object] = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """``safeckpt.load_checkpoint`` for a sharded checkpoint or a sharded/DDP model.
 
     With a sharded or DDP model in a job, every rank of its group calls it together; otherwise
     (a plain model, or none) this process loads alone, assembling full tensors.
+
+    ``map_location``: in a process loading alone, the device of every tensor of the returned
+    ``Checkpoint`` (model, optimizer, scheduler and extra state), as for a single-process
+    checkpoint; the model and optimizer given are restored in place on their own devices. With a
+    process group it is ignored: each rank loads into its own shards of the model and optimizer,
+    on their devices, and the returned model and optimizer state are those (DTensor) state dicts.
     """
     together = model is not None and handles_save(model)
     group = process_group_of(model) if together else None
-    folder = _locate(path, group, together=together)
-    if not is_sharded(folder):
+    folder = _locate(path, group, together=together, storage_options=storage_options)
+    if not is_sharded(folder, storage_options=storage_options):
         from .single import load_single_into_sharded
 
         assert model is not None
         return load_single_into_sharded(
             folder, model, optimizer, group=group, scheduler=scheduler, extra=extra, strict=strict,
-            verify=verify, restore_rng=restore_rng,
+            verify=verify, restore_rng=restore_rng, storage_options=storage_options,
         )  # fmt: skip
     rank, world = group_rank(group) if together else (0, 1)
-    reader = Reader(folder, verify=verify)
+    reader = Reader(folder, verify=verify, storage_options=storage_options)
     dcp_calls.agree(group, reader.read_metadata, together=together)
     sharding, manifest = reader.sharding, reader.manifest
     assert sharding is not None and manifest is not None
@@ -262,7 +285,7 @@ def load_checkpoint(
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     dcp_calls.load(state, folder, process_group=group, reader=reader, single_process=not together)
-    documents = dcp_calls.agree(group, lambda: _documents(folder, reader, verify), together=together)
+    documents = dcp_calls.agree(group, lambda: _documents(folder, reader), together=together)
 
     source = str(folder)
     trees = {
@@ -273,6 +296,9 @@ def load_checkpoint(
             ("extra", state.get(own, {}).get("extra")),
         )
     }
+    if not together:  # a process loading alone: the returned state goes to map_location
+        for name in ("scheduler", "extra"):
+            trees[name] = _placed(trees[name], map_location)
     if restore_rng is False and trees["rng"] is None and (optimizer is not None or scheduler is not None):
         warnings.warn(
             f"{folder}: no RNG state restored on rank {rank}; training resumes with this process's "
@@ -300,8 +326,8 @@ def load_checkpoint(
         step=manifest.step,
         config=documents.get("config.json"),
         vocab=documents.get("vocab.json"),
-        model_state=state.get("model", {}),
-        optimizer_state=state.get("optimizer"),
+        model_state=state.get("model", {}) if together else _placed(state.get("model", {}), map_location),
+        optimizer_state=state.get("optimizer") if together else _placed(state.get("optimizer"), map_location),
         extra=extra_state,
         metadata=dict(manifest.metadata),
         manifest=manifest,

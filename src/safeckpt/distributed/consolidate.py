@@ -15,11 +15,11 @@ their streams; loading then needs ``restore_rng=False``) and ``extra`` becomes
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CheckpointMismatchError
-from ._core import core_saver, locate_checkpoint, plan_trees
+from ._core import StorageLocation, as_location, core_saver, locate_checkpoint, plan_trees
 from .api import _documents
 from .dcp_calls import load
 from .layout import decode_tree, rank_key, template
@@ -38,13 +38,23 @@ def _by_index(optimizer: dict[str, Any]) -> dict[str, Any]:
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
-def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def consolidate(
+    src: str | os.PathLike[str] | StorageLocation,
+    dst: str | os.PathLike[str] | StorageLocation,
+    *,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> StorageLocation:
     """Write the sharded checkpoint ``src`` as a single-process checkpoint under the root ``dst``.
 
     Args:
-        src: a sharded checkpoint folder, its ``manifest.json``, or a root (its newest).
-        dst: root folder for the result (``dst/step-NNNNNNNN``, same step as ``src``).
+        src: a sharded checkpoint folder, its ``manifest.json``, or a root (its newest); or an
+            fsspec URL (``s3://bucket/run``).
+        dst: root folder for the result (``dst/step-NNNNNNNN``, same step as ``src``), or a URL.
         overwrite: replace a checkpoint of that step in ``dst``.
+        storage_options: options of the fsspec file system of URL ``src``/``dst`` (both use
+            them; for one URL and one local path, leave them out and configure the file system
+            through its environment variables).
 
     Returns:
         The new checkpoint folder.
@@ -53,17 +63,17 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
         >>> consolidate("ckpts/step-00000100", "export")  # doctest: +SKIP
         PosixPath('export/step-00000100')
     """
-    folder = locate_checkpoint(src)
-    if not is_sharded(folder):
+    folder = locate_checkpoint(src, storage_options=storage_options)
+    if not is_sharded(folder, storage_options=storage_options):
         raise CheckpointMismatchError(f"{folder}: is already a single-process checkpoint; copy it instead")
-    reader = Reader(folder)
+    reader = Reader(folder, storage_options=storage_options)
     reader.read_metadata()
     sharding, manifest = reader.sharding, reader.manifest
     assert sharding is not None and manifest is not None
     prefixes = {str(path[0]) for path in sharding.paths.values()}
     state = template(sharding, prefixes)
     load(state, folder, reader=reader, single_process=True)
-    documents = _documents(folder, reader, verify=True)
+    documents = _documents(folder, reader)
     source = str(folder)
     ranks = {
         rank: {name: decode_tree(entry, source=f"{source} [{rank_key(rank)}.{name}]") for name, entry in own.items()}
@@ -86,4 +96,4 @@ def consolidate(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ove
         state.get("model", {}), trees, manifest.step, config=documents.get("config.json"),
         vocab=documents.get("vocab.json"), metadata=metadata,
     )  # fmt: skip
-    return core_saver().write_checkpoint(plan, Path(dst), overwrite=overwrite)
+    return core_saver().write_checkpoint(plan, as_location(dst), overwrite=overwrite, storage_options=storage_options)

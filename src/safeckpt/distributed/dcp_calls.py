@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError, CheckpointMismatchError, CheckpointWriteError
-from ._core import PendingSave, acquire_slot
+from ._core import PendingSave, StorageLocation, acquire_slot
 from .planner import LoadPlanner, SavePlanner
 from .reader import Reader
 from .writer import Writer, WriterOptions
@@ -74,6 +74,23 @@ def translate(exc: CheckpointException, *, loading: bool) -> BaseException:
     return new
 
 
+def _lost_rank(exc: RuntimeError, writer: Writer) -> BaseException:
+    """What a save raises when a collective between the ranks failed (a rank died, or the
+    network between them broke): DCP reports those outside its ``CheckpointException``."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    if writer.committed is not None:
+        outcome = f"{writer.final} was committed, but not every rank learned it"
+    elif writer.is_coordinator:
+        outcome = f"{writer.final} was not committed (earlier checkpoints are untouched; the next save cleans up)"
+    else:
+        outcome = f"whether {writer.final} was committed is known to the coordinator (rank 0) only"
+    return DistributedCheckpointError(
+        f"a collective between the ranks failed during the save ({exc}); a rank may have died or "
+        f"hung, check the other ranks' logs. {outcome}"
+    )
+
+
 @contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
     # In a plain process DCP warns that it assumes a single process: that is the intent here.
@@ -108,13 +125,17 @@ def agree(group: dist.ProcessGroup | None, run: Callable[[], T], *, together: bo
 
 
 def save(
-    state: StateDict, root: str | Path, *, process_group: dist.ProcessGroup | None = None, **options: Unpack[WriterOptions]
-) -> Path:
+    state: StateDict,
+    root: str | Path | StorageLocation,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    **options: Unpack[WriterOptions],
+) -> StorageLocation:
     """``dcp.save`` with :class:`Writer` and :class:`SavePlanner`; returns the committed folder.
 
     Called on every rank of ``process_group`` (default: the whole job), or in a plain process.
-    ``options`` are the :class:`Writer`'s: ``step`` (required), ``overwrite``, ``documents``,
-    ``metadata``.
+    ``root`` may be an fsspec URL; ``options`` are the :class:`Writer`'s: ``step`` (required),
+    ``name``, ``overwrite``, ``documents``, ``metadata``, ``storage_options``.
 
     Example:
         >>> sd.save({"model": model.state_dict()}, "checkpoints", step=100)  # doctest: +SKIP
@@ -129,6 +150,8 @@ def save(
             )  # fmt: skip
     except CheckpointException as exc:
         raise translate(exc, loading=False) from None
+    except RuntimeError as exc:
+        raise _lost_rank(exc, writer) from exc
     finally:
         writer.abort()
     return writer.final
@@ -136,7 +159,7 @@ def save(
 
 def load(
     state: StateDict,
-    path: str | Path,
+    path: str | Path | StorageLocation,
     *,
     verify: bool = True,
     allow_partial_load: bool = False,
@@ -178,10 +201,10 @@ def checkpoint_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGro
 
 def async_save(
     state: StateDict,
-    root: str | Path,
+    root: str | Path | StorageLocation,
     *,
     process_group: dist.ProcessGroup | None = None,
-    on_commit: Callable[[Path], object] | None = None,
+    on_commit: Callable[[StorageLocation], object] | None = None,
     **options: Unpack[WriterOptions],
 ) -> PendingSave:
     """``dcp.async_save``: returns once ``state`` is copied; ``wait()`` returns the folder.
@@ -199,17 +222,18 @@ def async_save(
                 state, storage_writer=writer, planner=SavePlanner(), process_group=group, no_dist=group is None
             )
 
-        def wait() -> Path:
+        def wait() -> StorageLocation:
             try:
                 future.result()  # type: ignore[union-attr]
             except CheckpointException as exc:
                 raise translate(exc, loading=False) from None
+            except RuntimeError as exc:
+                raise _lost_rank(exc, writer) from exc
             finally:
                 writer.abort()
             return writer.final
 
-        committed = None if on_commit is None else (lambda final: on_commit(Path(str(final))))
-        return PendingSave(writer.step, writer.final, wait, on_commit=committed, on_exit=release)
+        return PendingSave(writer.step, writer.final, wait, on_commit=on_commit, on_exit=release)
     except BaseException:
         release()
         raise

@@ -1,13 +1,17 @@
 """``Reader``: a DCP ``StorageReader`` that verifies what each rank reads before DCP copies it.
 
+It reads through the storage seam (:mod:`safeckpt.storage.base`), so the checkpoint may be in a
+local or shared folder or behind any fsspec URL (``s3://bucket/run``).
+
 The order of DCP's calls, and what each does here:
 
 1. every rank, ``read_metadata``: reads ``manifest.json``, then reads and checks the SHA-256 of
    ``sharding.json`` and parses it strictly (:mod:`.sharding`) into DCP's ``Metadata``.
 2. every rank, ``prepare_local_plan``: refuses plans not made by :class:`~.planner.LoadPlanner`
    (DCP's own planners ``torch.load`` non-tensor values), then reads every shard file this
-   rank's plan touches *whole* into memory and checks its size and SHA-256 (or every chunk
-   digest), and parses the verified bytes (safetensors header, msgpack document). DCP runs this
+   rank's plan touches *whole* into memory (``CheckpointFolder.read_files``, after checking
+   that ``manifest.json`` is still the one step 1 read) and checks its size and SHA-256 (or
+   every chunk digest), and parses the verified bytes (safetensors header, msgpack document). DCP runs this
    step on all ranks and collects failures before any rank goes on, so a damaged file makes
    every rank raise before any of them copies a byte into a parameter.
 3. every rank, ``read_data``: copies each requested box out of the verified tensors into the
@@ -20,7 +24,7 @@ from, completely, even if it needs only part of it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,17 +41,18 @@ from torch.distributed.checkpoint.planner import LoadPlanner as DCPLoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
-from ..format import limits
+from ..errors import CheckpointCorruptedError
 from ._core import (
     MANIFEST_NAME,
     TORCH_DTYPES,
     FileEntry,
     Manifest,
+    StorageLocation,
+    as_location,
+    is_sharded,
     load_msgpack,
     locate_checkpoint,
-    read_bounded,
-    read_files,
+    storage_for,
     tensors_from_buffer,
 )
 from .planner import PLANNER_MARK, LoadPlanner, decode_value
@@ -55,14 +60,6 @@ from .sharding import SHARDING_NAME, Location, Sharding, parse_sharding
 from .writer import UsageError
 
 __all__ = ["Reader", "is_sharded", "read_sharding"]
-
-
-def is_sharded(folder: Path) -> bool:
-    """Whether the committed checkpoint ``folder`` is a sharded one (lists ``sharding.json``)."""
-    try:
-        return b'"' + SHARDING_NAME.encode() + b'"' in (folder / MANIFEST_NAME).read_bytes()[: limits.MAX_MANIFEST_BYTES]
-    except OSError:
-        return False
 
 
 def dcp_metadata(sharding: Sharding) -> tuple[Metadata, dict[MetadataIndex, Location]]:
@@ -81,34 +78,19 @@ def dcp_metadata(sharding: Sharding) -> tuple[Metadata, dict[MetadataIndex, Loca
     return metadata, where
 
 
-def _open_folder(folder: Path) -> int:
-    try:
-        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{folder}: checkpoint does not exist; check the path") from None
-    except NotADirectoryError:
-        raise CheckpointNotFoundError(f"{folder}: is not a checkpoint folder") from None
-
-
-def read_sharding(folder: Path) -> tuple[Manifest, Sharding]:
+def read_sharding(
+    folder: StorageLocation, *, storage_options: Mapping[str, Any] | None = None
+) -> tuple[Manifest, Sharding]:
     """Parse ``manifest.json``, verify and parse ``sharding.json`` (nothing else is read)."""
-    dir_fd = _open_folder(folder)
-    try:
-        source = str(folder / MANIFEST_NAME)
-        raw = read_bounded(
-            dir_fd, MANIFEST_NAME, limit=limits.MAX_MANIFEST_BYTES, source=source,
-            missing="missing; the checkpoint was never committed, load an earlier one",
-        )  # fmt: skip
-        manifest = Manifest.from_json_bytes(bytes(raw), source=source)
+    with storage_for(folder, storage_options).open(folder) as opened:
+        manifest = opened.read_manifest()
         entry = manifest.file(SHARDING_NAME)
         if entry is None:
             raise UsageError(
                 f"{folder}: is a single-process checkpoint (no {SHARDING_NAME}); load it with "
                 "safeckpt.load_checkpoint, which also loads it into sharded models"
             )
-        data = read_files(dir_fd, [entry], folder=folder, verify=True)[SHARDING_NAME]
-    finally:
-        os.close(dir_fd)
+        data = opened.read_files([entry], verify=True)[SHARDING_NAME]
     files = {e.name: e for e in manifest.files}
     return manifest, parse_sharding(data, files=files, source=str(folder / SHARDING_NAME))
 
@@ -118,17 +100,26 @@ class Reader(StorageReader):
 
     Args:
         path: a checkpoint folder, its ``manifest.json``, or a root of checkpoints (the newest
-            committed one), the same on every rank.
+            committed one), the same on every rank; or an fsspec URL (``s3://bucket/run``).
         verify: check the SHA-256 of every file read (sizes and headers are always checked).
+        storage_options: options of the fsspec file system of a URL ``path`` (e.g.
+            ``{"endpoint_url": ...}`` for s3fs).
 
     Example:
         >>> dcp.load(state, storage_reader=sd.Reader("ckpts"), planner=sd.LoadPlanner())  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
-        self.path = Path(path)
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | StorageLocation,
+        *,
+        verify: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = as_location(path)
         self.verify = verify
-        self.folder: Path | None = None
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.folder: StorageLocation | None = None
         self.manifest: Manifest | None = None
         self.sharding: Sharding | None = None
         self.metadata: Metadata | None = None
@@ -141,8 +132,8 @@ class Reader(StorageReader):
         return f"Reader(path={str(self.folder or self.path)!r}, verify={self.verify})"
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None and Path(checkpoint_id) != self.path:
-            self.path = Path(checkpoint_id)
+        if checkpoint_id is not None and as_location(checkpoint_id) != self.path:
+            self.path = as_location(checkpoint_id)
             self.folder = self.manifest = self.sharding = self.metadata = None
         self._tensors, self._values = {}, {}
 
@@ -152,11 +143,26 @@ class Reader(StorageReader):
 
     def read_metadata(self) -> Metadata:
         if self.metadata is None:
-            folder = locate_checkpoint(self.path)
-            self.manifest, self.sharding = read_sharding(folder)
+            folder = locate_checkpoint(self.path, storage_options=self.storage_options)
+            self.manifest, self.sharding = read_sharding(folder, storage_options=self.storage_options)
             self.metadata, self._where = dcp_metadata(self.sharding)
             self.folder = folder
         return self.metadata
+
+    def read_files(self, entries: Sequence[FileEntry]) -> dict[str, memoryview]:
+        """Files of the checkpoint :meth:`read_metadata` found, each checked against its entry
+        (size always, digests with ``verify``); refuses if ``manifest.json`` changed meanwhile
+        (the checkpoint was overwritten), so one load never mixes two saves."""
+        folder, manifest = self.folder, self.manifest
+        if folder is None or manifest is None:
+            raise UsageError("safeckpt.distributed.Reader.read_files called before read_metadata")
+        with storage_for(folder, self.storage_options).open(folder) as opened:
+            if opened.read_manifest() != manifest:
+                raise CheckpointCorruptedError(
+                    f"{folder / MANIFEST_NAME}: changed while the checkpoint was being loaded (it was "
+                    "overwritten by another save); load again"
+                )
+            return opened.read_files(entries, verify=self.verify)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = int(kwargs.get("rank", 0))
@@ -180,11 +186,7 @@ class Reader(StorageReader):
             if entry is None:  # parse_sharding checked this; a changed manifest object would land here
                 raise CheckpointCorruptedError(f"{self.folder / name}: not listed in manifest.json")
             needed[name] = entry
-        dir_fd = _open_folder(self.folder)
-        try:
-            buffers = read_files(dir_fd, list(needed.values()), folder=self.folder, verify=self.verify)
-        finally:
-            os.close(dir_fd)
+        buffers = self.read_files(list(needed.values()))
         for name, buffer in buffers.items():
             source = str(self.folder / name)
             if name.endswith(".safetensors"):

@@ -22,6 +22,7 @@ from ..format import limits
 from ..format.documents import load_json
 from ..format.manifest import FileEntry, check_file_name
 from ..format.safetensors import DTYPE_SIZES
+from ..pipeline.read import SHARDING_NAME
 
 __all__ = [
     "MAX_CHUNKS_PER_TENSOR",
@@ -37,7 +38,6 @@ __all__ = [
     "parse_sharding",
 ]
 
-SHARDING_NAME = "sharding.json"
 SHARDING_FORMAT = "safeckpt-sharding"
 SHARDING_VERSION = 1
 MAX_SHARDING_BYTES = 256 * 1024 * 1024

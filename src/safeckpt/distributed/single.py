@@ -9,7 +9,6 @@ against the model and optimizer on every rank, and then ``set_model_state_dict``
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import CheckpointMismatchError
-from ._core import core_loader
+from ._core import StorageLocation, core_loader
 from ._core import restore_rng as restore_rng_state
 from .dcp_calls import agree
 from .layout import group_rank
@@ -59,7 +58,7 @@ def _by_name(saved: Mapping[str, Any], names: Mapping[str, Any], *, source: str)
 
 
 def load_single_into_sharded(
-    folder: Path,
+    folder: StorageLocation,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     *,
@@ -69,6 +68,7 @@ def load_single_into_sharded(
     strict: bool,
     verify: bool,
     restore_rng: bool | Mapping[str, object],
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load the single-process checkpoint ``folder`` into a sharded ``model`` (every rank)."""
     _, world = group_rank(group)
@@ -87,7 +87,7 @@ def load_single_into_sharded(
                 f"{source}: was saved by one process and is loaded on {world} ranks, so its extra "
                 "state does not map onto them; load without extra= and rebuild it for this job"
             )
-        ckpt = loader.load_checkpoint(folder, None, None, verify=verify, restore_rng=False)
+        ckpt = loader.load_checkpoint(folder, None, None, verify=verify, restore_rng=False, storage_options=storage_options)
         live = _full_shapes(get_model_state_dict(model))
         saved = _full_shapes(ckpt.model_state)
         problems = [f"{k!r} is missing from the checkpoint" for k in live if k not in saved]

@@ -1,4 +1,6 @@
-"""``Writer``: a DCP ``StorageWriter`` that commits a sharded checkpoint like safeckpt's own saves.
+"""``Writer``: a DCP ``StorageWriter`` that commits a sharded checkpoint like safeckpt's own saves,
+through the storage seam (:mod:`safeckpt.storage.base`): a local or shared folder, or any fsspec
+URL (``s3://bucket/run``).
 
 The order of DCP's calls, and what each does here:
 
@@ -6,20 +8,24 @@ The order of DCP's calls, and what each does here:
    no single process sees every rank's files, so nobody could commit them).
 2. every rank, ``prepare_local_plan``: refuses plans not made by :class:`~.planner.SavePlanner`
    (any other planner pickles non-tensor values).
-3. coordinator, ``prepare_global_plan``: refuses an existing step (unless ``overwrite``), creates
-   and locks the temporary folder (``LocalStorage.begin``: a ``PosixPendingWrite``) and tells every rank
-   its name and the file names to write.
+3. coordinator, ``prepare_global_plan``: refuses an existing step (unless ``overwrite``) and
+   begins the save (``storage.begin``: a locked temporary folder on a file system, a fresh
+   ``objects-*`` prefix in an object store); tells every rank the staging name
+   (``PendingWrite.staging``, relative to the root) and the file names to write.
 4. every rank, ``write_data``: writes ``shard-RRRRR.safetensors`` (its tensor chunks) and
-   ``shard-RRRRR.msgpack`` (its non-tensor values) into the temporary folder, hashing while
-   writing, fsyncs them, and reports size and SHA-256 in its ``WriteResult``s.
+   ``shard-RRRRR.msgpack`` (its non-tensor values) into the staging area
+   (``storage.join(staging)``), hashing while writing, making them durable (fsync, or a
+   completed upload), and reports size and SHA-256 in its ``WriteResult``s.
 5. coordinator, ``finish`` (only once every rank's ``write_data`` succeeded): writes
    ``config.json``/``vocab.json`` if given, ``sharding.json``, then ``manifest.json`` listing
-   every file's digest as the ranks reported it (no file is read back), fsyncs the folder,
-   renames it to ``step-NNNNNNNN`` and fsyncs the root.
+   every file's digest as the ranks reported it (no file is read back) and commits
+   (``PendingWrite.commit``): on a file system it fsyncs the folder, renames it to
+   ``step-NNNNNNNN`` and fsyncs the root; in an object store the manifest is the last object,
+   written create-only.
 
-If any rank fails, DCP never calls ``finish``: the temporary folder is removed by
+If any rank fails, DCP never calls ``finish``: the staging area is removed by
 :meth:`Writer.abort` (which ``safeckpt.distributed.save`` calls on every failure) or, when the
-coordinator died, by the next save in that root. Nothing half-written is ever visible.
+coordinator died, by a later save in that root. Nothing half-written is ever visible.
 """
 
 from __future__ import annotations
@@ -27,9 +33,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
@@ -39,20 +44,21 @@ from torch.distributed.checkpoint.planner import SavePlanner as DCPSavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..errors import CheckpointExistsError, CheckpointUsageError
+from ..errors import CheckpointUsageError
 from ._core import (
     DTYPE_NAMES,
-    MANIFEST_NAME,
     FileEntry,
-    LocalStorage,
-    PosixPendingWrite,
+    FileSource,
+    PendingWrite,
+    StorageLocation,
     TensorCollector,
     archive_parts,
+    as_location,
     build,
+    checkpoint_exists,
     dump_msgpack,
     step_dirname,
-    write_error,
-    write_file,
+    storage_for,
 )
 from .planner import PLANNER_MARK, SavePlanner
 from .sharding import SHARDING_NAME, Chunk, Location, TensorEntry, dump_sharding
@@ -74,12 +80,15 @@ class _Step(TypedDict):
 
 class WriterOptions(_Step, total=False):
     """The keywords of :class:`Writer` after ``root``, as one value: ``step`` (required),
-    ``overwrite``, ``documents``, ``metadata``; what ``safeckpt.distributed.save`` and
-    ``async_save`` take besides the state, the root and the group."""
+    ``name``, ``overwrite``, ``documents``, ``metadata``, ``storage_options``; what
+    ``safeckpt.distributed.save`` and ``async_save`` take besides the state, the root and the
+    group."""
 
+    name: str | None
     overwrite: bool
     documents: Mapping[str, bytes] | None
     metadata: Mapping[str, object] | None
+    storage_options: Mapping[str, Any] | None
 
 
 def shard_name(rank: int) -> str:
@@ -91,10 +100,20 @@ def shard_name(rank: int) -> str:
 class _RankPlan:
     """What the coordinator tells each rank in ``prepare_global_plan``."""
 
-    folder: str
-    """Name of the temporary folder inside the root."""
+    staging: str
+    """Where the files go, relative to the root (``PendingWrite.staging``)."""
     base: str
     """File base name for this rank's shard files."""
+
+
+class _Archive:
+    """A shard's safetensors bytes, produced afresh by each ``iter()`` so an upload can be retried."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __iter__(self) -> Iterator[memoryview | bytes]:
+        return archive_parts(self.tensors, None)
 
 
 @dataclass(frozen=True)
@@ -128,54 +147,68 @@ class Writer(StorageWriter):
     """Write one sharded checkpoint ``root/step-NNNNNNNN`` through ``torch.distributed.checkpoint``.
 
     Args:
-        root: folder of the run's checkpoints, the same path on every rank (a shared file
-            system for multi-node jobs).
-        step: training step; names the folder.
+        root: folder of the run's checkpoints, the same on every rank (a shared file system for
+            multi-node jobs), or an fsspec URL (``s3://bucket/run``; needs ``safeckpt[remote]``).
+        step: training step; names the checkpoint ``step-NNNNNNNN``.
+        name: commit the checkpoint as ``root/name`` instead (what
+            ``save_checkpoint(path=root/name)`` does).
         overwrite: replace an existing checkpoint for ``step`` instead of raising
             :class:`~safeckpt.CheckpointExistsError`.
         documents: extra files the coordinator writes (``config.json``, ``vocab.json``) as
             name -> bytes.
         metadata: JSON-compatible values recorded in ``manifest.json``.
+        storage_options: options of the fsspec file system of a URL ``root`` (e.g.
+            ``{"endpoint_url": ...}`` for s3fs), the same on every rank.
 
     Example:
         >>> import torch.distributed.checkpoint as dcp  # doctest: +SKIP
         >>> from safeckpt import distributed as sd  # doctest: +SKIP
         >>> dcp.save(state, storage_writer=sd.Writer("ckpts", step=100), planner=sd.SavePlanner())  # doctest: +SKIP
+        >>> dcp.save(state, storage_writer=sd.Writer("s3://bucket/run", step=200), planner=sd.SavePlanner())  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | StorageLocation,
         *,
         step: int,
+        name: str | None = None,
         overwrite: bool = False,
         documents: Mapping[str, bytes] | None = None,
         metadata: Mapping[str, object] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise UsageError(f"step: expected a non-negative int, got {step!r}")
-        self.root = Path(root)
+        if name is not None and (name in ("", ".", "..") or name.startswith(".") or "/" in name):
+            raise UsageError(f"name: {name!r} must be a plain folder name that is not hidden (e.g. 'final')")
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.root = as_location(root)
+        self.storage = storage_for(self.root, self.storage_options)
         self.step = step
+        self.name = name
         self.overwrite = overwrite
         self.documents = dict(documents or {})
         self.metadata = dict(metadata or {})
         self.is_coordinator = False
         self.rank = 0
         self.world_size = 1
-        self.pending: PosixPendingWrite | None = None
-        self.committed: Path | None = None
+        self.pending: PendingWrite | None = None
+        self.committed: StorageLocation | None = None
 
     def __repr__(self) -> str:
         return f"Writer(root={str(self.root)!r}, step={self.step}, committed={self.committed is not None})"
 
     @property
-    def final(self) -> Path:
-        return self.root / step_dirname(self.step)
+    def final(self) -> StorageLocation:
+        """Where the checkpoint appears once committed."""
+        return self.root / (self.name or step_dirname(self.step))
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.root = Path(checkpoint_id)
         self.abort()
+        if checkpoint_id is not None:
+            self.root = as_location(checkpoint_id)
+            self.storage = storage_for(self.root, self.storage_options)
         self.committed = None
 
     @classmethod
@@ -202,16 +235,13 @@ class Writer(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self.abort()
-        if not self.overwrite and (self.final / MANIFEST_NAME).exists():
-            raise CheckpointExistsError(
-                f"{self.final}: a checkpoint for step {self.step} already exists; pass "
-                "overwrite=True to replace it or save under another step"
-            )
-        pending = LocalStorage(self.root).begin(self.step).__enter__()
+        if not self.overwrite and self.storage.committed(self.final):
+            raise checkpoint_exists(self.final, self.step)
+        pending = self.storage.begin(self.step, name=self.name).__enter__()
         self.pending = pending
         self.world_size = len(plans)
         return [
-            SavePlan(plan.items, storage_data=_RankPlan(pending.path.name, shard_name(rank)), planner_data=plan.planner_data)
+            SavePlan(plan.items, storage_data=_RankPlan(pending.staging, shard_name(rank)), planner_data=plan.planner_data)
             for rank, plan in enumerate(plans)
         ]
 
@@ -221,7 +251,6 @@ class Writer(StorageWriter):
         rank_plan = plan.storage_data
         if not isinstance(rank_plan, _RankPlan):
             raise UsageError("safeckpt.distributed.Writer: the plan was not prepared by a safeckpt Writer")
-        folder = self.root / rank_plan.folder
         archive = TensorCollector(f"rank {self.rank}: ")
         tensors: list[tuple[MetadataIndex, str, int]] = []
         values: dict[str, object] = {}
@@ -233,29 +262,23 @@ class Writer(StorageWriter):
             offsets = item.index.offset or ()
             name = archive.add_named(f"{item.index.fqn}@{','.join(map(str, offsets))}", tensor)
             tensors.append((item.index, name, tensor.nbytes))
-        results: list[WriteResult] = []
-        name = folder.name
-        try:
-            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                if tensors:
-                    name = f"{rank_plan.base}.safetensors"
-                    size = sum(t.nbytes for t in archive.tensors.values())
-                    entry = write_file(dir_fd, name, archive_parts(archive.tensors, None), size)
-                    results += [WriteResult(index, nbytes, _Written(Location(name, stored), entry)) for index, stored, nbytes in tensors]
-                if values:
-                    name = f"{rank_plan.base}.msgpack"
-                    data = dump_msgpack(values, source=str(folder / name))
-                    entry = write_file(dir_fd, name, (data,), len(data))
-                    results += [
-                        WriteResult(item.index, 0, _Written(Location(name, item.index.fqn), entry))
-                        for item in plan.items
-                        if item.type == WriteItemType.BYTE_IO
-                    ]
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            raise write_error(exc, folder / name, f"write {name} (rank {self.rank})") from exc
+        tensor_file, value_file = f"{rank_plan.base}.safetensors", f"{rank_plan.base}.msgpack"
+        files: list[FileSource] = []
+        if tensors:
+            files.append((tensor_file, _Archive(archive.tensors), sum(t.nbytes for t in archive.tensors.values())))
+        if values:
+            data = dump_msgpack(values, source=f"{self.root}/{rank_plan.staging}/{value_file}")
+            files.append((value_file, (data,), len(data)))
+        entries = {entry.name: entry for entry in self.storage.join(rank_plan.staging).write_files(files)}
+        results = [
+            WriteResult(index, nbytes, _Written(Location(tensor_file, stored), entries[tensor_file]))
+            for index, stored, nbytes in tensors
+        ]
+        results += [
+            WriteResult(item.index, 0, _Written(Location(value_file, item.index.fqn), entries[value_file]))
+            for item in plan.items
+            if item.type == WriteItemType.BYTE_IO
+        ]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -284,8 +307,8 @@ class Writer(StorageWriter):
             self.abort()
 
     def abort(self) -> None:
-        """Remove this save's temporary folder if it was not committed (coordinator only; safe
-        to call any number of times)."""
+        """Discard this save's staging area if it was not committed (coordinator only; safe to
+        call any number of times)."""
         pending, self.pending = self.pending, None
         if pending is not None:
             with contextlib.suppress(Exception):

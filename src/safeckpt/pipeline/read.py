@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from ..errors import CheckpointCorruptedError, CheckpointUsageError, damaged
+from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointUsageError, damaged
 from ..format.documents import load_json, load_msgpack
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.tree import decode_document
@@ -28,12 +28,16 @@ __all__ = [
     "MODEL_ALIASES_KEY",
     "CheckpointContents",
     "audit_checkpoint_files",
+    "is_sharded",
     "locate_checkpoint",
     "model_aliases",
     "read_checkpoint_files",
 ]
 
 TensorT = TypeVar("TensorT")
+
+SHARDING_NAME = "sharding.json"
+"""The file that makes a checkpoint a sharded one (format 1.2; see :mod:`safeckpt.distributed.sharding`)."""
 
 
 @dataclass
@@ -87,6 +91,18 @@ def locate_local(path: str | os.PathLike[str] | Location) -> Path:
     return found
 
 
+def is_sharded(folder: Location, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether the committed checkpoint ``folder`` is a sharded one (it holds ``sharding.json``);
+    False when its manifest cannot be read (the loader then says why)."""
+    if isinstance(folder, Path):  # a look at the folder (or a copied object-store layout), no parse
+        return (folder / SHARDING_NAME).is_file() or any(folder.glob(f"objects-*/{SHARDING_NAME}"))
+    try:
+        with storage_for(folder, storage_options).open(folder) as opened:
+            return opened.read_manifest().file(SHARDING_NAME) is not None
+    except CheckpointError:
+        return False
+
+
 def read_checkpoint_files(
     folder: Location, *, verify: bool = True, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[Manifest, dict[str, memoryview]]:
@@ -110,7 +126,7 @@ def audit_checkpoint_files(folder: Location, *, storage_options: Mapping[str, An
 
 
 def _checked(manifest: Manifest, folder: Location) -> Manifest:
-    if manifest.file("model.safetensors") is None and manifest.file("sharding.json") is None:  # 1.2: sharded
+    if manifest.file("model.safetensors") is None and manifest.file(SHARDING_NAME) is None:  # 1.2: sharded
         raise CheckpointCorruptedError(
             f"{folder / MANIFEST_NAME}: does not list model.safetensors; the checkpoint is invalid"
         )

@@ -11,8 +11,9 @@ Call sequence of a save (one process, or a coordinator and several ranks)::
     storage = LocalStorage(root)                          # a root of checkpoints
     with storage.begin(step, name=None) as pending:       # hidden, uniquely named staging area
         entries = pending.write_files(files)              # each file streamed, hashed, durable
-        #  ... ranks may write their own files into the same staging area (pending.location)
-        #  and report their FileEntry digests to the coordinator ...
+        #  ... other processes (the ranks of a sharded save) write their own files into the same
+        #  staging area: storage.join(pending.staging).write_files(theirs), and report their
+        #  FileEntry digests to the coordinator, which alone commits ...
         manifest = safeckpt.format.manifest.build(step, all_entries, metadata=...)
         final = pending.commit(manifest, overwrite=False)  # manifest written LAST, then published
     # leaving the block without commit() discards the staging area; nothing else is touched
@@ -55,6 +56,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Union
 
+from ..errors import CheckpointUsageError
 from ..format import limits
 from ..format.manifest import FileEntry, Manifest
 
@@ -67,6 +69,8 @@ __all__ = [
     "ObjectPath",
     "PendingWrite",
     "ReadArena",
+    "StagingArea",
+    "staging_parts",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -168,6 +172,13 @@ class PendingWrite(Protocol):
         """Where the checkpoint appears once committed."""
         ...
 
+    @property
+    def staging(self) -> str:
+        """Where this save's files go, relative to the storage's root (``.tmp-step-...``,
+        ``step-.../objects-...``): what another process passes to
+        :meth:`CheckpointStorage.join` to write files into this save."""
+        ...
+
     def __enter__(self) -> PendingWrite: ...
 
     def __exit__(
@@ -181,6 +192,28 @@ class PendingWrite(Protocol):
     def commit(self, manifest: Manifest, *, overwrite: bool = False) -> Location:
         """Write ``manifest`` last and publish the checkpoint atomically; returns :attr:`final`."""
         ...
+
+
+class StagingArea(Protocol):
+    """The staging area of a save that another process began (and alone commits or discards):
+    a rank of a sharded save writes its own files here."""
+
+    def write_files(self, files: Sequence[FileSource]) -> list[FileEntry]:
+        """Write, hash and make durable every file (in parallel); their manifest entries, for
+        the process that commits."""
+        ...
+
+
+def staging_parts(staging: str) -> list[str]:
+    """The segments of a :attr:`PendingWrite.staging` name, refusing one that could leave the
+    root (absolute, empty, ``.`` or ``..`` segments)."""
+    parts = staging.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise CheckpointUsageError(
+            f"{staging!r}: not the staging name of a save in this root of checkpoints; pass the "
+            "PendingWrite.staging of the process that began the save"
+        )
+    return parts
 
 
 class CheckpointFolder(Protocol):
@@ -210,6 +243,12 @@ class CheckpointStorage(Protocol):
 
     def begin(self, step: int, *, name: str | None = None) -> PendingWrite:
         """Start writing the checkpoint of ``step`` (as ``name`` instead of ``step-N``)."""
+        ...
+
+    def join(self, staging: str) -> StagingArea:
+        """Write files into the staging area of a save begun elsewhere (its
+        :attr:`PendingWrite.staging`, as the process that began it sent it); that process
+        commits them or discards them."""
         ...
 
     def open(self, location: Location) -> CheckpointFolder:

@@ -22,13 +22,13 @@ from ..errors import NEVER_COMMITTED, CheckpointNotFoundError
 from ..format import limits
 from ..format.layout import parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
-from .base import Location
+from .base import FileSource, Location, staging_parts
 from .posix import audit_files, read_bounded, read_files
 
 if TYPE_CHECKING:  # the transaction (flock, renameat2) is imported by the calls that write
     from .posix_commit import PosixPendingWrite
 
-__all__ = ["LocalFolder", "LocalStorage", "list_checkpoints", "scan_steps"]
+__all__ = ["LocalFolder", "LocalStaging", "LocalStorage", "list_checkpoints", "scan_steps"]
 
 
 def scan_steps(root: str | os.PathLike[str]) -> list[tuple[int, Path, bool]]:
@@ -63,6 +63,10 @@ class LocalStorage:
         from .posix_commit import PosixPendingWrite
 
         return PosixPendingWrite(self.root, step, name=name)
+
+    def join(self, staging: str) -> LocalStaging:
+        """The temporary folder ``root/staging`` of a save another process began."""
+        return LocalStaging(self.root.joinpath(*staging_parts(staging)))
 
     def open(self, location: Location) -> LocalFolder:
         """The checkpoint folder ``location`` (a path, not relative to the root), for reading."""
@@ -107,6 +111,33 @@ class LocalStorage:
         from .posix_commit import remove_checkpoint
 
         remove_checkpoint(Path(str(location)))
+
+
+class LocalStaging:
+    """The temporary folder of a save another process began (and holds locked until it commits
+    or discards it): this process writes its own files there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"LocalStaging({str(self.path)!r})"
+
+    def write_files(self, files: Sequence[FileSource]) -> list[FileEntry]:
+        """Write, hash and fsync every file in the folder (the committing process fsyncs the
+        folder itself); their manifest entries."""
+        from .posix_commit import write_error, write_into
+
+        try:
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            action = "open the save's temporary folder, which the coordinator created (every rank must see "
+            action += "the same root folder: a shared file system for multi-node jobs)"
+            raise write_error(exc, self.path, action) from exc
+        try:
+            return write_into(dir_fd, self.path, files)
+        finally:
+            os.close(dir_fd)
 
 
 class LocalFolder:

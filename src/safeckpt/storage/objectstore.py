@@ -39,7 +39,7 @@ from ..errors import (
 from ..format import limits
 from ..format.layout import OBJECTS_PREFIX, objects_name, objects_started, parse_step, step_dirname
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
-from .base import FileSource, Location, ObjectPath
+from .base import FileSource, Location, ObjectPath, staging_parts
 from .objectio import (
     REMOTE,
     audit_object,
@@ -51,7 +51,7 @@ from .objectio import (
 )
 from .parallel import in_parallel
 
-__all__ = ["ObjectFolder", "ObjectPendingWrite", "ObjectStorage"]
+__all__ = ["ObjectFolder", "ObjectPendingWrite", "ObjectStaging", "ObjectStorage"]
 
 logger = logging.getLogger("safeckpt")
 
@@ -99,6 +99,10 @@ class ObjectStorage:
     def begin(self, step: int, *, name: str | None = None) -> ObjectPendingWrite:
         """A fresh ``objects-*`` prefix under ``root/step-N`` (or ``root/name``)."""
         return ObjectPendingWrite(self, step, self.root / (name or step_dirname(step)))
+
+    def join(self, staging: str) -> ObjectStaging:
+        """The ``objects-*`` prefix ``root/staging`` of a save another process began."""
+        return ObjectStaging(self.fs, self.root / "/".join(staging_parts(staging)))
 
     def open(self, location: Location) -> ObjectFolder:
         return ObjectFolder(self.fs, _object(location))
@@ -201,13 +205,14 @@ class ObjectPendingWrite:
         except Exception:
             pass
 
+    @property
+    def staging(self) -> str:
+        """This save's prefix relative to the root (``step-N/objects-...``)."""
+        return f"{self.final.name}/{self.prefix}"
+
     def write_files(self, files: Sequence[FileSource]) -> list[FileEntry]:
         """Upload every file under this save's prefix, several at once; their manifest entries."""
-        fs = self.storage.fs
-        jobs = [
-            (lambda f=file: upload_object(fs, str(self.location / f[0]), f[0], f[1], f[2])) for file in files
-        ]
-        return in_parallel(jobs, REMOTE.transfers, name="safeckpt-upload")
+        return ObjectStaging(self.storage.fs, self.location).write_files(files)
 
     def commit(self, manifest: Manifest, *, overwrite: bool = False) -> ObjectPath:
         """Write the manifest (naming this save's prefix): create-only unless ``overwrite``."""
@@ -225,6 +230,23 @@ class ObjectPendingWrite:
             ) from exc
         self._committed = True
         return self.final
+
+
+class ObjectStaging:
+    """The ``objects-*`` prefix of a save (begun here or by another process, which commits it)."""
+
+    def __init__(self, fs: Any, location: ObjectPath) -> None:
+        self.fs, self.location = fs, location
+
+    def __repr__(self) -> str:
+        return f"ObjectStaging({str(self.location)!r})"
+
+    def write_files(self, files: Sequence[FileSource]) -> list[FileEntry]:
+        """Upload every file under the prefix, several at once; their manifest entries."""
+        jobs = [
+            (lambda f=file: upload_object(self.fs, str(self.location / f[0]), f[0], f[1], f[2])) for file in files
+        ]
+        return in_parallel(jobs, REMOTE.transfers, name="safeckpt-upload")
 
 
 class ObjectFolder:

@@ -59,7 +59,7 @@ from ..format.layout import (
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .posix_write import Buffer, fsync_dir, write_file, write_files
 
-__all__ = ["PosixPendingWrite", "remove_checkpoint", "write_error"]
+__all__ = ["PosixPendingWrite", "remove_checkpoint", "write_error", "write_into"]
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -211,15 +211,17 @@ class PosixPendingWrite:
             self.dir_fd = -1
         _remove_tree(self.path)
 
+    @property
+    def staging(self) -> str:
+        """The temporary folder's name in the root (other processes write into it through
+        :meth:`~safeckpt.storage.local.LocalStorage.join`)."""
+        return self.path.name
+
     def write_files(self, files: Sequence[tuple[str, Iterable[Buffer], int]]) -> list[FileEntry]:
         """Write, hash and fsync every ``(name, parts, size_hint)`` in the temporary folder, the
         largest first, on several threads; their manifest entries, in the given order. Raises
         :class:`CheckpointWriteError` naming the failing file."""
-        try:
-            return write_files(self.dir_fd, files, folder=self.path)
-        except OSError as exc:
-            name = Path(str(exc.filename or "a file")).name
-            raise write_error(exc, self.path / name, f"write {name}") from exc
+        return write_into(self.dir_fd, self.path, files)
 
     def commit(self, manifest: Manifest | None = None, *, overwrite: bool = False) -> Path:
         """Write ``manifest`` last (if given; a caller may have written it), make the folder
@@ -289,6 +291,16 @@ class PosixPendingWrite:
 
     def _exists_error(self) -> CheckpointExistsError:
         return checkpoint_exists(self.final, self.step)
+
+
+def write_into(dir_fd: int, folder: Path, files: Sequence[tuple[str, Iterable[Buffer], int]]) -> list[FileEntry]:
+    """:func:`~safeckpt.storage.posix_write.write_files` into the open folder ``dir_fd``
+    (``folder``), an ``OSError`` becoming a :class:`CheckpointWriteError` naming the file."""
+    try:
+        return write_files(dir_fd, files, folder=folder)
+    except OSError as exc:
+        name = Path(str(exc.filename or "a file")).name
+        raise write_error(exc, folder / name, f"write {name}") from exc
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:

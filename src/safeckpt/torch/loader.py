@@ -13,8 +13,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -26,7 +25,13 @@ from ..errors import (
 )
 from ..format.documents import load_json
 from ..format.tree import TREE_NAMES
-from ..pipeline.read import CheckpointContents, decode_tree, locate_checkpoint, read_checkpoint_files
+from ..pipeline.read import (
+    CheckpointContents,
+    decode_tree,
+    is_sharded,
+    locate_checkpoint,
+    read_checkpoint_files,
+)
 from ..storage.base import Buffer, Location
 from .fit import check_model
 from .rng import restore_rng as restore_rng_state
@@ -134,15 +139,15 @@ def load_checkpoint(
     check_load_arguments(model, optimizer, scheduler)
     check_extra("load_checkpoint", extra)
     folder = locate_checkpoint(path, storage_options=storage_options)
-    if isinstance(folder, Path) and (
-        (folder / "sharding.json").is_file() or (torch.distributed.is_available() and torch.distributed.is_initialized())
-    ):  # sharded checkpoints and FSDP2/DTensor/DDP models: local folders only
+    if (torch.distributed.is_available() and torch.distributed.is_initialized()) or is_sharded(
+        folder, storage_options=storage_options
+    ):
         from ..distributed import api as sharded  # sharded checkpoints, FSDP2/DTensor/DDP models
 
-        if sharded.handles_load(cast("str", path), model):
+        if sharded.handles_load(path, model, storage_options=storage_options):
             return sharded.load_checkpoint(
-                cast("str", path), model, optimizer, scheduler=scheduler, extra=extra, strict=strict, verify=verify,
-                restore_rng=restore_rng,
+                path, model, optimizer, scheduler=scheduler, extra=extra, map_location=map_location, strict=strict,
+                verify=verify, restore_rng=restore_rng, storage_options=storage_options,
             )  # fmt: skip
     manifest, buffers = read_checkpoint_files(folder, verify=verify, storage_options=storage_options)
     device = map_location

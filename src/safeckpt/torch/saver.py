@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
@@ -191,13 +190,6 @@ def save(
         from ..distributed import api as sharded  # FSDP2/DTensor/DDP models go through DCP
 
         if sharded.handles_save(model):
-            places = (options.directory, options.path)
-            remote = [x for x in places if x is not None and not isinstance(as_location(x), Path)]
-            if remote or options.storage_options:
-                raise CheckpointUsageError(
-                    f"{remote[0] if remote else 'storage_options'}: sharded (FSDP2/DTensor/DDP) saves write "
-                    "local folders only; save to a local path, or copy the checkpoint afterwards"
-                )
             return sharded.save_checkpoint(model, optimizer, config, vocab, step, options)
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step,
