@@ -1,4 +1,5 @@
-"""Start N ranks of a scenario in ``dist_workers.py`` as separate processes (gloo on CPU).
+"""Start N ranks of a scenario (``dist_workers.py`` unless told another workers file) as separate
+processes (gloo on CPU).
 
 Each rank writes ``out/rank-R.json``: the result of every check it ran, so one group of
 processes can serve many tests. A rank that crashes leaves its stderr in ``out/rank-R.log``.
@@ -17,8 +18,10 @@ TIMEOUT = 600
 """Seconds a group may take before the test fails (a hang, not a slow machine)."""
 
 
-def start(scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = None) -> list[subprocess.Popen[bytes]]:
-    """Start ranks ``0..world-1`` of ``scenario``; files go under ``tmp``."""
+def start(
+    scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = None, workers: Path = WORKERS
+) -> list[subprocess.Popen[bytes]]:
+    """Start ranks ``0..world-1`` of ``scenario`` in ``workers``; files go under ``tmp``."""
     out = tmp / "out"
     out.mkdir(parents=True, exist_ok=True)
     init = tmp / "init"
@@ -28,7 +31,7 @@ def start(scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = 
         log = open(out / f"rank-{rank}.log", "wb")
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKERS), scenario, str(rank), str(world), str(init), str(tmp)],
+                [sys.executable, str(workers), scenario, str(rank), str(world), str(init), str(tmp)],
                 stdout=log, stderr=subprocess.STDOUT, env=environment,
             )
         )
@@ -36,9 +39,11 @@ def start(scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = 
     return procs
 
 
-def run(scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = None) -> dict[int, dict[str, str]]:
+def run(
+    scenario: str, world: int, tmp: Path, *, env: dict[str, str] | None = None, workers: Path = WORKERS
+) -> dict[int, dict[str, str]]:
     """Run a scenario to the end; returns each rank's check results (``"ok"`` or what failed)."""
-    procs = start(scenario, world, tmp, env=env)
+    procs = start(scenario, world, tmp, env=env, workers=workers)
     try:
         for proc in procs:
             proc.wait(TIMEOUT)
