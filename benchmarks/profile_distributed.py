@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import cProfile
 import functools
+import gc
 import io
 import json
 import os
@@ -50,6 +51,8 @@ class Meter:
     def __init__(self) -> None:
         self.rows: dict[str, list[dict[str, float]]] = {}
         self.round = 0
+        self.open: list[str] = []
+        """Phases now running, innermost last (names the garbage collections inside them)."""
 
     @staticmethod
     def _now() -> tuple[float, ...]:
@@ -63,9 +66,11 @@ class Meter:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = self._now()
+        self.open.append(name)
         try:
             yield
         finally:
+            self.open.pop()
             end = self._now()
             keys = ("wall", "cpu", "thread_cpu", "minflt", "vcsw", "ivcsw")
             rounds = self.rows.setdefault(name, [])
@@ -174,8 +179,21 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
     meter.wrap_everywhere(recording, "safeckpt   read_files (read + sha256)")
     meter.wrap_everywhere(tensors.tensors_from_buffer, "safeckpt   tensors_from_buffer")
     profiler = cProfile.Profile() if args.profile else None
+    collecting: list[contextlib.AbstractContextManager[None]] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:  # time in the cyclic garbage collector
+        if phase == "start":
+            inside = meter.open[-1] if meter.open else "outside the loads"
+            collecting.append(meter.phase(f"gc, generation {info['generation']}, in {inside}"))
+            collecting[-1].__enter__()
+        elif collecting:
+            collecting.pop().__exit__(None, None, None)
+
+    gc.callbacks.append(on_gc)
 
     def load(tag: str, run: Callable[[], None], last: bool) -> None:
+        if not args.keep_gc_debt:
+            gc.collect()  # as distributed.py does: no full collection owed by the other method
         dist.barrier()
         with meter.phase(f"{tag} load (total)"):
             if profiler is not None and last and tag == "safeckpt":
@@ -228,6 +246,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each rank (0: leave)")
     parser.add_argument("--alone", action="store_true")
+    parser.add_argument("--keep-gc-debt", action="store_true", help="no gc.collect() before each load")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None, help="folder for the cProfile reports")
     parser.add_argument("--dir", default=tempfile.gettempdir())

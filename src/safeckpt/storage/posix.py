@@ -115,7 +115,8 @@ def _arena(size: int) -> _Arena:
     # Private: a shared anonymous map is shmem, whose page faults cost half again as much. Not
     # huge pages (MADV_HUGEPAGE): filling them was five times faster when the kernel reused
     # freed ones, but two to three times slower in a new process on a VM whose free huge blocks
-    # go back to the host (measured with benchmarks/compare_formats.py).
+    # go back to the host (measured with benchmarks/compare_formats.py). Not MAP_POPULATE:
+    # zeroing the pages costs the same whether faulted in now or as they are filled.
     return _Arena(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
