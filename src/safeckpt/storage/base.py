@@ -128,7 +128,8 @@ class ReadArena(mmap.mmap):
         # Private: a shared anonymous map is shmem, whose page faults cost half again as much. Not
         # huge pages (MADV_HUGEPAGE): filling them was five times faster when the kernel reused
         # freed ones, but two to three times slower in a new process on a VM whose free huge
-        # blocks go back to the host (measured with benchmarks/compare_formats.py).
+        # blocks go back to the host (measured with benchmarks/compare_formats.py). Not
+        # MAP_POPULATE: zeroing the pages costs the same whether faulted in now or as they fill.
         return memoryview(cls(-1, max(size + room, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))[:size]
 
     @staticmethod
