@@ -118,12 +118,18 @@ def test_sharded_checkpoint_verifies_and_lists_every_file(job: tuple[Path, Resul
     names = {entry.name for entry in manifest.files}
     assert names == {
         "config.json", "vocab.json", "sharding.json", "shard-00000.safetensors", "shard-00001.safetensors",
-        "shard-00000.msgpack", "shard-00001.msgpack",
+        "shard-00000-whole.safetensors", "shard-00001-whole.safetensors", "shard-00000.msgpack", "shard-00001.msgpack",
     }  # fmt: skip
     assert manifest.format_version == (1, 2)
     sharding = json.loads((tmp / "run" / "step-00000003" / "sharding.json").read_text())
     assert sharding["world_size"] == 2
     assert [c["sizes"] for c in sharding["tensors"]["model.0.weight"]["chunks"]] == [[4, 5], [3, 5]]
+    # Every rank needs AdamW's step counts (DCP has one rank write each for all), rank r only the
+    # pieces of rank r: they live in separate files, so a load on 2 ranks reads no other rank's pieces.
+    files = {fqn: {c["file"] for c in entry["chunks"]} for fqn, entry in sharding["tensors"].items()}
+    steps = [fqn for fqn in files if fqn.startswith("optimizer.state.") and fqn.endswith(".step")]
+    assert steps and all(files[fqn] <= {"shard-00000-whole.safetensors", "shard-00001-whole.safetensors"} for fqn in steps)
+    assert files["model.0.weight"] == {"shard-00000.safetensors", "shard-00001.safetensors"}
 
 
 def test_consolidated_checkpoint_is_an_ordinary_one(job: tuple[Path, Results]) -> None:

@@ -12,8 +12,9 @@ The order of DCP's calls, and what each does here:
    begins the save (``storage.begin``: a locked temporary folder on a file system, a fresh
    ``objects-*`` prefix in an object store); tells every rank the staging name
    (``PendingWrite.staging``, relative to the root) and the file names to write.
-4. every rank, ``write_data``: writes ``shard-RRRRR.safetensors`` (its tensor chunks) and
-   ``shard-RRRRR.msgpack`` (its non-tensor values) into the staging area
+4. every rank, ``write_data``: writes ``shard-RRRRR.safetensors`` (its tensor chunks),
+   ``shard-RRRRR-whole.safetensors`` (the whole, unsharded tensors it writes, when it also writes
+   pieces of sharded ones) and ``shard-RRRRR.msgpack`` (its non-tensor values) into the staging area
    (``storage.join(staging)``), hashing while writing, making them durable (fsync, or a
    completed upload), and reports size and SHA-256 in its ``WriteResult``s.
 5. coordinator, ``finish`` (only once every rank's ``write_data`` succeeded): writes
@@ -89,6 +90,10 @@ class WriterOptions(_Step, total=False):
     documents: Mapping[str, bytes] | None
     metadata: Mapping[str, object] | None
     storage_options: Mapping[str, Any] | None
+
+
+WHOLE_SUFFIX = "-whole"
+"""``shard-RRRRR-whole.safetensors``: the whole tensors of a rank that also writes pieces."""
 
 
 def shard_name(rank: int) -> str:
@@ -251,27 +256,36 @@ class Writer(StorageWriter):
         rank_plan = plan.storage_data
         if not isinstance(rank_plan, _RankPlan):
             raise UsageError("safeckpt.distributed.Writer: the plan was not prepared by a safeckpt Writer")
-        archive = TensorCollector(f"rank {self.rank}: ")
-        tensors: list[tuple[MetadataIndex, str, int]] = []
+        # A reader verifies every file it touches whole, and every rank needs the whole tensors
+        # (AdamW's step counts, which DCP has one rank write for all): kept apart from this rank's
+        # pieces of sharded tensors, they do not make another rank read and hash those pieces.
+        pieces = any(item.type == WriteItemType.SHARD for item in plan.items)
+        archives: dict[str, tuple[TensorCollector, list[tuple[MetadataIndex, str, int]]]] = {}
         values: dict[str, object] = {}
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 values[item.index.fqn] = planner.value_document(item)
                 continue
+            whole = pieces and item.type != WriteItemType.SHARD
+            archive, tensors = archives.setdefault(
+                f"{rank_plan.base}{WHOLE_SUFFIX if whole else ''}.safetensors", (TensorCollector(f"rank {self.rank}: "), [])
+            )
             tensor = planner.tensor(item).detach()
             offsets = item.index.offset or ()
-            name = archive.add_named(f"{item.index.fqn}@{','.join(map(str, offsets))}", tensor)
-            tensors.append((item.index, name, tensor.nbytes))
-        tensor_file, value_file = f"{rank_plan.base}.safetensors", f"{rank_plan.base}.msgpack"
-        files: list[FileSource] = []
-        if tensors:
-            files.append((tensor_file, _Archive(archive.tensors), sum(t.nbytes for t in archive.tensors.values())))
+            stored = archive.add_named(f"{item.index.fqn}@{','.join(map(str, offsets))}", tensor)
+            tensors.append((item.index, stored, tensor.nbytes))
+        value_file = f"{rank_plan.base}.msgpack"
+        files: list[FileSource] = [
+            (name, _Archive(archive.tensors), sum(t.nbytes for t in archive.tensors.values()))
+            for name, (archive, _) in archives.items()
+        ]
         if values:
             data = dump_msgpack(values, source=f"{self.root}/{rank_plan.staging}/{value_file}")
             files.append((value_file, (data,), len(data)))
         entries = {entry.name: entry for entry in self.storage.join(rank_plan.staging).write_files(files)}
         results = [
-            WriteResult(index, nbytes, _Written(Location(tensor_file, stored), entries[tensor_file]))
+            WriteResult(index, nbytes, _Written(Location(name, stored), entries[name]))
+            for name, (_, tensors) in archives.items()
             for index, stored, nbytes in tensors
         ]
         results += [
