@@ -22,21 +22,19 @@ from typing import Any
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
 from ..format import limits
 from ..format.documents import load_json
-from ..format.layout import OBJECTS_PREFIX, STEP_PREFIX, TMP_PREFIX, TRASH_PREFIX, parse_step
+from ..format.layout import OBJECTS_PREFIX
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ..format.safetensors import TensorInfo, parse_header
 from ..pipeline.read import locate_checkpoint, model_aliases
 from ..storage.base import CheckpointFolder, CheckpointStorage, Location, ObjectPath
-from ..storage.local import LocalFolder
+from ..storage.local import LocalFolder, LocalStorage
 from ..storage.locate import as_location, storage_for
 from ..storage.objectstore import ObjectFolder, ObjectStorage
 
 __all__ = [
     "MANIFEST_NAME",
     "OBJECTS_PREFIX",
-    "STEP_PREFIX",
-    "TMP_PREFIX",
-    "TRASH_PREFIX",
+    "LocalStorage",
     "Location",
     "Manifest",
     "ObjectPath",
@@ -49,7 +47,6 @@ __all__ = [
     "locate",
     "mapped_files",
     "model_aliases",
-    "parse_step",
     "read_document",
     "read_manifest",
     "read_verified",

@@ -115,24 +115,20 @@ def list_root(root: str, *, verify: bool = False, quiet: bool = True, storage_op
         )
     if isinstance(folder, _files.ObjectPath):
         return _list_objects(folder, storage, verify=verify, quiet=quiet, opts=storage_options)
+    assert isinstance(storage, _files.LocalStorage)
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        leftovers = [
+            {"path": str(path), "kind": kind, "modified": _mtime(path), "size": _folder_size(path)}
+            for path, kind in storage.leftovers()
+        ]
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{folder}: does not exist; check the path") from None
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{folder}: is not a folder; pass the folder holding step-* checkpoints") from None
-    checkpoints, leftovers = [], []
-    for entry in entries:
-        if not entry.is_dir(follow_symlinks=False):
-            continue
-        path = folder / entry.name
-        step = _files.parse_step(entry.name)
-        if step is not None:
-            committed = (path / _files.MANIFEST_NAME).is_file()
-            checkpoints.append(_checkpoint(path, step, committed, verify=verify, quiet=quiet, fs=None, opts=None))
-        elif entry.name.startswith((_files.TMP_PREFIX, _files.TRASH_PREFIX)):
-            kind = "temporary" if entry.name.startswith(_files.TMP_PREFIX) else "trash"
-            leftovers.append({"path": str(path), "kind": kind, "modified": _mtime(path), "size": _folder_size(path)})
+    checkpoints = [
+        _checkpoint(path, step, committed, verify=verify, quiet=quiet, fs=None, opts=None)
+        for step, path, committed in storage.scan_steps()
+    ]
     checkpoints.sort(key=lambda row: int(row["step"]))  # type: ignore[call-overload]
     return {"root": str(folder), "checkpoints": checkpoints, "leftovers": leftovers}
 

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import CheckpointCorruptedError, UnsupportedValueError, short
+from ..errors import LOAD_EARLIER, CheckpointCorruptedError, UnsupportedValueError, damaged, short
 from ..format import limits
 from ..format.documents import load_json
 from ..format.manifest import FileEntry, check_file_name
@@ -138,10 +138,8 @@ class _Parser:
         self.files = files
 
     def fail(self, what: str) -> CheckpointCorruptedError:
-        return CheckpointCorruptedError(
-            f"{self.source}: invalid sharding document: {what}. The checkpoint is damaged or was "
-            "not written by safeckpt; load an earlier checkpoint."
-        )
+        cause = "the checkpoint is damaged or was not written by safeckpt"
+        return damaged(self.source, f"invalid sharding document: {what}", cause=cause, fix=LOAD_EARLIER)
 
     def file(self, name: object, suffix: str, where: str) -> str:
         if not isinstance(name, str) or not name.endswith(suffix):

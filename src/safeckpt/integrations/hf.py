@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..format.manifest import MANIFEST_NAME
 from ..pipeline.verify import verify_checkpoint
+from ..storage.local import subfolders
 from ..storage.posix_commit import remove_checkpoint
 from ..torch.loader import Checkpoint, load_checkpoint
 from ..torch.plan import plan_checkpoint
@@ -90,10 +91,7 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     root = Path(output_dir)
     found: list[tuple[int, Path]] = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(root):
-            match = _STEP.fullmatch(entry.name)
-            if match and entry.is_dir(follow_symlinks=False):
-                found.append((int(match.group(1)), root / entry.name))
+        found = [(int(m.group(1)), root / name) for name in subfolders(root) if (m := _STEP.fullmatch(name))]
     skipped: list[str] = []
     for _, path in sorted(found, reverse=True):
         if not (path / MANIFEST_NAME).is_file():

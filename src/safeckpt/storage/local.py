@@ -10,7 +10,6 @@ is refused).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import NEVER_COMMITTED, CheckpointNotFoundError
 from ..format import limits
-from ..format.layout import parse_step
+from ..format.layout import TMP_PREFIX, TRASH_PREFIX, parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .base import FileSource, Location, staging_parts
 from .posix import audit_files, read_bounded, read_files
@@ -28,19 +27,25 @@ from .posix import audit_files, read_bounded, read_files
 if TYPE_CHECKING:  # the transaction (flock, renameat2) is imported by the calls that write
     from .posix_commit import PosixPendingWrite
 
-__all__ = ["LocalFolder", "LocalStaging", "LocalStorage", "list_checkpoints", "scan_steps"]
+__all__ = ["LocalFolder", "LocalStaging", "LocalStorage", "list_checkpoints", "scan_steps", "subfolders"]
+
+
+def subfolders(root: str | os.PathLike[str]) -> list[str]:
+    """Names of the folders directly under ``root``, sorted; symbolic links are left out.
+    FileNotFoundError / NotADirectoryError when ``root`` is missing or is a file."""
+    with os.scandir(root) as entries:
+        return sorted(entry.name for entry in entries if entry.is_dir(follow_symlinks=False))
 
 
 def scan_steps(root: str | os.PathLike[str]) -> list[tuple[int, Path, bool]]:
     """Every ``step-N`` folder under ``root`` (not symlinks), oldest step first, with whether it
     is committed (holds a manifest); [] when ``root`` does not exist."""
     root = Path(root)
-    found = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(root):
-            step = parse_step(entry.name)
-            if step is not None and entry.is_dir(follow_symlinks=False):
-                found.append((step, root / entry.name, os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))))
+    try:
+        names = subfolders(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(step, root / name, (root / name / MANIFEST_NAME).is_file()) for name in names if (step := parse_step(name)) is not None]
     return sorted(found)
 
 
@@ -97,6 +102,17 @@ class LocalStorage:
     def scan_steps(self) -> list[tuple[int, Location, bool]]:
         """Every ``step-N`` folder with whether it is committed."""
         return list(scan_steps(self.root))
+
+    def leftovers(self) -> list[tuple[Path, str]]:
+        """Folders that saves and removals in progress, or interrupted, left in the root, by name:
+        ``(path, "temporary")`` for ``.tmp-*``, ``(path, "trash")`` for ``.trash-*``. A later save
+        cleans the dead ones (:mod:`.posix_commit`). FileNotFoundError / NotADirectoryError when
+        the root is missing or is a file."""
+        return [
+            (self.root / name, "temporary" if name.startswith(TMP_PREFIX) else "trash")
+            for name in subfolders(self.root)
+            if name.startswith((TMP_PREFIX, TRASH_PREFIX))
+        ]
 
     def exists(self, location: Location) -> bool:
         """Whether the folder exists (committed or not)."""

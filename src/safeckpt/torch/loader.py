@@ -21,7 +21,6 @@ from ..errors import (
     CheckpointError,
     CheckpointMismatchError,
     MissingRNGStateWarning,
-    damaged,
 )
 from ..format.documents import load_json
 from ..format.tree import TREE_NAMES
@@ -30,12 +29,13 @@ from ..pipeline.read import (
     decode_tree,
     is_sharded,
     locate_checkpoint,
+    model_aliases,
     read_checkpoint_files,
 )
 from ..storage.base import Buffer, Location
 from .fit import check_model
 from .rng import restore_rng as restore_rng_state
-from .state import ALIASES_KEY, check_optimizer, restore_types
+from .state import check_optimizer, restore_types
 from .tensors import tensors_from_buffer
 from .usage import check_extra, check_load_arguments
 
@@ -80,12 +80,7 @@ def _decode_tree(
 def _model_state(buffers: Mapping[str, Buffer], folder: Location, device: str | torch.device) -> dict[str, torch.Tensor]:
     source = str(folder / "model.safetensors")
     tensors, metadata = tensors_from_buffer(buffers["model.safetensors"], source=source, device=device)
-    aliases = load_json(metadata[ALIASES_KEY].encode(), source=source) if ALIASES_KEY in metadata else {}
-    if not isinstance(aliases, dict) or not all(
-        isinstance(v, str) and v in tensors and k not in tensors for k, v in aliases.items()
-    ):
-        raise damaged(source, f"invalid {ALIASES_KEY} metadata")
-    for alias, target in aliases.items():
+    for alias, target in model_aliases(metadata, tensors, source=source).items():
         tensors[alias] = tensors[target]
     return tensors
 
