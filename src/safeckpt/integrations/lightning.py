@@ -290,7 +290,6 @@ def load_from_checkpoint(
     return model  # type: ignore[return-value]
 
 
-
 def last_checkpoint(
     dirpath: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
 ) -> str | None:
