@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from .integrations.lightning import SafeckptIO as SafeckptIO
+from .integrations.lightning import last_checkpoint as last_checkpoint
 from .integrations.lightning import load_from_checkpoint as load_from_checkpoint
 
-__all__ = ["SafeckptIO", "load_from_checkpoint"]
+__all__ = ["SafeckptIO", "last_checkpoint", "load_from_checkpoint"]

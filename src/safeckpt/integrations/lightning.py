@@ -16,7 +16,17 @@ How Lightning's checkpoint dict is stored:
 A value that cannot be stored without pickle raises :class:`~safeckpt.errors.UnsupportedValueError`
 naming its key in the checkpoint dict. Every save goes to exactly the path Lightning chose, with
 ``overwrite=True``: ``last.ckpt``, rewritten on each save, is swapped for the new folder in one
-atomic rename, so it is always either the old or the new checkpoint.
+atomic rename (on an object store: its manifest replaced in one PUT), so it is always either the
+old or the new checkpoint.
+
+Object stores: ``ModelCheckpoint(dirpath="s3://bucket/run")`` (any fsspec URL) works; each
+checkpoint is a prefix committed by its manifest (spec/FORMAT.md, "Object stores"). Lightning's
+own checks on the path (``fs.exists`` for its version counter, ``fs.ls`` of ``dirpath``) see the
+prefix as a directory, which is what they need. ``fit(ckpt_path="last")`` does not find a remote
+``last.ckpt``: Lightning 2.x drops the URL's protocol when it lists ``dirpath`` and looks for the
+file on the local disk (Lightning issue #18261), and even with the protocol its ``fs.modified``
+fails on a prefix; it warns "no last checkpoint" and trains from scratch before any plugin is
+called. :func:`last_checkpoint` gives the URL to pass instead.
 """
 
 from __future__ import annotations
@@ -36,13 +46,15 @@ from lightning.fabric.plugins import CheckpointIO
 
 from ..errors import MissingRNGStateWarning, UnsupportedValueError
 from ..format.manifest import MANIFEST_NAME
+from ..storage.base import Location, ObjectPath
+from ..storage.locate import as_location, storage_for
 from ..storage.posix_commit import remove_checkpoint as remove_safeckpt_folder
 from ..torch.loader import load_checkpoint as load_safeckpt
 from ..torch.plan import SaveOptions, plan_checkpoint
 from ..torch.rng import restore_rng
 from ..torch.saver import PendingSave, write_plan
 
-__all__ = ["SafeckptIO", "load_from_checkpoint"]
+__all__ = ["SafeckptIO", "last_checkpoint", "load_from_checkpoint"]
 
 _HPARAMS = "hyper_parameters"
 _HPARAMS_TYPE = "hparams_type"
@@ -74,30 +86,39 @@ class SafeckptIO(CheckpointIO):
             and commit in the background; at most one save is in flight, and the next save,
             load, removal or the end of training waits for it (and raises its error).
         verify: check every file's SHA-256 when loading (sizes and headers are always checked).
+        storage_options: options of the fsspec file system for URL paths (s3fs: ``endpoint_url``,
+            ``key``, ``secret``, ...), used by every save, load and removal of a URL; the
+            ``storage_options`` of ``trainer.save_checkpoint`` are added on top for that save.
+            Local paths do not use them.
 
     Example:
         >>> trainer = pl.Trainer(plugins=[SafeckptIO()],  # doctest: +SKIP
         ...                      callbacks=[ModelCheckpoint(every_n_train_steps=100, save_last=True)])
         >>> trainer.fit(model, ckpt_path="last")  # doctest: +SKIP
+        >>> remote = pl.Trainer(plugins=[SafeckptIO(storage_options={"endpoint_url": url})],  # doctest: +SKIP
+        ...                     callbacks=[ModelCheckpoint(dirpath="s3://bucket/run", save_last=True)])
+        >>> remote.fit(model, ckpt_path=last_checkpoint("s3://bucket/run", storage_options=...))  # doctest: +SKIP
     """
 
-    def __init__(self, *, async_save: bool = False, verify: bool = True) -> None:
+    def __init__(
+        self, *, async_save: bool = False, verify: bool = True, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.async_save = async_save
         self.verify = verify
+        self.storage_options = dict(storage_options) if storage_options else None
         self._pending: PendingSave | None = None
 
     def __repr__(self) -> str:
-        return f"SafeckptIO(async_save={self.async_save}, verify={self.verify})"
+        options = "" if self.storage_options is None else f", storage_options={sorted(self.storage_options)}"
+        return f"SafeckptIO(async_save={self.async_save}, verify={self.verify}{options})"
 
     # -- CheckpointIO --------------------------------------------------------------------------
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Save Lightning's checkpoint dict as the safeckpt folder ``path`` (replacing it atomically)."""
-        if storage_options is not None:
-            raise UnsupportedValueError(
-                f"{path}: SafeckptIO takes no storage_options (got {storage_options!r}); call "
-                "trainer.save_checkpoint without it"
-            )
+        """Save Lightning's checkpoint dict as the safeckpt checkpoint ``path`` (a folder or an
+        fsspec URL), replacing it atomically; ``storage_options`` (for a URL) are added to the
+        plugin's own."""
+        location, options = self._where(path, storage_options)
         exact = threading.current_thread() is threading.main_thread()
         if not exact:
             warnings.warn(_WORKER_THREAD.format(path=path), RuntimeWarning, stacklevel=2)
@@ -120,8 +141,10 @@ class SafeckptIO(CheckpointIO):
                 metadata={_META: meta},
             )
         except UnsupportedValueError as exc:
-            raise _name_lightning_key(exc, Path(path)) from None
-        result = write_plan(plan, SaveOptions(path=Path(path), overwrite=True, async_=self.async_save))
+            raise _name_lightning_key(exc, location) from None
+        result = write_plan(
+            plan, SaveOptions(path=location, overwrite=True, async_=self.async_save, storage_options=options)
+        )
         if isinstance(result, PendingSave):
             self._pending = result
 
@@ -152,11 +175,17 @@ class SafeckptIO(CheckpointIO):
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
-        """Delete checkpoint ``path``; a safeckpt folder is hidden first, so a half-deleted
-        folder is never taken for a checkpoint."""
-        if self._pending is not None and Path(str(self._pending.path)) == Path(path):
+        """Delete checkpoint ``path``; a safeckpt folder is hidden first, and on an object store
+        the manifest is deleted first, so a half-deleted checkpoint is never taken for one."""
+        location, options = self._where(path)
+        if self._pending is not None and self._pending.path == location:
             self.wait()
-        path = Path(path)
+        if isinstance(location, ObjectPath):
+            storage = storage_for(location.parent, options)
+            if storage.exists(location):  # a committed checkpoint, leftovers, or one plain object
+                storage.remove(location)
+            return
+        path = location
         if (path / MANIFEST_NAME).is_file():
             remove_safeckpt_folder(path)
         elif path.is_dir() and not path.is_symlink():
@@ -176,10 +205,30 @@ class SafeckptIO(CheckpointIO):
         if pending is not None:
             pending.wait()
 
+    def _where(self, path: Any, storage_options: Any | None = None) -> tuple[Location, dict[str, Any] | None]:
+        """Where ``path`` is, and the fsspec options to reach it (None for a local path)."""
+        location = as_location(path if isinstance(path, (str, os.PathLike)) else str(path))
+        if isinstance(location, Path):
+            if storage_options is not None:
+                raise UnsupportedValueError(
+                    f"{path}: storage_options (got {storage_options!r}) apply to fsspec URLs "
+                    "(s3://..., memory://...), not to a local path; call trainer.save_checkpoint "
+                    "without it, or save to a URL"
+                )
+            return location, None
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise UnsupportedValueError(
+                f"{path}: storage_options must be a mapping of fsspec options, got {type(storage_options).__qualname__}"
+            )
+        return location, {**(self.storage_options or {}), **(storage_options or {})} or None
+
     def _read(self, path: Any, map_location: Any) -> tuple[dict[str, Any], object, dict[str, Any]]:
         self.wait()
+        location, options = self._where(path)
         device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-        ckpt = load_safeckpt(path, map_location=device, verify=self.verify, restore_rng=False)
+        ckpt = load_safeckpt(
+            location, map_location=device, verify=self.verify, restore_rng=False, storage_options=options
+        )
         meta = ckpt.metadata.get(_META)
         meta = dict(meta) if isinstance(meta, Mapping) else {}
         checkpoint: dict[str, Any] = {"state_dict": ckpt.model_state, **ckpt.extra}
@@ -197,7 +246,7 @@ class SafeckptIO(CheckpointIO):
         return checkpoint, ckpt.rng_state, meta
 
 
-def _name_lightning_key(exc: UnsupportedValueError, path: Path) -> UnsupportedValueError:
+def _name_lightning_key(exc: UnsupportedValueError, path: Location) -> UnsupportedValueError:
     """The core's message names ``extra[...]`` / ``config[...]``; say which key of Lightning's
     checkpoint dict that is, and what to do."""
     text = str(exc)
@@ -218,22 +267,45 @@ def load_from_checkpoint(
     path: str | os.PathLike[str],
     map_location: Any | None = None,
     strict: bool | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> M:
     """``LitClass.load_from_checkpoint(path, **kwargs)`` for a safeckpt checkpoint.
 
     Lightning's own ``load_from_checkpoint`` calls ``torch.load`` directly, which no plugin sees.
-    This verifies the folder, builds ``cls`` from the saved hyper-parameters (``kwargs`` take
-    precedence), calls its ``on_load_checkpoint`` and loads the weights; the RNG is left alone.
+    This verifies the checkpoint (a folder, or an fsspec URL with ``storage_options``), builds
+    ``cls`` from the saved hyper-parameters (``kwargs`` take precedence), calls its
+    ``on_load_checkpoint`` and loads the weights; the RNG is left alone.
 
     Example:
         >>> model = load_from_checkpoint(LitModel, "checkpoints/last.ckpt")  # doctest: +SKIP
     """
     from lightning.pytorch.core.saving import _load_state
 
-    checkpoint, _, _ = SafeckptIO()._read(path, map_location)
+    checkpoint, _, _ = SafeckptIO(storage_options=storage_options)._read(path, map_location)
     model = _load_state(cls, checkpoint, strict=strict, **kwargs)
     if isinstance(map_location, (str, torch.device)) and isinstance(model, torch.nn.Module):
         model = model.to(map_location)
     return model  # type: ignore[return-value]
 
+
+def last_checkpoint(
+    dirpath: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """The committed ``last.ckpt`` in ``ModelCheckpoint``'s ``dirpath``, or None if there is none.
+
+    For ``trainer.fit(ckpt_path=...)`` where ``ckpt_path="last"`` cannot find it: a remote
+    ``dirpath``, whose listing Lightning looks up on the local disk (see the module docstring).
+    None (train from the start) on the first run. Only ``last.ckpt`` is looked at, not the
+    ``last-v1.ckpt`` Lightning names when it finds a ``last.ckpt`` it did not write in this run.
+
+    Example:
+        >>> trainer.fit(model, ckpt_path=last_checkpoint("s3://bucket/run"))  # doctest: +SKIP
+    """
+    last = pl.callbacks.ModelCheckpoint
+    root = as_location(dirpath)
+    location = root / (last.CHECKPOINT_NAME_LAST + last.FILE_EXTENSION)
+    if not storage_for(root, storage_options).committed(location):
+        return None
+    return str(location)
