@@ -139,9 +139,9 @@ def archive_tensors(path: Path) -> list[dict[str, object]]:
 def save(root: Path, *, step: int, model: object, rng_tree: object | None = None, **kwargs: object) -> Path:
     """save_checkpoint with pinned created/producer; ``rng_tree`` replaces the live RNG capture."""
     import safeckpt
-    import safeckpt.torch.saver
+    import safeckpt.torch.plan
 
-    capture = mock.patch.object(safeckpt.torch.saver, "capture_rng", lambda generators=None: rng_tree)
+    capture = mock.patch.object(safeckpt.torch.plan, "capture_rng", lambda generators=None: rng_tree)
     with capture:
         folder = safeckpt.save_checkpoint(model, kwargs.pop("optimizer", None), kwargs.pop("config", None),
                                           kwargs.pop("vocab", None), step, directory=root,
