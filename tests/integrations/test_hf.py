@@ -223,3 +223,13 @@ def test_supported_version_range_covers_the_installed_transformers() -> None:
     assert stock_train.index("self._load_from_checkpoint(resume_from_checkpoint)") < stock_train.index(
         "TrainerState.load_from_json"
     )
+
+
+def test_trainer_refuses_an_output_dir_url_before_training(tmp_path: Path) -> None:
+    """The Trainer writes logs, the model card and its own files under output_dir with local file
+    calls, so a bucket URL would end up as a local folder named 's3:'; refused at construction."""
+    model = transformers.GPT2LMHeadModel(hf_train.tiny_config())
+    args = transformers.TrainingArguments(output_dir="s3://bucket/run", report_to=[], use_cpu=True)
+    with pytest.raises(safeckpt.CheckpointUsageError, match="s3://bucket/run: safeckpt.hf.Trainer needs a local output_dir"):
+        Trainer(model=model, args=args)
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()

@@ -45,6 +45,7 @@ from ..errors import (
     CheckpointFallbackWarning,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    CheckpointUsageError,
 )
 from ..format.manifest import MANIFEST_NAME
 from ..pipeline.verify import verify_checkpoint
@@ -133,6 +134,14 @@ class Trainer(transformers.Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        output_dir = str(getattr(training_args, "output_dir", None) or "")
+        if "://" in output_dir:  # checked first: transformers.Trainer creates output_dir at once
+            raise CheckpointUsageError(
+                f"{output_dir}: safeckpt.hf.Trainer needs a local output_dir (transformers writes its logs, "
+                "model card and other files there with local file calls); train into a local folder and "
+                "copy checkpoints to the bucket, or use CheckpointManager/Lightning's SafeckptIO with a URL"
+            )
         super().__init__(*args, **kwargs)
         unsupported = [
             name
