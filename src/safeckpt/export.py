@@ -18,20 +18,18 @@ fsynced, and only then published; an existing target is refused unless ``overwri
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CheckpointExistsError, CheckpointWriteError
+from .storage.posix_write import file_exists, write_new_file
 
 if TYPE_CHECKING:
     from .torch.loader import Checkpoint
 
-__all__ = ["EXPORT_TARGETS", "export_checkpoint", "write_new_file"]
+__all__ = ["EXPORT_TARGETS", "export_checkpoint"]
 
 EXPORT_TARGETS: dict[str, str] = {
     "torch": "safeckpt.export:write_torch_file",
@@ -62,7 +60,7 @@ def export_checkpoint(
         raise ValueError(f"export: unknown target {to!r}; choose one of {', '.join(sorted(EXPORT_TARGETS))}")
     target = Path(target)
     if not overwrite and os.path.lexists(target):  # checked again when publishing
-        raise _exists(target)
+        raise file_exists(target)
     if isinstance(checkpoint, (str, os.PathLike)):
         from .torch.loader import load_checkpoint
 
@@ -70,53 +68,6 @@ def export_checkpoint(
     module, _, name = EXPORT_TARGETS[to].partition(":")
     writer: Callable[..., Path] = getattr(importlib.import_module(module), name)
     return writer(checkpoint, target, overwrite=overwrite)
-
-
-def _exists(target: Path) -> CheckpointExistsError:
-    return CheckpointExistsError(f"{target}: already exists; pass overwrite=True to replace it or choose another name")
-
-
-def write_new_file(target: Path, parts: Iterable[bytes | memoryview] | Callable[[Path], None], *, overwrite: bool) -> Path:
-    """Write ``target`` all at once: into a temporary file beside it (from ``parts``, or by
-    calling ``parts(path)``), fsync, then rename into place (never replacing an existing file
-    unless ``overwrite``). A failure leaves no partial file behind."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        if callable(parts):
-            parts(tmp)
-        else:
-            with open(tmp, "xb") as file:
-                for part in parts:
-                    file.write(part)
-        with open(tmp, "rb+") as file:
-            os.fsync(file.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # fails if target exists, atomically
-            except FileExistsError:
-                raise _exists(target) from None
-            except OSError:  # no hard links on this file system
-                if os.path.lexists(target):
-                    raise _exists(target) from None
-                os.replace(tmp, target)
-        with contextlib.suppress(OSError):
-            fd = os.open(target.parent if str(target.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except CheckpointExistsError:
-        raise
-    except OSError as exc:
-        raise CheckpointWriteError(
-            exc.errno or 0, f"could not write {target}: {exc.strerror or exc}; nothing was written there"
-        ) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    return target
 
 
 def write_torch_file(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -> Path:

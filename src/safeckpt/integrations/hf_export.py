@@ -5,10 +5,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from safetensors.torch import save_file
 
 from ..configs import TRANSFORMERS_CONFIG_KEY
 from ..errors import CheckpointExistsError, UnsupportedValueError
+from ..storage.posix_write import write_new_file
 from ..torch.loader import Checkpoint, load_checkpoint
 
 __all__ = ["export_hf", "write_hf_folder"]
@@ -68,27 +67,12 @@ def export_hf(
             seen.add(id(tensor))
             weights[name] = tensor.contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    with _replacing(out / "model.safetensors") as tmp:
-        save_file(weights, tmp, metadata={"format": "pt"})
-    with _replacing(out / "config.json") as tmp:
-        tmp.write_text(json.dumps({**ckpt.config, "model_type": kind}, indent=2, sort_keys=True) + "\n")
+    write_new_file(out / "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}), overwrite=True)
+    config = json.dumps({**ckpt.config, "model_type": kind}, indent=2, sort_keys=True) + "\n"
+    write_new_file(out / "config.json", [config.encode()], overwrite=True)
     return out
 
 
 def write_hf_folder(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -> Path:
     """:func:`export_hf` with the signature of an ``EXPORT_TARGETS`` writer (``--to hf``)."""
     return export_hf(checkpoint, target, overwrite=overwrite)
-
-
-@contextlib.contextmanager
-def _replacing(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target``, renamed over it once written (never a partial file)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

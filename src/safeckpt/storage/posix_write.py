@@ -13,19 +13,22 @@ With enough cores, a large file's writer also digests each fixed-size chunk on a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from ..errors import CheckpointExistsError, CheckpointWriteError
 from ..format.manifest import FileEntry
 from .base import Buffer
 from .hashing import FileDigests
 from .parallel import in_parallel
 from .tuning import TUNING, cores
 
-__all__ = ["Buffer", "fsync_dir", "write_file", "write_files"]
+__all__ = ["Buffer", "file_exists", "fsync_dir", "write_file", "write_files", "write_new_file"]
 
 
 
@@ -108,3 +111,51 @@ def _write_named(dir_fd: int, name: str, parts: Iterable[Buffer], size_hint: int
 def fsync_dir(dir_fd: int) -> None:
     """Make the folder's entries (created and renamed names) durable."""
     os.fsync(dir_fd)
+
+
+def file_exists(target: Path) -> CheckpointExistsError:
+    """The error for an export file that is already there (see :func:`write_new_file`)."""
+    return CheckpointExistsError(f"{target}: already exists; pass overwrite=True to replace it or choose another name")
+
+
+def write_new_file(target: Path, parts: Iterable[bytes | memoryview] | Callable[[Path], None], *, overwrite: bool) -> Path:
+    """Write ``target`` all at once: into a temporary file beside it (from ``parts``, or by
+    calling ``parts(path)``), fsync, then rename into place (never replacing an existing file
+    unless ``overwrite``). A failure leaves no partial file behind."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        if callable(parts):
+            parts(tmp)
+        else:
+            with open(tmp, "xb") as file:
+                for part in parts:
+                    file.write(part)
+        with open(tmp, "rb+") as file:
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)  # fails if target exists, atomically
+            except FileExistsError:
+                raise file_exists(target) from None
+            except OSError:  # no hard links on this file system
+                if os.path.lexists(target):
+                    raise file_exists(target) from None
+                os.replace(tmp, target)
+        with contextlib.suppress(OSError):
+            fd = os.open(target.parent if str(target.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except CheckpointExistsError:
+        raise
+    except OSError as exc:
+        raise CheckpointWriteError(
+            exc.errno or 0, f"could not write {target}: {exc.strerror or exc}; nothing was written there"
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return target

@@ -1,4 +1,5 @@
-"""Does a saved model state fit a live model? Checked before anything is copied.
+"""Does a saved state fit a live model or optimizer? Checked before anything is copied, so a
+mismatch never leaves a model half-restored.
 
 Names are compared canonically (see :mod:`safeckpt.torch.names`), so a checkpoint loads into
 the model whether or not it is wrapped in DDP, DataParallel or ``torch.compile``. The result
@@ -17,7 +18,7 @@ import torch
 from ..errors import CheckpointMismatchError
 from .names import canonical_names, strip_wrapper_prefix
 
-__all__ = ["ModelFit", "check_model"]
+__all__ = ["ModelFit", "check_model", "check_optimizer"]
 
 EXAMPLES = 3
 """How many keys a mismatch message names per kind of problem."""
@@ -104,3 +105,43 @@ def check_model(
         )
     state = {to_own[name]: tensor for name, tensor in saved.items() if name in to_own}
     return ModelFit(state=state, missing_keys=missing, unexpected_keys=unexpected)
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, state: object, *, source: str) -> None:
+    """Raise :class:`CheckpointMismatchError` if ``state`` was not saved from a like optimizer."""
+    def fail(what: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"{source}: optimizer state does not fit {type(optimizer).__qualname__}: {what}. "
+            "Create the optimizer over the same parameters, in the same groups, as when saving"
+        )
+
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+        raise fail("it has no param_groups")
+    saved, current = state["param_groups"], optimizer.param_groups
+    if len(saved) != len(current):
+        raise fail(f"checkpoint has {len(saved)} parameter groups, optimizer has {len(current)}")
+    params: list[torch.Tensor] = []
+    for index, (s, c) in enumerate(zip(saved, current, strict=True)):
+        count = len(s.get("params", [])) if isinstance(s, dict) else -1
+        if count != len(c["params"]):
+            raise fail(f"group {index} has {count} parameters in the checkpoint, {len(c['params'])} here")
+        params.extend(c["params"])
+    ids = [pid for g in saved for pid in g["params"]]
+    for pid, pstate in (state.get("state") or {}).items():
+        if pid not in ids:
+            raise fail(f"state for unknown parameter id {pid!r}")
+        param = params[ids.index(pid)]
+        for name in _PARAM_SHAPED.intersection(pstate if isinstance(pstate, dict) else ()):
+            value = pstate[name]
+            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise fail(
+                    f"{name} of parameter {pid} has shape {tuple(value.shape)}, "
+                    f"the parameter has {tuple(param.shape)}"
+                )
+
+
+_PARAM_SHAPED = frozenset(
+    "exp_avg exp_avg_sq max_exp_avg_sq momentum_buffer square_avg acc_delta sum exp_inf ax "
+    "prev step_size grad_avg".split()
+)
+"""Per-parameter buffers of torch.optim optimizers that always have the parameter's shape."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +34,8 @@ from ..pipeline.read import (
     read_checkpoint_files,
 )
 from ..storage.base import Buffer, Location
-from .fit import check_model
+from .fit import check_model, check_optimizer
 from .rng import restore_rng as restore_rng_state
-from .state import check_optimizer, restore_types
 from .tensors import tensors_from_buffer
 from .usage import check_extra, check_load_arguments
 
@@ -83,6 +83,20 @@ def _model_state(buffers: Mapping[str, Buffer], folder: Location, device: str | 
     for alias, target in model_aliases(metadata, tensors, source=source).items():
         tensors[alias] = tensors[target]
     return tensors
+
+
+def restore_types(target: object) -> None:
+    """Give back container types the format stores as plain ones, after ``load_state_dict``.
+
+    State trees keep dicts, not their subclasses: ``MultiStepLR.milestones`` is saved from a
+    ``collections.Counter`` and loads as a dict, which breaks ``step(epoch)`` (it calls
+    ``.elements()``). Rebuild it, also inside ``SequentialLR`` / ``ChainedScheduler``.
+    """
+    if isinstance(target, torch.optim.lr_scheduler.MultiStepLR) and not isinstance(target.milestones, Counter):
+        target.milestones = Counter(target.milestones)
+    for inner in getattr(target, "_schedulers", None) or ():
+        restore_types(inner)
+
 
 
 def load_checkpoint(

@@ -31,8 +31,8 @@ from ..format.documents import dump_json, dump_msgpack
 from ..format.tree import TREE_NAMES, encode_document
 from ..storage.base import Buffer, Location
 from .background import take_snapshot
+from .capture import MODEL_ALIASES_KEY, model_archive, state_of, vocab_to_json
 from .rng import capture_rng
-from .state import ALIASES_KEY, model_archive, state_of, vocab_to_json
 from .tensors import TensorCollector, archive_parts
 from .usage import check_extra, check_save_arguments
 
@@ -206,7 +206,7 @@ def plan_trees(
     step = _check_step(step)
     documents, plain = plan_documents(config, vocab, metadata)
     archive, aliases = model_archive(model)  # type: ignore[arg-type]
-    tied = {ALIASES_KEY: json.dumps(aliases, sort_keys=True, separators=(",", ":"))} if aliases else {}
+    tied = {MODEL_ALIASES_KEY: json.dumps(aliases, sort_keys=True, separators=(",", ":"))} if aliases else {}
     plan = CheckpointPlan(step, archive, {"format": "pt", **tied}, documents=documents, metadata=plain)
     for name, state in trees.items():
         if state is not None:
