@@ -290,6 +290,22 @@ def failures(rank: int, tmp: Path, root: Path, g2: dist.ProcessGroup) -> None:
         restored, ropt, rsched = build(mesh2, seed=4)
         ckpt = manager.restore(model=restored, optimizer=ropt, scheduler=rsched)
         assert ckpt is not None and ckpt.step == 3
+    with check("async_saves_keep_the_state_of_their_call"):
+        # Training goes on while each save writes; the second and third saves stage into the CPU
+        # copy the first one made (dcp_calls.reusing_stager), which must hold their own step's state.
+        saved = {}
+        for step in (10, 11, 12):
+            train(model, opt, sched, range(step, step + 1))
+            saved[step] = full_state(model, opt)
+            pending = safeckpt.save_checkpoint(model, opt, None, None, step, directory=tmp / "async-state", async_=True)
+            train(model, opt, sched, range(step + 100, step + 101))  # changes every parameter in place
+        pending.wait()
+        for step in (10, 11, 12):
+            restored, ropt, _ = build(mesh2, seed=5)
+            safeckpt.load_checkpoint(tmp / "async-state" / f"step-{step:08d}", model=restored, optimizer=ropt, restore_rng=False)
+            got = full_state(restored, ropt)
+            for key, value in saved[step].items():
+                assert torch.equal(got[key], value), (step, key)
     with check("async_error_raised_by_next_call"):
         from safeckpt.distributed import writer as writer_module
 

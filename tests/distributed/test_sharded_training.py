@@ -55,6 +55,7 @@ def assert_ok(job: tuple[Path, Results], name: str, ranks: range) -> None:
         ("failed_rank_leaves_nothing", range(2)),
         ("invalid_options_refused_on_every_rank_before_writing", range(2)),
         ("async_manager_commits_and_prunes", range(2)),
+        ("async_saves_keep_the_state_of_their_call", range(2)),
         ("async_error_raised_by_next_call", range(2)),
         ("ddp_roundtrip_written_once", range(2)),
         ("dtensor_only_roundtrip", range(2)),

@@ -14,7 +14,7 @@ import errno
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -186,6 +186,27 @@ def load(
 
 
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+_STAGER: list[Any] = []
+
+
+def reusing_stager() -> Any:
+    """The stager of this process's background sharded saves, kept from one save to the next.
+
+    ``dcp.async_save`` without a stager makes one per call and drops it, so every save faults in
+    a fresh CPU copy of the whole state while the caller waits. DCP's ``DefaultStager`` keeps the
+    CPU copy of each tensor's storage and copies into it again on the next save, which is safe
+    here because one save is in flight at a time (the previous one has finished writing when the
+    next is staged). The cost is the one CPU copy of the state kept between saves, as for
+    single-process background saves (:mod:`safeckpt.torch.background`). None (DCP's default) on
+    a torch without ``DefaultStager``."""
+    if not _STAGER:
+        try:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        except ImportError:
+            _STAGER.append(None)
+        else:  # synchronous, unpinned, unshared: a plain copy the caller waits for, as before
+            _STAGER.append(DefaultStager(StagingOptions(False, False, False, False)))
+    return _STAGER[0]
 
 
 def checkpoint_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -219,8 +240,9 @@ def async_save(
         group = checkpoint_group(process_group)
         with _quiet_single_process():
             future = dcp.async_save(
-                state, storage_writer=writer, planner=SavePlanner(), process_group=group, no_dist=group is None
-            )
+                state, storage_writer=writer, planner=SavePlanner(), process_group=group, no_dist=group is None,
+                async_stager=reusing_stager(),
+            )  # fmt: skip
 
         def wait() -> StorageLocation:
             try:
