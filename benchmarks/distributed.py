@@ -68,31 +68,14 @@ def _warm(folder: Path) -> None:
 def _rank(rank: int, world: int, init: str, work: str, mb: int, repeats: int, out: str) -> None:
     sys.path.insert(0, str(HERE))
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from workload import Model
+    from workload import sharded_state
 
     from safeckpt import distributed as sd
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (world,))
-    dim = 1024
-    params = mb * 1e6 / 12
-    blocks = max(1, round((params - 2 * 4 * dim * dim) / (4 * dim * dim)))
-    torch.manual_seed(0)
-    model = Model(4 * dim, dim, blocks)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 1e-3)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = sharded_state(mb, world)
+    model_sd, optim_sd = state["model"], state["optim"]
     local = sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in model_sd.values())
     local += sum(
         v.to_local().nbytes if hasattr(v, "to_local") else v.nbytes

@@ -110,30 +110,6 @@ def _replace_everywhere(function: Callable[..., Any], replacement: Callable[...,
                     setattr(module, attr, replacement)
 
 
-def _state(mb: int, world: int) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from workload import Model
-
-    mesh = init_device_mesh("cpu", (world,))
-    dim = 1024
-    params = mb * 1e6 / 12
-    blocks = max(1, round((params - 2 * 4 * dim * dim) / (4 * dim * dim)))
-    torch.manual_seed(0)
-    model = Model(4 * dim, dim, blocks)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 1e-3)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
-
-
 def _warm(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -146,6 +122,7 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
     sys.path.insert(0, str(HERE))
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import filesystem
+    from workload import sharded_state
 
     from safeckpt import distributed as sd
     from safeckpt.distributed import reader as safe_reader
@@ -155,7 +132,7 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = _state(args.mb, world)
+    state = sharded_state(args.mb, world)
     root = Path(work)
     plain, safe = root / "dcp", root / "safeckpt"
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(plain)))

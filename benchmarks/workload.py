@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_state", "state_nbytes"]
+__all__ = ["build_state", "sharded_state", "state_nbytes"]
 
 
 class Block(torch.nn.Module):
@@ -56,3 +56,29 @@ def build_state(
         optimizer.zero_grad(set_to_none=True)
         return model, optimizer, state_nbytes(model, optimizer)
     return model, optimizer, 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def sharded_state(mb: int, world: int) -> dict[str, object]:
+    """DCP's state dict (``model``, ``optim``) of an FSDP2 model of about ``mb`` MB in total over
+    ``world`` ranks of a CPU mesh (each block ``fully_shard``-ed), whose AdamW has taken one
+    step; called on every rank of an initialised gloo group."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    dim = 1024
+    params = mb * 1e6 / 12
+    blocks = max(1, round((params - 2 * 4 * dim * dim) / (4 * dim * dim)))
+    torch.manual_seed(0)
+    model = Model(4 * dim, dim, blocks)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}

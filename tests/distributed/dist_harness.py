@@ -66,3 +66,14 @@ def results(tmp: Path, world: int) -> dict[int, dict[str, str]]:
 def log(tmp: Path, rank: int) -> str:
     path = tmp / "out" / f"rank-{rank}.log"
     return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
+
+
+Results = dict[int, dict[str, str]]
+"""Each rank's check results, as :func:`run` returns them."""
+
+
+def assert_ok(tmp: Path, results: Results, check: str, ranks: range) -> None:
+    """Check ``check`` passed on every rank of ``ranks``; a failure shows that rank's log."""
+    for rank in ranks:
+        outcome = results[rank].get(check)
+        assert outcome == "ok", f"rank {rank}, {check}: {outcome}\n--- log ---\n{log(tmp, rank)}"

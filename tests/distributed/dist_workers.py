@@ -109,13 +109,34 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return flat
 
 
-def same_as_reference(state: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import load_file
-
-    reference = load_file(str(OUT / "reference.safetensors"))
+def equal_states(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
     assert set(state) == set(reference), sorted(set(state) ^ set(reference))
     for key, value in reference.items():
         assert torch.equal(state[key], value), key
+
+
+def same_as_reference(state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import load_file
+
+    equal_states(state, load_file(str(OUT / "reference.safetensors")))
+
+
+def continue_after_save(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object, steps: range, reference_file: str,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[float]]:
+    """What the uninterrupted run does right after a save, for a resume to match: this rank's
+    next random draws, the full state (a collective; rank 0 also writes it to ``reference_file``
+    for the plain-process tests) and the losses of ``steps``."""
+    draws = torch.rand(3)
+    reference = full_state(model, opt)
+    if dist.get_rank() == 0:
+        from safetensors.torch import save_file
+
+        save_file(reference, str(OUT / reference_file))
+    losses = train(model, opt, sched, steps)
+    dist.barrier(group)
+    return draws, reference, losses
 
 
 def local_params(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -157,14 +178,9 @@ def main(rank: int, world: int, tmp: Path) -> None:
                 model, opt, cfg, vocab, 3, directory=root, scheduler=sched, extra={"data": Position(10 + rank)}
             )
             assert path == root / "step-00000003" and (path / "manifest.json").is_file()
-        after_save_draws = torch.rand(3)
-        reference = full_state(model, opt)
-        if rank == 0:
-            from safetensors.torch import save_file
-
-            save_file(reference, str(OUT / "reference.safetensors"))
-        reference_losses = train(model, opt, sched, range(3, 6))
-        dist.barrier(g2)
+        after_save_draws, _, reference_losses = continue_after_save(
+            model, opt, sched, range(3, 6), "reference.safetensors", g2
+        )
         with check("resume_same_world_bit_identical"):
             model2, opt2, sched2 = build(mesh2, seed=7)
             position = Position(-1)
@@ -485,14 +501,7 @@ def remote(rank: int, world: int, tmp: Path) -> None:
     with check("s3_manager_save"):
         path = manager.save(3, model=model, optimizer=opt, scheduler=sched, vocab=["<pad>", "a"], extra={"data": Position(10 + rank)})
         assert str(path) == f"{url}/run/step-00000003", path
-    after_save_draws = torch.rand(3)
-    reference = full_state(model, opt)  # a collective: every rank takes part
-    if rank == 0:
-        from safetensors.torch import save_file
-
-        save_file(reference, str(OUT / "reference.safetensors"))
-    reference_losses = train(model, opt, sched, range(3, 5))
-    dist.barrier()
+    after_save_draws, _, reference_losses = continue_after_save(model, opt, sched, range(3, 5), "reference.safetensors")
     with check("s3_resume_bit_identical"):
         model2, opt2, sched2 = build(mesh, seed=7)
         position = Position(-1)

@@ -16,8 +16,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dist_workers import OUT, Position, build, check, expect, full_state, local_params, record, train
-from safetensors.torch import save_file
+from dist_workers import (
+    Position,
+    build,
+    check,
+    continue_after_save,
+    equal_states,
+    expect,
+    full_state,
+    local_params,
+    record,
+    train,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -26,12 +36,6 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 import safeckpt
 
 CONFIG, VOCAB = {"lr": 0.01, "dims": (5, 7, 3)}, ["<pad>", "a"]
-
-
-def equal_states(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    assert set(state) == set(reference), sorted(set(state) ^ set(reference))
-    for key, value in reference.items():
-        assert torch.equal(state[key], value), key
 
 
 def tp_fsdp(mesh: DeviceMesh, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
@@ -64,12 +68,7 @@ def mesh2d(rank: int, world: int, tmp: Path) -> None:
             model, opt, CONFIG, VOCAB, 3, directory=root, scheduler=sched, extra={"data": Position(10 + rank)}
         )
         assert path == root / "step-00000003" and (path / "manifest.json").is_file()
-    after_save_draws = torch.rand(3)
-    reference = full_state(model, opt)
-    if rank == 0:
-        save_file(reference, str(OUT / "hsdp_reference.safetensors"))
-    reference_losses = train(model, opt, sched, range(3, 6))
-    dist.barrier()
+    after_save_draws, reference, reference_losses = continue_after_save(model, opt, sched, range(3, 6), "hsdp_reference.safetensors")
 
     with check("hsdp_resume_world_4_bit_identical_rng_and_extra_per_rank"):
         model2, opt2, sched2 = build(hsdp_mesh, seed=7)
@@ -134,12 +133,7 @@ def tensor_parallel(rank: int, tmp: Path) -> None:
         safeckpt.save_checkpoint(
             model, opt, None, None, 2, directory=root, scheduler=sched, extra={"data": Position(rank)}
         )
-    after_save_draws = torch.rand(3)
-    reference = full_state(model, opt)
-    if rank == 0:
-        save_file(reference, str(OUT / "tp_fsdp_reference.safetensors"))
-    reference_losses = train(model, opt, sched, range(2, 4))
-    dist.barrier()
+    after_save_draws, reference, reference_losses = continue_after_save(model, opt, sched, range(2, 4), "tp_fsdp_reference.safetensors")
     with check("tp_fsdp_resume_world_4_bit_identical"):
         model2, opt2, sched2 = tp_fsdp(mesh, seed=3)
         position = Position(-1)

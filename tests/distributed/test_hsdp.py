@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import safeckpt
 
-Results = dict[int, dict[str, str]]
+Results = dist_harness.Results
 WORKERS = Path(__file__).with_name("hsdp_workers.py")
 
 
@@ -44,10 +44,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
     ],
 )
 def test_multi_process_check(job: tuple[Path, Results], check: str, ranks: range) -> None:
-    tmp, results = job
-    for rank in ranks:
-        outcome = results[rank].get(check)
-        assert outcome == "ok", f"rank {rank}, {check}: {outcome}\n--- log ---\n{dist_harness.log(tmp, rank)}"
+    dist_harness.assert_ok(*job, check, ranks)
 
 
 def test_hsdp_replicas_write_each_piece_once_and_every_rank_its_own_state(job: tuple[Path, Results]) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import safeckpt
 from safeckpt import distributed as sd
 
-Results = dict[int, dict[str, str]]
+Results = dist_harness.Results
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,7 @@ def job(tmp_path_factory: pytest.TempPathFactory, s3: tuple[str, dict[str, objec
     ],
 )
 def test_two_rank_check(job: tuple[Path, Results], check: str) -> None:
-    tmp, results = job
-    for rank in range(2):
-        outcome = results[rank].get(check)
-        assert outcome == "ok", f"rank {rank}, {check}: {outcome}\n--- log ---\n{dist_harness.log(tmp, rank)}"
+    dist_harness.assert_ok(*job, check, range(2))
 
 
 def test_save_path_leaves_only_the_checkpoint(job: tuple[Path, Results]) -> None:

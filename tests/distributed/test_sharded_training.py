@@ -22,20 +22,13 @@ from safetensors.torch import load_file
 
 import safeckpt
 
-Results = dict[int, dict[str, str]]
+Results = dist_harness.Results
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
     tmp = tmp_path_factory.mktemp("sharded")
     return tmp, dist_harness.run("main", 4, tmp)
-
-
-def assert_ok(job: tuple[Path, Results], name: str, ranks: range) -> None:
-    tmp, results = job
-    for rank in ranks:
-        outcome = results[rank].get(name)
-        assert outcome == "ok", f"rank {rank}, {name}: {outcome}\n--- log ---\n{dist_harness.log(tmp, rank)}"
 
 
 @pytest.mark.parametrize(
@@ -65,7 +58,7 @@ def assert_ok(job: tuple[Path, Results], name: str, ranks: range) -> None:
     ],
 )
 def test_multi_process_check(job: tuple[Path, Results], check: str, ranks: range) -> None:
-    assert_ok(job, check, ranks)
+    dist_harness.assert_ok(*job, check, ranks)
 
 
 def test_plain_process_loads_sharded_checkpoint_into_ordinary_module(job: tuple[Path, Results]) -> None:
