@@ -34,6 +34,7 @@ from .format.tree import TREE_NAMES
 from .pipeline.read import (
     CheckpointContents,
     decode_tree,
+    is_sharded,
     locate_checkpoint,
     model_aliases,
     read_checkpoint_files,
@@ -110,7 +111,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         (100, ['embed.weight'])
     """
     folder = locate_checkpoint(path)
-    if isinstance(folder, Path) and (folder / "sharding.json").exists():  # format 1.2, sharded: assembled from its shards
+    if isinstance(folder, Path) and is_sharded(folder):  # format 1.2, sharded: assembled from its shards
         from .distributed.numpy_shards import load_sharded
 
         return load_sharded(folder, verify=verify)
