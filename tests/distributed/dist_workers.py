@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,8 +40,12 @@ OUT = Path(sys.argv[5]) / "out"
 
 
 def record(name: str, value: str) -> None:
+    """Write this rank's results so far; atomically (a rank may be killed at any moment, by the
+    test or by a scenario, and the test must still read what was recorded before)."""
     RESULTS[name] = value
-    (OUT / f"rank-{RANK}.json").write_text(json.dumps(RESULTS, indent=1))
+    tmp = OUT / f".rank-{RANK}.{threading.get_ident()}.json"
+    tmp.write_text(json.dumps(RESULTS, indent=1))
+    os.replace(tmp, OUT / f"rank-{RANK}.json")
 
 
 @contextlib.contextmanager
@@ -467,9 +472,11 @@ def sigkill(rank: int, world: int, tmp: Path) -> None:
     from safeckpt.storage import posix_write
 
     real = posix_write.write_file
+    dying = threading.Lock()  # the shard files are written on several threads: one dies, the rest wait
 
     def die_midway(dir_fd: int, name: str, parts: object, size_hint: int = 0) -> object:
         if rank == victim and name.endswith(".safetensors"):
+            dying.acquire()
             fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dir_fd)
             os.write(fd, b"partial shard")
             os.close(fd)
