@@ -16,9 +16,11 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -117,6 +119,9 @@ def main(argv: list[str]) -> int:
     if atheris is None:
         print("atheris is not installed: pip install 'safeckpt[fuzz]' (or --replay without it)", file=sys.stderr)
         return 2
+    # libFuzzer's -timeout arms a SIGALRM timer that keeps firing after "Done N", while the
+    # interpreter shuts down with the signal's default action (terminate): ignore it from then on.
+    atexit.register(signal.signal, signal.SIGALRM, signal.SIG_IGN)
     atheris.Setup(argv, TestOneInput)
     atheris.Fuzz()
     return 0
