@@ -38,18 +38,26 @@ HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- distributed:begin -->", "<!-- distributed:end -->"
 
 
-def _timed(run: object) -> float:
-    """Seconds ``run()`` took on the slowest rank (barriers around it).
+def _timed(run: object, *, peak: list[float] | None = None) -> float:
+    """Seconds ``run()`` took on the slowest rank (barriers around it); with ``peak``, also
+    appends the largest rise of a rank's peak RSS during it, in MB (VmHWM, reset first).
 
     Python's garbage collector is run first, on every rank: a full collection (~0.2 s here, with
     ~300k objects alive in each rank) falls due about once every three loads of either method,
     and otherwise lands in whichever operation happens to tip it, which in this fixed order was
     always the same one. Collected first, each operation pays only for the collections its own
     allocations cause."""
+    from _measure import _reset_peak, _status  # (benchmarks/ is on sys.path in the ranks)
+
     gc.collect()
+    before = _status("VmHWM") if peak is not None and _reset_peak() else None
     dist.barrier()
     start = time.perf_counter()
     run()  # type: ignore[operator]
+    if peak is not None:
+        rise = torch.tensor([(_status("VmHWM") - before) / 1e6 if before is not None else float("nan")], dtype=torch.float64)
+        dist.all_reduce(rise, op=dist.ReduceOp.MAX)
+        peak.append(float(rise.item()))
     took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
     dist.all_reduce(took, op=dist.ReduceOp.MAX)
     return float(took.item())
@@ -94,10 +102,10 @@ def _rank(rank: int, world: int, init: str, work: str, mb: int, repeats: int, ou
         rows.setdefault("save safeckpt", []).append(_timed(lambda: sd.save(state, safe, step=1)))
         _warm(plain)
         rows.setdefault("load dcp", []).append(
-            _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(str(plain))))
+            _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(str(plain))), peak=rows.setdefault("peak dcp", []))
         )
         _warm(safe)
-        rows.setdefault("load safeckpt", []).append(_timed(lambda: sd.load(state, safe)))
+        rows.setdefault("load safeckpt", []).append(_timed(lambda: sd.load(state, safe), peak=rows.setdefault("peak safeckpt", [])))
         pending: list[object] = []
         rows.setdefault("async dcp (blocks)", []).append(
             _timed(lambda: pending.append(dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(plain) + "-a"))))
@@ -145,6 +153,7 @@ def _table(result: dict[str, object], mb: int, repeats: int, took: float) -> str
         ("async save: time the caller is blocked", "async dcp (blocks)", "async safeckpt (blocks)"),
     ):
         lines.append(f"| {label} | {cell(a)} | {cell(b)} | {med[b] / med[a]:.2f}× |")
+    lines.append(f"| load: peak RSS rise of a rank (MB) | {med['peak dcp']:.0f} | {med['peak safeckpt']:.0f} | |")
     ratio = med["async safeckpt (blocks)"] / med["save dcp"]
     lines += ["", f"Blocking time of `safeckpt.distributed.async_save` ÷ blocking `dcp.save`: {ratio:.2f}×.", ""]
     return "\n".join(lines)

@@ -6,10 +6,10 @@ by each, in turn, with the files in the page cache. For each load and each rank 
 wall time, the CPU time of the whole process (all threads) and of the calling thread, page
 faults and context switches, for the whole load and for each storage-reader call DCP makes
 (``read_metadata``, ``prepare_local_plan``, ``read_data``) and, inside safeckpt's
-``prepare_local_plan``, for ``read_files`` (read + SHA-256) and ``tensors_from_buffer``. CPU
+``prepare_local_plan``, for ``VerifiedFiles`` (read + SHA-256 of the files it needs). CPU
 times do not depend on what else runs on the machine, so they compare methods on a busy one.
 
-Each rank also prints the shard files its load read. ``--alone`` also reads each rank's files with ``read_files`` while the other rank waits at a
+Each rank also prints the shard files its load read. ``--alone`` also verifies each rank's files (``VerifiedFiles``) while the other rank waits at a
 barrier (is a rank slower inside the job than alone?). ``--profile`` writes a cProfile of each
 rank's last safeckpt load (``--out``/profile-rank{N}.txt and .prof; cProfile counts wall time,
 so on a busy machine read it for call counts and structure, not for seconds).
@@ -127,7 +127,6 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
     from safeckpt import distributed as sd
     from safeckpt.distributed import reader as safe_reader
     from safeckpt.storage import posix
-    from safeckpt.torch import tensors
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     if args.threads:
@@ -145,16 +144,16 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
             meter.wrap(cls, attr, f"{tag} {attr}")
     seen: dict[str, Any] = {}
 
-    def recording(dir_fd: int, entries: Any, **kwargs: Any) -> Any:
+    verified_files = posix.VerifiedFiles.__init__
+
+    def recording(self: Any, dir_fd: int, entries: Any, **kwargs: Any) -> None:
         entries = list(entries)
         if any(e.name.endswith(".safetensors") for e in entries):
             seen.update(entries=entries, folder=kwargs["folder"])
-        return read_files(dir_fd, entries, **kwargs)
+        verified_files(self, dir_fd, entries, **kwargs)
 
-    read_files = posix.read_files
-    _replace_everywhere(read_files, recording)
-    meter.wrap_everywhere(recording, "safeckpt   read_files (read + sha256)")
-    meter.wrap_everywhere(tensors.tensors_from_buffer, "safeckpt   tensors_from_buffer")
+    posix.VerifiedFiles.__init__ = recording  # type: ignore[method-assign]
+    meter.wrap(posix.VerifiedFiles, "__init__", "safeckpt   open_verified (read + sha256)")
     profiler = cProfile.Profile() if args.profile else None
     collecting: list[contextlib.AbstractContextManager[None]] = []
 
@@ -197,8 +196,8 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
                     _warm(folder)
                     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
                     try:
-                        with meter.phase("alone read_files (read + sha256)"):
-                            posix.read_files(dir_fd, entries, folder=folder)
+                        with meter.phase("alone open_verified (read + sha256)"):
+                            posix.VerifiedFiles(dir_fd, entries, folder=folder).close()
                     finally:
                         os.close(dir_fd)
 

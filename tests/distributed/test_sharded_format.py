@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 import safeckpt
 import safeckpt.numpy
 from safeckpt import distributed as sd
+from safeckpt.format.safetensors import parse_header
 
 
 def state() -> dict[str, object]:
@@ -91,15 +93,53 @@ def test_truncated_shard_is_caught(saved: Path) -> None:
         sd.load(empty(), saved)
 
 
+def rehash(folder: Path, name: str) -> None:
+    """Record ``name``'s current size and SHA-256 in the manifest, so only a parser can object."""
+    data = (folder / name).read_bytes()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused(tmp_path: Path) -> None:
+    saved = sd.save({"model": {"mask": torch.tensor([True, False, True])}}, tmp_path / "run", step=1)
+    path = saved / "shard-00000.safetensors"
+    (info,) = parse_header(path.read_bytes(), source=str(path))[0]
+    with open(path, "r+b") as file:
+        file.seek(info.begin + 1)
+        file.write(b"\x02")
+    rehash(saved, path.name)
+    target = {"model": {"mask": torch.zeros(3, dtype=torch.bool)}}
+    with pytest.raises(safeckpt.CheckpointCorruptedError, match=r"shard-00000.safetensors: bool tensor .* other than 0 and 1"):
+        sd.load(target, saved)
+    assert not target["model"]["mask"].any()
+
+
+def test_shard_modified_between_verification_and_reading_is_refused(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed checkpoint is never written in place, but a foreign writer that does so
+    after the files were verified is reported, not loaded silently."""
+    path = saved / "shard-00000.safetensors"
+    read_data = sd.Reader.read_data
+
+    def write_in_place_first(self: sd.Reader, *args: object) -> object:
+        stamp = path.stat().st_mtime_ns
+        with open(path, "r+b") as file:  # same inode, same size: only the time tells
+            file.seek(-3, 2)
+            file.write(b"\xff\xff\xff")
+        os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # a later clock tick, whatever the resolution
+        return read_data(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sd.Reader, "read_data", write_in_place_first)
+    with pytest.raises(safeckpt.CheckpointCorruptedError, match="shard-00000.safetensors: was modified while the checkpoint was being loaded"):
+        sd.load(empty(), saved)
+
+
 def rewrite_sharding(folder: Path, change: Callable[[dict], None]) -> None:
     """Edit sharding.json and re-hash it in the manifest, so only the parser can object."""
     doc = json.loads((folder / "sharding.json").read_text())
     change(doc)
-    data = json.dumps(doc).encode()
-    (folder / "sharding.json").write_bytes(data)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["sharding.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "sharding.json").write_bytes(json.dumps(doc).encode())
+    rehash(folder, "sharding.json")
 
 
 def chunk(doc: dict) -> dict:

@@ -8,23 +8,28 @@ The order of DCP's calls, and what each does here:
 1. every rank, ``read_metadata``: reads ``manifest.json``, then reads and checks the SHA-256 of
    ``sharding.json`` and parses it strictly (:mod:`.sharding`) into DCP's ``Metadata``.
 2. every rank, ``prepare_local_plan``: refuses plans not made by :class:`~.planner.LoadPlanner`
-   (DCP's own planners ``torch.load`` non-tensor values), then reads every shard file this
-   rank's plan touches *whole* into memory (``CheckpointFolder.read_files``, after checking
-   that ``manifest.json`` is still the one step 1 read) and checks its size and SHA-256 (or
-   every chunk digest), and parses the verified bytes (safetensors header, msgpack document). DCP runs this
+   (DCP's own planners ``torch.load`` non-tensor values), then checks the size and SHA-256 (or
+   every chunk digest) of every shard file this rank's plan touches, after checking that
+   ``manifest.json`` is still the one step 1 read. Local files are streamed through small
+   buffers and kept open (``CheckpointFolder.open_verified``); an object store's are downloaded
+   and kept in memory. It parses the safetensors headers and msgpack documents. DCP runs this
    step on all ranks and collects failures before any rank goes on, so a damaged file makes
    every rank raise before any of them copies a byte into a parameter.
-3. every rank, ``read_data``: copies each requested box out of the verified tensors into the
-   planner's destination, decodes values with the tree decoder, then drops the buffers.
+3. every rank, ``read_data``: reads each requested box of a stored chunk straight into the
+   planner's destination when both are contiguous (otherwise through a buffer of the box's
+   span), decodes values with the tree decoder, then closes the files, refusing any that was
+   modified since it was verified.
 
 A resharded load (different world size, uneven shards) therefore verifies every file it reads
-from, completely, even if it needs only part of it.
+from, completely, even if it needs only part of it; no rank holds a whole shard file in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,17 +48,24 @@ from torch.futures import Future
 
 from ..errors import CheckpointCorruptedError
 from ._core import (
+    DTYPE_SIZES,
     MANIFEST_NAME,
     TORCH_DTYPES,
+    CheckpointFolder,
     FileEntry,
     Manifest,
     StorageLocation,
+    TensorInfo,
+    VerifiedRanges,
     as_location,
+    bools_valid,
+    header_end,
     is_sharded,
     load_msgpack,
     locate_checkpoint,
+    parse_header,
     storage_for,
-    tensors_from_buffer,
+    tensor_memory,
 )
 from .planner import PLANNER_MARK, LoadPlanner, decode_value
 from .sharding import SHARDING_NAME, Location, Sharding, parse_sharding
@@ -125,7 +137,8 @@ class Reader(StorageReader):
         self.metadata: Metadata | None = None
         self._where: dict[MetadataIndex, Location] = {}
         self.rank = 0
-        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._files: VerifiedRanges | None = None
+        self._headers: dict[str, dict[str, TensorInfo]] = {}
         self._values: dict[str, dict[str, object]] = {}
 
     def __repr__(self) -> str:
@@ -135,7 +148,15 @@ class Reader(StorageReader):
         if checkpoint_id is not None and as_location(checkpoint_id) != self.path:
             self.path = as_location(checkpoint_id)
             self.folder = self.manifest = self.sharding = self.metadata = None
-        self._tensors, self._values = {}, {}
+        self._release()
+
+    def _release(self) -> None:
+        """Forget the files of the last plan, closing them unchecked (a load that failed)."""
+        files, self._files = self._files, None
+        self._headers, self._values = {}, {}
+        if files is not None:
+            with contextlib.suppress(CheckpointCorruptedError):
+                files.close()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -153,16 +174,27 @@ class Reader(StorageReader):
         """Files of the checkpoint :meth:`read_metadata` found, each checked against its entry
         (size always, digests with ``verify``); refuses if ``manifest.json`` changed meanwhile
         (the checkpoint was overwritten), so one load never mixes two saves."""
+        with self._same_checkpoint() as opened:
+            return opened.read_files(entries, verify=self.verify)
+
+    def open_files(self, entries: Sequence[FileEntry]) -> VerifiedRanges:
+        """As :meth:`read_files`, but the verified files are kept for reading in parts."""
+        with self._same_checkpoint() as opened:
+            return opened.open_verified(entries, verify=self.verify)
+
+    @contextlib.contextmanager
+    def _same_checkpoint(self) -> Iterator[CheckpointFolder]:
+        """The checkpoint :meth:`read_metadata` found, open, its manifest checked unchanged."""
         folder, manifest = self.folder, self.manifest
         if folder is None or manifest is None:
-            raise UsageError("safeckpt.distributed.Reader.read_files called before read_metadata")
+            raise UsageError("safeckpt.distributed.Reader: files requested before read_metadata")
         with storage_for(folder, self.storage_options).open(folder) as opened:
             if opened.read_manifest() != manifest:
                 raise CheckpointCorruptedError(
                     f"{folder / MANIFEST_NAME}: changed while the checkpoint was being loaded (it was "
                     "overwritten by another save); load again"
                 )
-            return opened.read_files(entries, verify=self.verify)
+            yield opened
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = int(kwargs.get("rank", 0))
@@ -174,7 +206,7 @@ class Reader(StorageReader):
                 "DCP's own load planners (the default one, _load_state_dict_from_keys) hand "
                 "non-tensor values to torch.load, which runs pickle"
             )
-        self._tensors, self._values = {}, {}
+        self._release()
         if not plan.items:
             return plan
         assert self.folder is not None and self.manifest is not None and self.sharding is not None
@@ -186,18 +218,22 @@ class Reader(StorageReader):
             if entry is None:  # parse_sharding checked this; a changed manifest object would land here
                 raise CheckpointCorruptedError(f"{self.folder / name}: not listed in manifest.json")
             needed[name] = entry
-        buffers = self.read_files(list(needed.values()))
-        for name, buffer in buffers.items():
-            source = str(self.folder / name)
-            if name.endswith(".safetensors"):
-                self._tensors[name], _ = tensors_from_buffer(buffer, source=source)
-            else:
-                document = load_msgpack(bytes(buffer), source=source)
+        self._files = files = self.open_files(list(needed.values()))
+        try:
+            for name, entry in needed.items():
+                source = str(self.folder / name)
+                if name.endswith(".safetensors"):
+                    self._headers[name] = {info.name: info for info in _read_header(files, entry, source)}
+                    continue
+                document = load_msgpack(bytes(_read(files, name, 0, entry.size)), source=source)
                 if not isinstance(document, dict):
                     raise CheckpointCorruptedError(f"{source}: expected a map of keys to values; the file is damaged")
                 self._values[name] = document
-        for item in plan.items:
-            self._check(item.storage_index.fqn, locations[item.storage_index])
+            for item in plan.items:
+                self._check(item.storage_index.fqn, locations[item.storage_index])
+        except BaseException:
+            self._release()
+            raise
         return plan
 
     def _check(self, fqn: str, location: Location) -> None:
@@ -206,16 +242,20 @@ class Reader(StorageReader):
         source = str(self.folder / location.file)
         if location.file.endswith(".msgpack"):
             if location.name not in self._values[location.file]:
-                raise CheckpointCorruptedError(f"{source}: has no value {location.name!r}, which {SHARDING_NAME} places there")
+                raise CheckpointCorruptedError(
+                    f"{source}: has no value {location.name!r}, which {SHARDING_NAME} places there"
+                )
             return
-        tensor = self._tensors[location.file].get(location.name)
-        if tensor is None:
-            raise CheckpointCorruptedError(f"{source}: has no tensor {location.name!r}, which {SHARDING_NAME} places there")
-        dtype = TORCH_DTYPES[self.sharding.tensors[fqn].dtype]
-        if tensor.dtype != dtype or tuple(tensor.shape) != location.shape:
+        info = self._headers[location.file].get(location.name)
+        if info is None:
             raise CheckpointCorruptedError(
-                f"{source}: tensor {location.name!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, "
-                f"{SHARDING_NAME} declares {dtype} of shape {location.shape}; the checkpoint is damaged"
+                f"{source}: has no tensor {location.name!r}, which {SHARDING_NAME} places there"
+            )
+        dtype = self.sharding.tensors[fqn].dtype
+        if info.dtype != dtype or info.shape != location.shape:
+            raise CheckpointCorruptedError(
+                f"{source}: tensor {location.name!r} is {TORCH_DTYPES[info.dtype]} of shape {info.shape}, "
+                f"{SHARDING_NAME} declares {TORCH_DTYPES[dtype]} of shape {location.shape}; the checkpoint is damaged"
             )
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
@@ -226,6 +266,7 @@ class Reader(StorageReader):
             raise UsageError("safeckpt.distributed.Reader needs planner=safeckpt.distributed.LoadPlanner()")
         assert self.folder is not None and self.sharding is not None
         locations = self._where
+        files = self._files
         try:
             for item in plan.items:
                 location = locations[item.storage_index]
@@ -234,19 +275,73 @@ class Reader(StorageReader):
                     value = decode_value(self._values[location.file][location.name], source=f"{source} [{location.name!r}]")
                     planner.set_value(item, value)
                     continue
-                stored = self._tensors[location.file][location.name]
-                for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
-                    stored = stored.narrow(dim, start, length)
+                assert files is not None
+                info = self._headers[location.file][location.name]
                 target = planner.resolve_tensor(item).detach()
-                if target.shape != stored.shape:
+                if tuple(target.shape) != tuple(item.lengths) or any(
+                    o + n > d for o, n, d in zip(item.storage_offsets, item.lengths, info.shape, strict=True)
+                ):
                     raise CheckpointCorruptedError(
-                        f"{source}: chunk {location.name!r} gives shape {tuple(stored.shape)} where "
-                        f"{tuple(target.shape)} was planned; the checkpoint is damaged"
+                        f"{source}: chunk {location.name!r} of shape {info.shape} has no box of shape "
+                        f"{tuple(item.lengths)} at {tuple(item.storage_offsets)} to fill one of shape "
+                        f"{tuple(target.shape)}; the checkpoint is damaged"
                     )
-                target.copy_(stored)
+                _read_box(files, location.file, info, item.storage_offsets, target, source=source)
                 planner.commit_tensor(item, target)
+            if files is not None:
+                self._files = None
+                files.close()  # refuses a file modified since it was verified
         finally:
-            self._tensors, self._values = {}, {}
+            self._release()
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+
+def _read(files: VerifiedRanges, name: str, offset: int, size: int) -> bytearray:
+    data = bytearray(size)
+    files.read_into(name, offset, memoryview(data))
+    return data
+
+
+def _read_header(files: VerifiedRanges, entry: FileEntry, source: str) -> list[TensorInfo]:
+    """The tensors of a verified archive, from its header alone."""
+    end = header_end(_read(files, entry.name, 0, min(8, entry.size)), total=entry.size, source=source)
+    infos, _ = parse_header(_read(files, entry.name, 0, end), source=source, total=entry.size)
+    return infos
+
+
+def _read_box(
+    files: VerifiedRanges,
+    name: str,
+    info: TensorInfo,
+    offsets: Sequence[int],
+    target: torch.Tensor,
+    *,
+    source: str,
+) -> None:
+    """Fill ``target`` with the box of the stored tensor ``info`` that starts at ``offsets``.
+
+    The box's elements lie between its first and last ones in the file (row-major); when they
+    are all it holds and ``target`` is contiguous CPU memory of the stored dtype, the bytes go
+    straight into it, else through a buffer of that span.
+    """
+    if target.numel() == 0:
+        return
+    strides = [math.prod(info.shape[d + 1 :]) for d in range(len(info.shape))]
+    first = sum(o * s for o, s in zip(offsets, strides, strict=True))
+    span = sum((n - 1) * s for n, s in zip(target.shape, strides, strict=True)) + 1
+    itemsize, dtype = DTYPE_SIZES[info.dtype], TORCH_DTYPES[info.dtype]
+    begin = info.begin + first * itemsize
+    direct = span == target.numel() and target.device.type == "cpu" and target.dtype == dtype
+    if direct and target.is_contiguous() and info.dtype != "BOOL":
+        files.read_into(name, begin, tensor_memory(target))
+        return
+    staged = torch.empty(span, dtype=dtype)
+    memory = tensor_memory(staged)
+    files.read_into(name, begin, memory)
+    if info.dtype == "BOOL" and not bools_valid(memory):
+        raise CheckpointCorruptedError(
+            f"{source}: bool tensor {info.name!r} holds bytes other than 0 and 1; the file is damaged"
+        )
+    target.copy_(staged.as_strided(tuple(target.shape), strides))

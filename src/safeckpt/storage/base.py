@@ -25,6 +25,8 @@ Call sequence of a load::
         manifest = folder.read_manifest()                 # bounded, strictly parsed
         buffers = folder.read_files(manifest.files, verify=True)  # size + digests, all or nothing
         # or folder.audit(manifest.files): every digest, in bounded memory, nothing kept
+        # or ranges = folder.open_verified(entries): verified now, read in parts later
+        #    (ranges.read_into(name, offset, memory) ...; ranges.close()), see VerifiedRanges
 
 Contract every implementation keeps:
 
@@ -70,6 +72,8 @@ __all__ = [
     "PendingWrite",
     "ReadArena",
     "StagingArea",
+    "VerifiedBuffers",
+    "VerifiedRanges",
     "staging_parts",
 ]
 
@@ -237,6 +241,37 @@ class CheckpointFolder(Protocol):
     def audit(self, entries: Iterable[FileEntry]) -> None:
         """Check every file's size and every digest in bounded memory; keeps nothing."""
         ...
+
+    def open_verified(self, entries: Sequence[FileEntry], *, verify: bool = True) -> VerifiedRanges:
+        """The files, checked against their entries now (as :meth:`read_files`), to be read in
+        byte ranges later: into the memory they end up in, without holding whole files."""
+        ...
+
+
+class VerifiedRanges(Protocol):
+    """Files verified by :meth:`CheckpointFolder.open_verified`, read in parts afterwards."""
+
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes of file ``name`` from ``offset`` on."""
+        ...
+
+    def close(self) -> None:
+        """Release the files; CheckpointCorruptedError if one changed since it was verified."""
+        ...
+
+
+class VerifiedBuffers:
+    """:class:`VerifiedRanges` over files :meth:`CheckpointFolder.read_files` already holds in
+    memory: for storage where a second read would mean a second download."""
+
+    def __init__(self, buffers: dict[str, memoryview]) -> None:
+        self._buffers = buffers
+
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        view[:] = self._buffers[name][offset : offset + len(view)]
+
+    def close(self) -> None:
+        self._buffers = {}
 
 
 class CheckpointStorage(Protocol):

@@ -22,7 +22,7 @@ from ..format import limits
 from ..format.layout import TMP_PREFIX, TRASH_PREFIX, parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .base import FileSource, Location, staging_parts
-from .posix import audit_files, read_bounded, read_files
+from .posix import VerifiedFiles, audit_files, read_bounded, read_files
 
 if TYPE_CHECKING:  # the transaction (flock, renameat2) is imported by the calls that write
     from .posix_commit import PosixPendingWrite
@@ -218,6 +218,11 @@ class LocalFolder:
         """Every file, checked against its entry (see :func:`safeckpt.storage.posix.read_files`)."""
         fd = self._files_fd()
         return read_files(fd, entries, folder=self._data, verify=verify)
+
+    def open_verified(self, entries: Sequence[FileEntry], *, verify: bool = True) -> VerifiedFiles:
+        """The files verified by streaming, kept open to read parts of (see
+        :class:`safeckpt.storage.posix.VerifiedFiles`)."""
+        return VerifiedFiles(self._files_fd(), entries, folder=self._data, verify=verify)
 
     def audit(self, entries: Iterable[FileEntry]) -> None:
         """Every file's size and digests, streamed (see :func:`safeckpt.storage.posix.audit_files`)."""

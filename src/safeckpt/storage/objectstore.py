@@ -39,7 +39,7 @@ from ..errors import (
 from ..format import limits
 from ..format.layout import OBJECTS_PREFIX, objects_name, objects_started, parse_step, step_dirname
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
-from .base import FileSource, Location, ObjectPath, staging_parts
+from .base import FileSource, Location, ObjectPath, VerifiedBuffers, staging_parts
 from .objectio import (
     REMOTE,
     audit_object,
@@ -293,6 +293,9 @@ class ObjectFolder:
                 e.name: download_object(self.fs, str(objects / e.name), e, verify=verify, pool=pool)
                 for e in ordered
             }
+
+    def open_verified(self, entries: Sequence[FileEntry], *, verify: bool = True) -> VerifiedBuffers:
+        return VerifiedBuffers(self.read_files(entries, verify=verify))  # (one download, kept)
 
     def read_range(self, entry: FileEntry, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` of ``entry``'s object, its size checked but not its digests:

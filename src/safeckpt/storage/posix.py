@@ -32,6 +32,7 @@ from .parallel import in_parallel
 from .tuning import TUNING, cores
 
 __all__ = [
+    "VerifiedFiles",
     "audit_files",
     "chunk_size",
     "read_bounded",
@@ -244,6 +245,100 @@ def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: boo
         for file in files:
             os.close(file.fd)
     return {file.entry.name: file.view for file in files}
+
+
+class VerifiedFiles:
+    """Files verified by streaming them once through small buffers, then kept open so that
+    byte ranges of them can be read later straight into memory the caller owns.
+
+    For loaders that copy parts of files into memory that already exists (a sharded load reads
+    each chunk into the parameter it belongs to): nothing is kept in memory between verifying
+    and reading, where :func:`read_files` holds every file whole. The later reads come from the
+    same open files, which a committed checkpoint never writes in place; :meth:`close` still
+    refuses a file whose size or modification time changed since it was opened, so a writer
+    that broke that rule is reported, though only after its bytes were read.
+    """
+
+    def __init__(
+        self, dir_fd: int, entries: Iterable[FileEntry], *, folder: Path, verify: bool = True
+    ) -> None:
+        self._files: dict[str, _OpenFile] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}
+        try:
+            for entry in entries:
+                file = self._files[entry.name] = _OpenFile(dir_fd, entry, folder)
+                self._stamps[entry.name] = _stamp(file)
+            if verify:
+                jobs: list[tuple[int, Callable[[], None]]] = []
+                for file in self._files.values():
+                    spans = [(0, file.entry.size, file.entry.sha256)]
+                    if file.entry.chunks is not None:
+                        spans = file.entry.chunks.digest_spans(file.entry.size)
+                    jobs.extend((end - start, functools.partial(_stream_check, file, i, (start, end, digest)))
+                                for i, (start, end, digest) in enumerate(spans))  # fmt: skip
+                jobs.sort(key=lambda job: -job[0])
+                in_parallel([job for _, job in jobs], cores(), name="safeckpt-verify")
+        except BaseException:
+            self._close_all()
+            raise
+
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes of file ``name`` from ``offset`` on."""
+        file = self._files[name]
+        if offset < 0 or offset + len(view) > file.entry.size:
+            raise ValueError(f"{file.source}: bytes {offset} to {offset + len(view)} are outside the file")
+        try:
+            _read_into(file.fd, view, offset, source=file.source, size=file.entry.size)
+        except OSError as exc:
+            raise _unreadable(file.source, exc) from exc
+
+    def close(self) -> None:
+        """Close the files; refuse any that changed since they were opened (idempotent)."""
+        try:
+            for name, file in self._files.items():
+                if _stamp(file) != self._stamps[name]:
+                    raise CheckpointCorruptedError(
+                        f"{file.source}: was modified while the checkpoint was being loaded (another "
+                        "process wrote to it), so what was loaded may mix old and new bytes; load again"
+                    )
+                file.check_unchanged()
+        finally:
+            self._close_all()
+
+    def __del__(self) -> None:  # a load that failed between verifying and reading
+        self._close_all()
+
+    def _close_all(self) -> None:
+        files, self._files = getattr(self, "_files", {}), {}
+        for file in files.values():
+            os.close(file.fd)
+
+
+def _stamp(file: _OpenFile) -> tuple[int, int]:
+    try:
+        info = os.fstat(file.fd)
+    except OSError as exc:
+        raise _unreadable(file.source, exc) from exc
+    return info.st_size, info.st_mtime_ns
+
+
+def _stream_check(file: _OpenFile, index: int, span: tuple[int, int, str]) -> None:
+    """Check one digest of ``file`` (``index`` of its chunks, or the whole file) by streaming
+    its bytes through a buffer small enough to stay in the cache while it is hashed."""
+    start, end, _ = span
+    sha = hashlib.sha256()
+    buffer = memoryview(bytearray(min(TUNING.cached_piece, end - start)))
+    try:
+        for offset in range(start, end, TUNING.cached_piece):
+            piece = buffer[: min(TUNING.cached_piece, end - offset)]
+            _read_into(file.fd, piece, offset, source=file.source, size=file.entry.size)
+            sha.update(piece)
+    except OSError as exc:
+        raise _unreadable(file.source, exc) from exc
+    if file.entry.chunks is None:
+        check_digest(file.source, file.entry, sha.hexdigest())
+    else:
+        check_chunk_digest(file.source, file.entry, index, span, sha.hexdigest())
 
 
 def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> None:

@@ -21,7 +21,7 @@ from ..format.safetensors import DTYPE_SIZES, METADATA_KEY, TensorInfo, build_he
 from ..format.tree import key_path
 from ..storage.base import Buffer, ReadArena
 
-__all__ = ["TensorCollector", "archive_parts", "tensors_from_buffer"]
+__all__ = ["TensorCollector", "archive_parts", "tensor_memory", "tensors_from_buffer"]
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("safeckpt stores tensors little-endian and supports little-endian hosts only")
@@ -118,14 +118,15 @@ _STAGE = 16 * 1024 * 1024
 """Largest piece of a GPU or non-contiguous tensor staged in CPU memory at a time when saving."""
 
 
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_memory(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's own memory as a writable byte view (no copy)."""
     flat = tensor.reshape(-1)
     if flat.numel() == 1 and flat.stride(0) != 1:
         # torch calls a one-element tensor contiguous whatever its stride (e.g. x[::2] of a
         # 2-element x), but view(uint8) demands stride 1: same element, stride 1.
         flat = flat.as_strided((1,), (1,))
     if flat.device.type != "cpu":  # pragma: no cover - callers stage other devices first
-        raise ValueError("_as_bytes needs a CPU tensor")
+        raise ValueError("tensor_memory needs a CPU tensor")
     # A ctypes array over the tensor's memory (no numpy: the core install has none). The array
     # holds the tensor, and the memoryview holds the array, so the memory outlives every use.
     raw = (ctypes.c_ubyte * flat.nbytes).from_address(flat.data_ptr())
@@ -141,14 +142,14 @@ def _tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
     if t.numel() == 0:
         return
     if t.device.type == "cpu" and t.is_contiguous():
-        yield _as_bytes(t)
+        yield tensor_memory(t)
         return
     if t.dim() == 0 or t.nbytes <= _STAGE:
-        yield _as_bytes(t.to("cpu").contiguous())
+        yield tensor_memory(t.to("cpu").contiguous())
         return
     rows = max(1, _STAGE // (t[0].numel() * t.element_size() or 1))
     for start in range(0, t.shape[0], rows):
-        yield _as_bytes(t[start : start + rows].to("cpu").contiguous())
+        yield tensor_memory(t[start : start + rows].to("cpu").contiguous())
 
 
 def archive_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> Iterator[memoryview | bytes]:
