@@ -266,7 +266,7 @@ class Reader(StorageReader):
             raise UsageError("safeckpt.distributed.Reader needs planner=safeckpt.distributed.LoadPlanner()")
         assert self.folder is not None and self.sharding is not None
         locations = self._where
-        files = self._files
+        files, staging = self._files, _Staging()
         try:
             for item in plan.items:
                 location = locations[item.storage_index]
@@ -286,7 +286,7 @@ class Reader(StorageReader):
                         f"{tuple(item.lengths)} at {tuple(item.storage_offsets)} to fill one of shape "
                         f"{tuple(target.shape)}; the checkpoint is damaged"
                     )
-                _read_box(files, location.file, info, item.storage_offsets, target, source=source)
+                _read_box(files, location.file, info, item.storage_offsets, target, source=source, staging=staging)
                 planner.commit_tensor(item, target)
             if files is not None:
                 self._files = None
@@ -311,6 +311,22 @@ def _read_header(files: VerifiedRanges, entry: FileEntry, source: str) -> list[T
     return infos
 
 
+class _Staging:
+    """One CPU buffer, reused for every box that cannot be read in place (a parameter on a GPU,
+    a box not contiguous in the file): fresh memory for each would fault in every page again."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """``count`` elements of ``dtype`` (contents undefined), valid until the next call."""
+        nbytes = count * dtype.itemsize
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # drop the old one first
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffer[:nbytes].view(dtype)
+
+
 def _read_box(
     files: VerifiedRanges,
     name: str,
@@ -319,12 +335,13 @@ def _read_box(
     target: torch.Tensor,
     *,
     source: str,
+    staging: _Staging,
 ) -> None:
     """Fill ``target`` with the box of the stored tensor ``info`` that starts at ``offsets``.
 
     The box's elements lie between its first and last ones in the file (row-major); when they
     are all it holds and ``target`` is contiguous CPU memory of the stored dtype, the bytes go
-    straight into it, else through a buffer of that span.
+    straight into it, else through ``staging``.
     """
     if target.numel() == 0:
         return
@@ -337,7 +354,7 @@ def _read_box(
     if direct and target.is_contiguous() and info.dtype != "BOOL":
         files.read_into(name, begin, tensor_memory(target))
         return
-    staged = torch.empty(span, dtype=dtype)
+    staged = staging.take(span, dtype)
     memory = tensor_memory(staged)
     files.read_into(name, begin, memory)
     if info.dtype == "BOOL" and not bools_valid(memory):

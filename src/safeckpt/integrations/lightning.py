@@ -48,7 +48,6 @@ from ..errors import MissingRNGStateWarning, UnsupportedValueError
 from ..format.manifest import MANIFEST_NAME
 from ..storage.base import Location, ObjectPath
 from ..storage.locate import as_location, storage_for
-from ..storage.posix_commit import remove_checkpoint as remove_safeckpt_folder
 from ..torch.loader import load_checkpoint as load_safeckpt
 from ..torch.plan import SaveOptions, plan_checkpoint
 from ..torch.rng import restore_rng
@@ -180,15 +179,13 @@ class SafeckptIO(CheckpointIO):
         location, options = self._where(path)
         if self._pending is not None and self._pending.path == location:
             self.wait()
-        if isinstance(location, ObjectPath):
+        if isinstance(location, ObjectPath) or (location / MANIFEST_NAME).is_file():
             storage = storage_for(location.parent, options)
             if storage.exists(location):  # a committed checkpoint, leftovers, or one plain object
                 storage.remove(location)
             return
-        path = location
-        if (path / MANIFEST_NAME).is_file():
-            remove_safeckpt_folder(path)
-        elif path.is_dir() and not path.is_symlink():
+        path = location  # what another CheckpointIO wrote: a file or a folder
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
