@@ -126,7 +126,7 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
 
     from safeckpt import distributed as sd
     from safeckpt.distributed import reader as safe_reader
-    from safeckpt.storage import posix
+    from safeckpt.storage import posix_stream
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     if args.threads:
@@ -144,7 +144,7 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
             meter.wrap(cls, attr, f"{tag} {attr}")
     seen: dict[str, Any] = {}
 
-    verified_files = posix.VerifiedFiles.__init__
+    verified_files = posix_stream.VerifiedFiles.__init__
 
     def recording(self: Any, dir_fd: int, entries: Any, **kwargs: Any) -> None:
         entries = list(entries)
@@ -152,8 +152,8 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
             seen.update(entries=entries, folder=kwargs["folder"])
         verified_files(self, dir_fd, entries, **kwargs)
 
-    posix.VerifiedFiles.__init__ = recording  # type: ignore[method-assign]
-    meter.wrap(posix.VerifiedFiles, "__init__", "safeckpt   open_verified (read + sha256)")
+    posix_stream.VerifiedFiles.__init__ = recording  # type: ignore[method-assign]
+    meter.wrap(posix_stream.VerifiedFiles, "__init__", "safeckpt   open_verified (read + sha256)")
     profiler = cProfile.Profile() if args.profile else None
     collecting: list[contextlib.AbstractContextManager[None]] = []
 
@@ -197,7 +197,7 @@ def _rank(rank: int, world: int, init: str, work: str, args: argparse.Namespace,
                     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         with meter.phase("alone open_verified (read + sha256)"):
-                            posix.VerifiedFiles(dir_fd, entries, folder=folder).close()
+                            posix_stream.VerifiedFiles(dir_fd, entries, folder=folder).close()
                     finally:
                         os.close(dir_fd)
 

@@ -120,3 +120,74 @@ def test_readers_load_the_commit_transaction_only_when_they_write(tmp_path: Path
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result == {"reading": [], "writing": ["fcntl", "safeckpt.storage.posix_commit"]}
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_open_verified_reads_ranges_of_verified_files_with_few_open_at_once(
+    tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a sharded load does: verify every file it needs, then read pieces of them in any
+    order; locally at most ``open_at_once`` files are held open (the rest reopened on use)."""
+    import uuid
+
+    from safeckpt.storage.locate import as_location, storage_for
+    from safeckpt.storage.tuning import TUNING
+
+    monkeypatch.setattr(TUNING, "open_at_once", 2)
+    root = as_location(str(tmp_path) if where == "local" else f"memory://ranges-{uuid.uuid4().hex[:8]}")
+    storage = storage_for(root)
+    contents = {f"part{i}.bin": bytes(range(i, i + 200)) * (i + 1) for i in range(5)}
+    with storage.begin(1) as pending:
+        final = pending.commit(manifest_format.build(1, pending.write_files([(n, [d], 0) for n, d in contents.items()])))
+    with storage.open(final) as folder:
+        files = folder.open_verified(folder.read_manifest().files)
+    for name in ["part0.bin", "part4.bin", "part1.bin", "part3.bin", "part0.bin", "part2.bin", "part4.bin"]:
+        piece = bytearray(50)
+        files.read_into(name, 7, memoryview(piece))
+        assert piece == contents[name][7:57]
+    files.close()
+
+
+def test_open_verified_refuses_a_damaged_file_and_one_replaced_after_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safeckpt.storage.tuning import TUNING
+
+    monkeypatch.setattr(TUNING, "open_at_once", 1)
+    storage = LocalStorage(tmp_path)
+    with storage.begin(1) as pending:
+        entries = pending.write_files([("a.bin", [b"a" * 1000], 0), ("b.bin", [b"b" * 1000], 0)])
+        final = pending.commit(manifest_format.build(1, entries))
+    with storage.open(final) as folder:
+        files = folder.open_verified(folder.read_manifest().files)
+    files.read_into("b.bin", 0, memoryview(bytearray(10)))  # a.bin is closed now (one open at a time)
+    replacement = final / "a.new"
+    replacement.write_bytes(b"A" * 1000)
+    os.replace(replacement, final / "a.bin")  # same name and size, another file
+    with pytest.raises(safeckpt.CheckpointCorruptedError, match=r"a\.bin: was modified or replaced while the checkpoint was being loaded"):
+        files.read_into("a.bin", 0, memoryview(bytearray(10)))
+    files.close()
+
+    (final / "a.bin").write_bytes(b"a" * 1000)  # as saved again
+    (final / "b.bin").write_bytes(b"B" * 1000)
+    with storage.open(final) as folder, pytest.raises(safeckpt.CheckpointCorruptedError, match=r"b\.bin: SHA-256"):
+        folder.open_verified(folder.read_manifest().files)
+
+
+def test_running_out_of_file_descriptors_is_not_reported_as_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMFILE says nothing about the checkpoint: no CheckpointCorruptedError (which would make a
+    manager fall back to an older checkpoint), and the message says what to raise."""
+    import errno
+
+    folder = safeckpt.save_checkpoint(torch.nn.Linear(2, 2), None, {}, [], 1, directory=tmp_path, rng=False)
+    real_open = os.open
+
+    def no_descriptors_left(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if str(path).endswith(".safetensors"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", no_descriptors_left)
+    with pytest.raises(safeckpt.CheckpointError, match=r"model\.safetensors: cannot be opened: too many open files .*ulimit -n") as caught:
+        safeckpt.load_checkpoint(folder, restore_rng=False)
+    assert not isinstance(caught.value, safeckpt.CheckpointCorruptedError)

@@ -3,6 +3,8 @@ strictly, damaged files are caught, DCP's pickling planners are refused, nothing
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -52,6 +54,43 @@ def test_tensors_and_values_round_trip_exactly(saved: Path) -> None:
         "manifest.json", "shard-00000.msgpack", "shard-00000.safetensors", "sharding.json",
     ]  # fmt: skip
     assert safeckpt.verify_checkpoint(saved).format_version == (1, 2)
+
+
+def test_load_holding_one_file_open_at_a_time(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank may need the shards of thousands of ranks: files are reopened rather than all held."""
+    from safeckpt.storage.tuning import TUNING
+
+    monkeypatch.setattr(TUNING, "open_at_once", 1)
+    target = empty()
+    sd.load(target, saved)
+    assert target["meta"] == state()["meta"] and torch.equal(target["model"]["w"], state()["model"]["w"])  # type: ignore[index]
+
+
+def test_a_load_failing_after_verification_leaves_no_file_open(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another rank's failure between DCP's planning and its reads: the files this rank verified
+    are closed at once, not when the garbage collector finds the reader."""
+
+    def fail(self: sd.Reader, plans: list) -> list:
+        raise RuntimeError("another rank failed")
+
+    monkeypatch.setattr(sd.Reader, "prepare_global_plan", fail)
+    gc.disable()
+    try:
+        with pytest.raises(safeckpt.CheckpointError, match="another rank failed"):
+            sd.load(empty(), saved)
+        held = open_paths()
+    finally:
+        gc.enable()
+    assert not [path for path in held if path.startswith(str(saved))]
+
+
+def open_paths() -> list[str]:
+    """What this process's file descriptors point at."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, closed since
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return paths
 
 
 def test_existing_step_is_refused_unless_overwrite(saved: Path) -> None:
@@ -130,7 +169,7 @@ def test_shard_modified_between_verification_and_reading_is_refused(saved: Path,
         return read_data(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sd.Reader, "read_data", write_in_place_first)
-    with pytest.raises(safeckpt.CheckpointCorruptedError, match="shard-00000.safetensors: was modified while the checkpoint was being loaded"):
+    with pytest.raises(safeckpt.CheckpointCorruptedError, match="shard-00000.safetensors: was modified or replaced while the checkpoint was being loaded"):
         sd.load(empty(), saved)
 
 

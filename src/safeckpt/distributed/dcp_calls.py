@@ -183,6 +183,8 @@ def load(
             )  # fmt: skip
     except CheckpointException as exc:
         raise translate(exc, loading=True) from None
+    finally:
+        reader.close()
 
 
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}

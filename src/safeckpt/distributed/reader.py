@@ -150,6 +150,11 @@ class Reader(StorageReader):
             self.folder = self.manifest = self.sharding = self.metadata = None
         self._release()
 
+    def close(self) -> None:
+        """Close the files a load left open because it failed between DCP's planning and its
+        reads (another rank's error); a load that completes closes them itself."""
+        self._release()
+
     def _release(self) -> None:
         """Forget the files of the last plan, closing them unchecked (a load that failed)."""
         files, self._files = self._files, None

@@ -118,7 +118,7 @@ def read_checkpoint_files(
 
 def audit_checkpoint_files(folder: Location, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Parse the manifest and check every file's size and every digest it records, in bounded
-    memory (see :func:`safeckpt.storage.posix.audit_files`); returns the manifest."""
+    memory (see :func:`safeckpt.storage.posix_stream.audit_files`); returns the manifest."""
     with storage_for(folder, storage_options).open(folder) as opened:
         manifest = _checked(opened.read_manifest(), folder)
         opened.audit(manifest.files)

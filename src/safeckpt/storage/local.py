@@ -22,7 +22,8 @@ from ..format import limits
 from ..format.layout import TMP_PREFIX, TRASH_PREFIX, parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .base import FileSource, Location, staging_parts
-from .posix import VerifiedFiles, audit_files, read_bounded, read_files
+from .posix import read_bounded, read_files
+from .posix_stream import VerifiedFiles, audit_files
 
 if TYPE_CHECKING:  # the transaction (flock, renameat2) is imported by the calls that write
     from .posix_commit import PosixPendingWrite
@@ -221,10 +222,10 @@ class LocalFolder:
 
     def open_verified(self, entries: Sequence[FileEntry], *, verify: bool = True) -> VerifiedFiles:
         """The files verified by streaming, kept open to read parts of (see
-        :class:`safeckpt.storage.posix.VerifiedFiles`)."""
+        :class:`safeckpt.storage.posix_stream.VerifiedFiles`)."""
         return VerifiedFiles(self._files_fd(), entries, folder=self._data, verify=verify)
 
     def audit(self, entries: Iterable[FileEntry]) -> None:
-        """Every file's size and digests, streamed (see :func:`safeckpt.storage.posix.audit_files`)."""
+        """Every file's size and digests, streamed (see :func:`safeckpt.storage.posix_stream.audit_files`)."""
         fd = self._files_fd()
         audit_files(fd, entries, folder=self._data)

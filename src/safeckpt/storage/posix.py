@@ -1,4 +1,5 @@
-"""Verified reads of the files inside one checkpoint folder (writes: :mod:`.posix_write`).
+"""Verified reads of the files inside one checkpoint folder (writes: :mod:`.posix_write`;
+verification that keeps nothing: :mod:`.posix_stream`).
 
 Reads open the file without following symlinks and insist on a regular file of exactly the
 manifest's size. With verification, the file is read once into fresh page-aligned memory and
@@ -24,7 +25,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..errors import LOAD_EARLIER, CheckpointCorruptedError, CheckpointNotFoundError
+from ..errors import LOAD_EARLIER, CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from ..format.manifest import FileEntry
 from .base import ReadArena
 from .hashing import MISSING_FILE, Hasher, check_chunk_digest, check_digest, chunk_size, wrong_size
@@ -32,11 +33,12 @@ from .parallel import in_parallel
 from .tuning import TUNING, cores
 
 __all__ = [
-    "VerifiedFiles",
-    "audit_files",
+    "OpenFile",
     "chunk_size",
     "read_bounded",
     "read_files",
+    "read_into",
+    "unreadable",
 ]
 
 
@@ -53,6 +55,11 @@ def _open_regular(dir_fd: int, name: str, *, source: str, missing: str) -> tuple
         if exc.errno == errno.ELOOP:
             raise CheckpointCorruptedError(
                 f"{source}: is a symbolic link; checkpoint files must be regular files"
+            ) from None
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the checkpoint's fault: no fallback
+            raise CheckpointError(
+                f"{source}: cannot be opened: too many open files ({exc.strerror}); raise the "
+                "limit (ulimit -n) or close files this process holds open"
             ) from None
         raise CheckpointCorruptedError(f"{source}: cannot be opened ({exc.strerror})") from None
     try:
@@ -76,7 +83,7 @@ def _changed_size(source: str, size: int) -> CheckpointCorruptedError:
     )
 
 
-def _read_into(fd: int, view: memoryview, offset: int, *, source: str, size: int) -> None:
+def read_into(fd: int, view: memoryview, offset: int, *, source: str, size: int) -> None:
     filled = 0
     while filled < len(view):
         got = os.preadv(fd, [view[filled:]], offset + filled)
@@ -87,7 +94,7 @@ def _read_into(fd: int, view: memoryview, offset: int, *, source: str, size: int
 
 def _read_exactly(fd: int, size: int, *, source: str) -> bytearray:
     buffer = bytearray(size)
-    _read_into(fd, memoryview(buffer), 0, source=source, size=size)
+    read_into(fd, memoryview(buffer), 0, source=source, size=size)
     if os.pread(fd, 1, size):
         raise _changed_size(source, size)
     return buffer
@@ -112,7 +119,7 @@ def _read_hashing(fd: int, view: memoryview, *, source: str) -> str:
     try:
         for start in range(0, len(view), TUNING.piece):
             piece = view[start : start + TUNING.piece]
-            _read_into(fd, piece, start, source=source, size=len(view))
+            read_into(fd, piece, start, source=source, size=len(view))
             sha.hand_off(piece)
     finally:
         sha.close()
@@ -125,7 +132,7 @@ def _map(fd: int, size: int) -> memoryview:
     return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
 
 
-def _unreadable(source: str, exc: BaseException) -> CheckpointCorruptedError:
+def unreadable(source: str, exc: BaseException) -> CheckpointCorruptedError:
     """An ``OSError`` of a read itself (EIO, or ENOMEM for a file, perhaps a sparse one, too
     large for memory) as an error naming the file."""
     reason = getattr(exc, "strerror", None) or type(exc).__name__
@@ -135,7 +142,7 @@ def _unreadable(source: str, exc: BaseException) -> CheckpointCorruptedError:
     )
 
 
-class _OpenFile:
+class OpenFile:
     """A file being read: its entry, descriptor, buffer and the path shown in errors."""
 
     def __init__(self, dir_fd: int, entry: FileEntry, folder: Path) -> None:
@@ -165,7 +172,7 @@ class _OpenFile:
             room = ReadArena.room_for_archive(os.pread(self.fd, 8, 0), size) if archive else 0
             self.view = ReadArena.allocate(size, room=room)
         except (OSError, MemoryError, OverflowError) as exc:
-            raise _unreadable(self.source, exc) from exc
+            raise unreadable(self.source, exc) from exc
         return self.view
 
     def check_whole(self) -> None:
@@ -173,7 +180,7 @@ class _OpenFile:
         try:
             digest = _read_hashing(self.fd, self.view, source=self.source)
         except (OSError, MemoryError) as exc:
-            raise _unreadable(self.source, exc) from exc
+            raise unreadable(self.source, exc) from exc
         check_digest(self.source, self.entry, digest)
 
     def check_chunk(self, index: int, start: int, end: int, expected: str) -> None:
@@ -183,10 +190,10 @@ class _OpenFile:
         try:
             for offset in range(0, len(piece), TUNING.cached_piece):
                 part = piece[offset : offset + TUNING.cached_piece]
-                _read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
+                read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
                 sha.update(part)
         except (OSError, MemoryError) as exc:
-            raise _unreadable(self.source, exc) from exc
+            raise unreadable(self.source, exc) from exc
         check_chunk_digest(self.source, self.entry, index, (start, end, expected), sha.hexdigest())
 
     def check_unchanged(self) -> None:
@@ -194,7 +201,7 @@ class _OpenFile:
         try:
             grew = os.pread(self.fd, 1, self.entry.size)
         except OSError as exc:
-            raise _unreadable(self.source, exc) from exc
+            raise unreadable(self.source, exc) from exc
         if grew:
             raise _changed_size(self.source, self.entry.size)
 
@@ -207,7 +214,8 @@ def read_files(
 
     Returns only once every file verified, so nothing is parsed that did not. A file with chunk
     digests is checked by them, its chunks read and hashed on all cores at once; a file without
-    is hashed whole, by one core (:func:`audit_files` checks both kinds). With
+    is hashed whole, by one core (:func:`.posix_stream.audit_files` checks both kinds, and
+    :class:`.posix_stream.VerifiedFiles` verifies without keeping the bytes). With
     ``verify=False`` each buffer is a private memory map (copy-on-write; bytes are read when
     first touched). Symlinks, FIFOs, devices and folders are refused before a byte is read, so
     a hostile checkpoint cannot make the reader hang or follow a link.
@@ -220,10 +228,10 @@ def read_files(
 
 
 def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: bool) -> dict[str, memoryview]:
-    files: list[_OpenFile] = []
+    files: list[OpenFile] = []
     try:
         for entry in entries:
-            files.append(_OpenFile(dir_fd, entry, folder))
+            files.append(OpenFile(dir_fd, entry, folder))
         for file in files:
             file.allocate(verify=verify)
         if verify:
@@ -245,133 +253,3 @@ def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: boo
         for file in files:
             os.close(file.fd)
     return {file.entry.name: file.view for file in files}
-
-
-class VerifiedFiles:
-    """Files verified by streaming them once through small buffers, then kept open so that
-    byte ranges of them can be read later straight into memory the caller owns.
-
-    For loaders that copy parts of files into memory that already exists (a sharded load reads
-    each chunk into the parameter it belongs to): nothing is kept in memory between verifying
-    and reading, where :func:`read_files` holds every file whole. The later reads come from the
-    same open files, which a committed checkpoint never writes in place; :meth:`close` still
-    refuses a file whose size or modification time changed since it was opened, so a writer
-    that broke that rule is reported, though only after its bytes were read.
-    """
-
-    def __init__(
-        self, dir_fd: int, entries: Iterable[FileEntry], *, folder: Path, verify: bool = True
-    ) -> None:
-        self._files: dict[str, _OpenFile] = {}
-        self._stamps: dict[str, tuple[int, int]] = {}
-        try:
-            for entry in entries:
-                file = self._files[entry.name] = _OpenFile(dir_fd, entry, folder)
-                self._stamps[entry.name] = _stamp(file)
-            if verify:
-                jobs: list[tuple[int, Callable[[], None]]] = []
-                for file in self._files.values():
-                    spans = [(0, file.entry.size, file.entry.sha256)]
-                    if file.entry.chunks is not None:
-                        spans = file.entry.chunks.digest_spans(file.entry.size)
-                    jobs.extend((end - start, functools.partial(_stream_check, file, i, (start, end, digest)))
-                                for i, (start, end, digest) in enumerate(spans))  # fmt: skip
-                jobs.sort(key=lambda job: -job[0])
-                in_parallel([job for _, job in jobs], cores(), name="safeckpt-verify")
-        except BaseException:
-            self._close_all()
-            raise
-
-    def read_into(self, name: str, offset: int, view: memoryview) -> None:
-        """Fill ``view`` with the bytes of file ``name`` from ``offset`` on."""
-        file = self._files[name]
-        if offset < 0 or offset + len(view) > file.entry.size:
-            raise ValueError(f"{file.source}: bytes {offset} to {offset + len(view)} are outside the file")
-        try:
-            _read_into(file.fd, view, offset, source=file.source, size=file.entry.size)
-        except OSError as exc:
-            raise _unreadable(file.source, exc) from exc
-
-    def close(self) -> None:
-        """Close the files; refuse any that changed since they were opened (idempotent)."""
-        try:
-            for name, file in self._files.items():
-                if _stamp(file) != self._stamps[name]:
-                    raise CheckpointCorruptedError(
-                        f"{file.source}: was modified while the checkpoint was being loaded (another "
-                        "process wrote to it), so what was loaded may mix old and new bytes; load again"
-                    )
-                file.check_unchanged()
-        finally:
-            self._close_all()
-
-    def __del__(self) -> None:  # a load that failed between verifying and reading
-        self._close_all()
-
-    def _close_all(self) -> None:
-        files, self._files = getattr(self, "_files", {}), {}
-        for file in files.values():
-            os.close(file.fd)
-
-
-def _stamp(file: _OpenFile) -> tuple[int, int]:
-    try:
-        info = os.fstat(file.fd)
-    except OSError as exc:
-        raise _unreadable(file.source, exc) from exc
-    return info.st_size, info.st_mtime_ns
-
-
-def _stream_check(file: _OpenFile, index: int, span: tuple[int, int, str]) -> None:
-    """Check one digest of ``file`` (``index`` of its chunks, or the whole file) by streaming
-    its bytes through a buffer small enough to stay in the cache while it is hashed."""
-    start, end, _ = span
-    sha = hashlib.sha256()
-    buffer = memoryview(bytearray(min(TUNING.cached_piece, end - start)))
-    try:
-        for offset in range(start, end, TUNING.cached_piece):
-            piece = buffer[: min(TUNING.cached_piece, end - offset)]
-            _read_into(file.fd, piece, offset, source=file.source, size=file.entry.size)
-            sha.update(piece)
-    except OSError as exc:
-        raise _unreadable(file.source, exc) from exc
-    if file.entry.chunks is None:
-        check_digest(file.source, file.entry, sha.hexdigest())
-    else:
-        check_chunk_digest(file.source, file.entry, index, span, sha.hexdigest())
-
-
-def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> None:
-    """Check each file's size and every digest the manifest records (whole-file and chunks).
-
-    For audits (``verify_checkpoint``): a loader may trust either kind of digest, so both must
-    hold. Files are streamed through one small buffer per thread, several files at once, so the
-    memory used does not grow with the checkpoint, unlike :func:`read_files`, which keeps what
-    it verified.
-    """
-    jobs = [functools.partial(_audit, dir_fd, entry, folder) for entry in sorted(entries, key=lambda e: -e.size)]
-    in_parallel(jobs, cores(), name="safeckpt-verify")
-
-
-def _audit(dir_fd: int, entry: FileEntry, folder: Path) -> None:
-    file = _OpenFile(dir_fd, entry, folder)
-    whole = hashlib.sha256()
-    chunks = Hasher(entry.chunks.size) if entry.chunks is not None else None  # only consume()d
-    buffer = memoryview(bytearray(min(TUNING.piece, entry.size)))
-    try:
-        for start in range(0, entry.size, TUNING.piece):
-            piece = buffer[: min(TUNING.piece, entry.size - start)]
-            _read_into(file.fd, piece, start, source=file.source, size=entry.size)
-            whole.update(piece)
-            if chunks is not None:
-                chunks.consume(piece)
-        file.check_unchanged()
-    except OSError as exc:
-        raise _unreadable(file.source, exc) from exc
-    finally:
-        os.close(file.fd)
-    check_digest(file.source, entry, whole.hexdigest())
-    if chunks is not None and entry.chunks is not None:
-        spans = entry.chunks.digest_spans(entry.size)
-        for index, (span, found) in enumerate(zip(spans, chunks.digests(), strict=True)):
-            check_chunk_digest(file.source, entry, index, span, found)
