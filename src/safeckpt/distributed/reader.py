@@ -16,9 +16,9 @@ The order of DCP's calls, and what each does here:
    step on all ranks and collects failures before any rank goes on, so a damaged file makes
    every rank raise before any of them copies a byte into a parameter.
 3. every rank, ``read_data``: reads each requested box of a stored chunk straight into the
-   planner's destination when both are contiguous (otherwise through a buffer of the box's
-   span), decodes values with the tree decoder, then closes the files, refusing any that was
-   modified since it was verified.
+   planner's destination when both are contiguous (otherwise through one reused buffer, reading
+   only the box's own bytes when it is sparse in the file), decodes values with the tree
+   decoder, then closes the files, refusing any that was modified since it was verified.
 
 A resharded load (different world size, uneven shards) therefore verifies every file it reads
 from, completely, even if it needs only part of it; no rank holds a whole shard file in memory.
@@ -27,6 +27,7 @@ from, completely, even if it needs only part of it; no rank holds a whole shard 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -344,26 +345,46 @@ def _read_box(
 ) -> None:
     """Fill ``target`` with the box of the stored tensor ``info`` that starts at ``offsets``.
 
-    The box's elements lie between its first and last ones in the file (row-major); when they
-    are all it holds and ``target`` is contiguous CPU memory of the stored dtype, the bytes go
-    straight into it, else through ``staging``.
+    In the file (row-major) the box is a series of runs of consecutive elements, one per index
+    of the dimensions before the last one it does not span fully. One run that ``target``
+    can hold as it is (contiguous CPU memory of the stored dtype) is read straight into it.
+    Otherwise the box goes through ``staging``: read whole from its first element to its
+    last when that span is at most twice the box or its runs are short, else run by run (a
+    box of a tensor split along a later dimension, as tensor parallelism does, would
+    otherwise read the whole tensor on every rank).
     """
     if target.numel() == 0:
         return
-    strides = [math.prod(info.shape[d + 1 :]) for d in range(len(info.shape))]
+    shape, lengths = info.shape, tuple(target.shape)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
     first = sum(o * s for o, s in zip(offsets, strides, strict=True))
-    span = sum((n - 1) * s for n, s in zip(target.shape, strides, strict=True)) + 1
+    span = sum((n - 1) * s for n, s in zip(lengths, strides, strict=True)) + 1
     itemsize, dtype = DTYPE_SIZES[info.dtype], TORCH_DTYPES[info.dtype]
     begin = info.begin + first * itemsize
-    direct = span == target.numel() and target.device.type == "cpu" and target.dtype == dtype
-    if direct and target.is_contiguous() and info.dtype != "BOOL":
-        files.read_into(name, begin, tensor_memory(target))
-        return
-    staged = staging.take(span, dtype)
-    memory = tensor_memory(staged)
-    files.read_into(name, begin, memory)
+    if span == target.numel() and target.device.type == "cpu" and target.dtype == dtype:
+        if target.is_contiguous() and info.dtype != "BOOL":
+            files.read_into(name, begin, tensor_memory(target))
+            return
+    outer = next((d for d in range(len(shape) - 1, -1, -1) if lengths[d] != shape[d]), 0)
+    run = math.prod(lengths[outer:]) * itemsize
+    if span <= 2 * target.numel() or run < _SHORT_RUN:
+        staged = staging.take(span, dtype)
+        memory = tensor_memory(staged)
+        files.read_into(name, begin, memory)
+        box = staged.as_strided(lengths, strides)
+    else:
+        staged = staging.take(target.numel(), dtype)
+        memory = tensor_memory(staged)
+        starts = itertools.product(*(range(0, n * s, s) for n, s in zip(lengths[:outer], strides[:outer], strict=True)))
+        for index, start in enumerate(starts):
+            files.read_into(name, begin + sum(start) * itemsize, memory[index * run : (index + 1) * run])
+        box = staged.view(lengths)
     if info.dtype == "BOOL" and not bools_valid(memory):
         raise CheckpointCorruptedError(
             f"{source}: bool tensor {info.name!r} holds bytes other than 0 and 1; the file is damaged"
         )
-    target.copy_(staged.as_strided(tuple(target.shape), strides))
+    target.copy_(box)
+
+
+_SHORT_RUN = 4096
+"""Bytes below which a box's runs are not read one by one (one system call each)."""
