@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from safeckpt.distributed import reader
+from safeckpt.distributed import boxes
 from safeckpt.format.safetensors import TensorInfo
 from safeckpt.storage.base import VerifiedBuffers
 from safeckpt.torch.tensors import DTYPE_NAMES, tensor_memory
@@ -24,11 +24,11 @@ def destination(lengths: list[int], dtype: torch.dtype, layout: str) -> torch.Te
     return torch.full(lengths, 7, dtype=dtype)
 
 
-@pytest.mark.parametrize("short_run", [reader._SHORT_RUN, 1], ids=["span", "runs"])
+@pytest.mark.parametrize("short_run", [boxes.SHORT_RUN, 1], ids=["span", "runs"])
 def test_random_boxes_read_as_narrow_gives_them(short_run: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reader, "_SHORT_RUN", short_run)  # 1: every sparse box is read run by run
+    monkeypatch.setattr(boxes, "SHORT_RUN", short_run)  # 1: every sparse box is read run by run
     rng = random.Random(0)
-    staging = reader._Staging()
+    staging = boxes.Staging()
     for _ in range(1500):
         shape = tuple(rng.randint(0, 5) for _ in range(rng.randint(0, 4)))
         dtype = rng.choice(DTYPES)
@@ -42,7 +42,7 @@ def test_random_boxes_read_as_narrow_gives_them(short_run: int, monkeypatch: pyt
         for dim, (start, length) in enumerate(zip(offsets, lengths, strict=True)):
             expected = expected.narrow(dim, start, length)
         target = destination(lengths, rng.choice([dtype, torch.float64]), rng.choice(["contiguous", "transposed", "strided"]))
-        reader._read_box(VerifiedBuffers({"f": memoryview(data)}), "f", info, offsets, target, source="f", staging=staging)
+        boxes.read_box(VerifiedBuffers({"f": memoryview(data)}), "f", info, offsets, target, source="f", staging=staging)
         assert torch.equal(target, expected.to(target.dtype)), (shape, offsets, lengths, dtype, target.dtype)
 
 
@@ -59,6 +59,6 @@ def test_a_column_block_reads_only_its_own_bytes(monkeypatch: pytest.MonkeyPatch
 
     target = torch.empty(64, 1024)
     info = TensorInfo("w", "F32", (64, 4096), 0, len(data))
-    reader._read_box(Counting({"f": memoryview(data)}), "f", info, (0, 2048), target, source="f", staging=reader._Staging())
+    boxes.read_box(Counting({"f": memoryview(data)}), "f", info, (0, 2048), target, source="f", staging=boxes.Staging())
     assert torch.equal(target, stored[:, 2048:3072])
     assert sum(read) == target.nbytes and len(read) == 64

@@ -27,8 +27,6 @@ from, completely, even if it needs only part of it; no rank holds a whole shard 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -49,7 +47,6 @@ from torch.futures import Future
 
 from ..errors import CheckpointCorruptedError
 from ._core import (
-    DTYPE_SIZES,
     MANIFEST_NAME,
     TORCH_DTYPES,
     CheckpointFolder,
@@ -59,15 +56,14 @@ from ._core import (
     TensorInfo,
     VerifiedRanges,
     as_location,
-    bools_valid,
     header_end,
     is_sharded,
     load_msgpack,
     locate_checkpoint,
     parse_header,
     storage_for,
-    tensor_memory,
 )
+from .boxes import Staging, read_box
 from .planner import PLANNER_MARK, LoadPlanner, decode_value
 from .sharding import SHARDING_NAME, Location, Sharding, parse_sharding
 from .writer import UsageError
@@ -272,7 +268,7 @@ class Reader(StorageReader):
             raise UsageError("safeckpt.distributed.Reader needs planner=safeckpt.distributed.LoadPlanner()")
         assert self.folder is not None and self.sharding is not None
         locations = self._where
-        files, staging = self._files, _Staging()
+        files, staging = self._files, Staging()
         try:
             for item in plan.items:
                 location = locations[item.storage_index]
@@ -292,7 +288,7 @@ class Reader(StorageReader):
                         f"{tuple(item.lengths)} at {tuple(item.storage_offsets)} to fill one of shape "
                         f"{tuple(target.shape)}; the checkpoint is damaged"
                     )
-                _read_box(files, location.file, info, item.storage_offsets, target, source=source, staging=staging)
+                read_box(files, location.file, info, item.storage_offsets, target, source=source, staging=staging)
                 planner.commit_tensor(item, target)
             if files is not None:
                 self._files = None
@@ -315,76 +311,3 @@ def _read_header(files: VerifiedRanges, entry: FileEntry, source: str) -> list[T
     end = header_end(_read(files, entry.name, 0, min(8, entry.size)), total=entry.size, source=source)
     infos, _ = parse_header(_read(files, entry.name, 0, end), source=source, total=entry.size)
     return infos
-
-
-class _Staging:
-    """One CPU buffer, reused for every box that cannot be read in place (a parameter on a GPU,
-    a box not contiguous in the file): fresh memory for each would fault in every page again."""
-
-    def __init__(self) -> None:
-        self._buffer = torch.empty(0, dtype=torch.uint8)
-
-    def take(self, count: int, dtype: torch.dtype) -> torch.Tensor:
-        """``count`` elements of ``dtype`` (contents undefined), valid until the next call."""
-        nbytes = count * dtype.itemsize
-        if self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(0, dtype=torch.uint8)  # drop the old one first
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buffer[:nbytes].view(dtype)
-
-
-def _read_box(
-    files: VerifiedRanges,
-    name: str,
-    info: TensorInfo,
-    offsets: Sequence[int],
-    target: torch.Tensor,
-    *,
-    source: str,
-    staging: _Staging,
-) -> None:
-    """Fill ``target`` with the box of the stored tensor ``info`` that starts at ``offsets``.
-
-    In the file (row-major) the box is a series of runs of consecutive elements, one per index
-    of the dimensions before the last one it does not span fully. One run that ``target``
-    can hold as it is (contiguous CPU memory of the stored dtype) is read straight into it.
-    Otherwise the box goes through ``staging``: read whole from its first element to its
-    last when that span is at most twice the box or its runs are short, else run by run (a
-    box of a tensor split along a later dimension, as tensor parallelism does, would
-    otherwise read the whole tensor on every rank).
-    """
-    if target.numel() == 0:
-        return
-    shape, lengths = info.shape, tuple(target.shape)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    first = sum(o * s for o, s in zip(offsets, strides, strict=True))
-    span = sum((n - 1) * s for n, s in zip(lengths, strides, strict=True)) + 1
-    itemsize, dtype = DTYPE_SIZES[info.dtype], TORCH_DTYPES[info.dtype]
-    begin = info.begin + first * itemsize
-    if span == target.numel() and target.device.type == "cpu" and target.dtype == dtype:
-        if target.is_contiguous() and info.dtype != "BOOL":
-            files.read_into(name, begin, tensor_memory(target))
-            return
-    outer = next((d for d in range(len(shape) - 1, -1, -1) if lengths[d] != shape[d]), 0)
-    run = math.prod(lengths[outer:]) * itemsize
-    if span <= 2 * target.numel() or run < _SHORT_RUN:
-        staged = staging.take(span, dtype)
-        memory = tensor_memory(staged)
-        files.read_into(name, begin, memory)
-        box = staged.as_strided(lengths, strides)
-    else:
-        staged = staging.take(target.numel(), dtype)
-        memory = tensor_memory(staged)
-        starts = itertools.product(*(range(0, n * s, s) for n, s in zip(lengths[:outer], strides[:outer], strict=True)))
-        for index, start in enumerate(starts):
-            files.read_into(name, begin + sum(start) * itemsize, memory[index * run : (index + 1) * run])
-        box = staged.view(lengths)
-    if info.dtype == "BOOL" and not bools_valid(memory):
-        raise CheckpointCorruptedError(
-            f"{source}: bool tensor {info.name!r} holds bytes other than 0 and 1; the file is damaged"
-        )
-    target.copy_(box)
-
-
-_SHORT_RUN = 4096
-"""Bytes below which a box's runs are not read one by one (one system call each)."""
