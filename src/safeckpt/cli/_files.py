@@ -13,18 +13,16 @@ import concurrent.futures
 import functools
 import mmap
 import os
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
-from ..format import limits
 from ..format.documents import load_json
 from ..format.layout import OBJECTS_PREFIX
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ..format.safetensors import TensorInfo, parse_header
+from ..format.safetensors import TensorInfo, header_end, parse_header
 from ..pipeline.read import locate_checkpoint, model_aliases
 from ..storage.base import CheckpointFolder, CheckpointStorage, Location, ObjectPath
 from ..storage.local import LocalFolder, LocalStorage
@@ -221,8 +219,7 @@ def _remote_head(opened: ObjectFolder, folder: ObjectPath, entry: FileEntry) -> 
     if entry.size < 8:
         return view
     view[:8] = opened.read_range(entry, 0, 8)
-    # An oversized length is refused by parse_header from the first 8 bytes alone.
-    end = min(8 + struct.unpack_from("<Q", view, 0)[0], 8 + limits.MAX_SAFETENSORS_HEADER_BYTES, entry.size)
+    end = header_end(view[:8], total=entry.size, source=str(folder / entry.name))
     view[8:end] = opened.read_range(entry, 8, end)
     tensors, _ = parse_header(view, source=str(folder / entry.name))  # (the zeros pass as bools)
     for info in tensors:

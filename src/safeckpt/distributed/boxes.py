@@ -60,10 +60,10 @@ def read_box(
     span = sum((n - 1) * s for n, s in zip(lengths, strides, strict=True)) + 1
     itemsize, dtype = DTYPE_SIZES[info.dtype], TORCH_DTYPES[info.dtype]
     begin = info.begin + first * itemsize
-    if span == target.numel() and target.device.type == "cpu" and target.dtype == dtype:
-        if target.is_contiguous() and info.dtype != "BOOL":
-            files.read_into(name, begin, tensor_memory(target))
-            return
+    in_place = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+    if span == target.numel() and in_place and info.dtype != "BOOL":
+        files.read_into(name, begin, tensor_memory(target))
+        return
     outer = next((d for d in range(len(shape) - 1, -1, -1) if lengths[d] != shape[d]), 0)
     run = math.prod(lengths[outer:]) * itemsize
     if span <= 2 * target.numel() or run < SHORT_RUN:

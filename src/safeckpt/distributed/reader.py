@@ -145,15 +145,12 @@ class Reader(StorageReader):
         if checkpoint_id is not None and as_location(checkpoint_id) != self.path:
             self.path = as_location(checkpoint_id)
             self.folder = self.manifest = self.sharding = self.metadata = None
-        self._release()
+        self.close()
 
     def close(self) -> None:
-        """Close the files a load left open because it failed between DCP's planning and its
-        reads (another rank's error); a load that completes closes them itself."""
-        self._release()
-
-    def _release(self) -> None:
-        """Forget the files of the last plan, closing them unchecked (a load that failed)."""
+        """Forget the files of the last plan, closing them unchecked: those a load left open
+        because it failed between DCP's planning and its reads (another rank's error); a load
+        that completes closes them itself, checked."""
         files, self._files = self._files, None
         self._headers, self._values = {}, {}
         if files is not None:
@@ -208,7 +205,7 @@ class Reader(StorageReader):
                 "DCP's own load planners (the default one, _load_state_dict_from_keys) hand "
                 "non-tensor values to torch.load, which runs pickle"
             )
-        self._release()
+        self.close()
         if not plan.items:
             return plan
         assert self.folder is not None and self.manifest is not None and self.sharding is not None
@@ -234,7 +231,7 @@ class Reader(StorageReader):
             for item in plan.items:
                 self._check(item.storage_index.fqn, locations[item.storage_index])
         except BaseException:
-            self._release()
+            self.close()
             raise
         return plan
 
@@ -294,7 +291,7 @@ class Reader(StorageReader):
                 self._files = None
                 files.close()  # refuses a file modified since it was verified
         finally:
-            self._release()
+            self.close()
         future: Future[None] = Future()
         future.set_result(None)
         return future

@@ -34,6 +34,7 @@ from .tuning import TUNING, cores
 
 __all__ = [
     "OpenFile",
+    "check_digests",
     "chunk_size",
     "read_bounded",
     "read_files",
@@ -183,18 +184,25 @@ class OpenFile:
             raise unreadable(self.source, exc) from exc
         check_digest(self.source, self.entry, digest)
 
-    def check_chunk(self, index: int, start: int, end: int, expected: str) -> None:
-        """Read chunk ``index``, bytes ``start`` to ``end``, and check their SHA-256."""
-        piece = self.view[start:end]
+    def check_span(self, index: int, span: tuple[int, int, str], *, keep: bool = True) -> None:
+        """Read bytes ``span[0]`` to ``span[1]`` in cache-sized parts, into the file's buffer
+        with ``keep``, else through one scratch buffer, and check their SHA-256 ``span[2]``:
+        chunk ``index``'s digest, or the whole file's for a file without chunk digests."""
+        start, end, _ = span
+        scratch = None if keep else memoryview(bytearray(min(TUNING.cached_piece, end - start)))
         sha = hashlib.sha256()
         try:
-            for offset in range(0, len(piece), TUNING.cached_piece):
-                part = piece[offset : offset + TUNING.cached_piece]
-                read_into(self.fd, part, start + offset, source=self.source, size=self.entry.size)
+            for offset in range(start, end, TUNING.cached_piece):
+                size = min(TUNING.cached_piece, end - offset)
+                part = self.view[offset : offset + size] if scratch is None else scratch[:size]
+                read_into(self.fd, part, offset, source=self.source, size=self.entry.size)
                 sha.update(part)
         except (OSError, MemoryError) as exc:
             raise unreadable(self.source, exc) from exc
-        check_chunk_digest(self.source, self.entry, index, (start, end, expected), sha.hexdigest())
+        if self.entry.chunks is None:
+            check_digest(self.source, self.entry, sha.hexdigest())
+        else:
+            check_chunk_digest(self.source, self.entry, index, span, sha.hexdigest())
 
     def check_unchanged(self) -> None:
         """Refuse a file that grew while it was read (another process is writing it)."""
@@ -227,6 +235,24 @@ def read_files(
     return buffers
 
 
+def check_digests(files: Iterable[OpenFile], *, keep: bool) -> None:
+    """Check every digest of ``files``, each chunk digest where a file has them, else its
+    SHA-256, the longest first, on all cores. With ``keep`` the bytes land in each file's
+    buffer (a whole file is then read on one thread and hashed on another); without, they
+    stream through small scratch buffers and nothing is kept."""
+    jobs: list[tuple[int, Callable[[], None]]] = []
+    for file in files:
+        size, chunks = file.entry.size, file.entry.chunks
+        if chunks is None and keep:
+            jobs.append((size, file.check_whole))
+            continue
+        spans = chunks.digest_spans(size) if chunks is not None else [(0, size, file.entry.sha256)]
+        jobs.extend((span[1] - span[0], functools.partial(file.check_span, index, span, keep=keep))
+                    for index, span in enumerate(spans))  # fmt: skip
+    jobs.sort(key=lambda job: -job[0])
+    in_parallel([job for _, job in jobs], cores(), name="safeckpt-read" if keep else "safeckpt-verify")
+
+
 def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: bool) -> dict[str, memoryview]:
     files: list[OpenFile] = []
     try:
@@ -235,18 +261,7 @@ def _read_batch(dir_fd: int, entries: list[FileEntry], folder: Path, verify: boo
         for file in files:
             file.allocate(verify=verify)
         if verify:
-            jobs: list[tuple[int, Callable[[], None]]] = []
-            for file in files:
-                if file.entry.chunks is None:
-                    jobs.append((file.entry.size, file.check_whole))
-                    continue
-                spans = file.entry.chunks.digest_spans(file.entry.size)
-                jobs.extend(
-                    (span[1] - span[0], functools.partial(file.check_chunk, index, *span))
-                    for index, span in enumerate(spans)
-                )
-            jobs.sort(key=lambda job: -job[0])
-            in_parallel([job for _, job in jobs], cores(), name="safeckpt-read")
+            check_digests(files, keep=True)
             for file in files:
                 file.check_unchanged()
     finally:

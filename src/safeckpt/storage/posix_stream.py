@@ -11,14 +11,14 @@ import functools
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import CheckpointCorruptedError
 from ..format.manifest import FileEntry
 from .hashing import Hasher, check_chunk_digest, check_digest
 from .parallel import in_parallel
-from .posix import OpenFile, read_into, unreadable
+from .posix import OpenFile, check_digests, read_into, unreadable
 from .tuning import TUNING, cores
 
 __all__ = ["VerifiedFiles", "audit_files"]
@@ -50,7 +50,7 @@ class VerifiedFiles:
             for start in range(0, len(ordered), TUNING.open_at_once):
                 files = [self._file(entry.name) for entry in ordered[start : start + TUNING.open_at_once]]
                 if verify:
-                    _check_streamed(files)
+                    check_digests(files, keep=False)
         except BaseException:
             self._close_all()
             raise
@@ -125,39 +125,6 @@ def _stamp(file: OpenFile) -> tuple[int, ...]:
     except OSError as exc:
         raise unreadable(file.source, exc) from exc
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
-
-
-def _check_streamed(files: Sequence[OpenFile]) -> None:
-    """Check every digest of ``files`` (chunk digests where a file has them, else its SHA-256),
-    the largest first, on all cores."""
-    jobs: list[tuple[int, Callable[[], None]]] = []
-    for file in files:
-        spans = [(0, file.entry.size, file.entry.sha256)]
-        if file.entry.chunks is not None:
-            spans = file.entry.chunks.digest_spans(file.entry.size)
-        jobs.extend((end - start, functools.partial(_stream_check, file, i, (start, end, digest)))
-                    for i, (start, end, digest) in enumerate(spans))  # fmt: skip
-    jobs.sort(key=lambda job: -job[0])
-    in_parallel([job for _, job in jobs], cores(), name="safeckpt-verify")
-
-
-def _stream_check(file: OpenFile, index: int, span: tuple[int, int, str]) -> None:
-    """Check one digest of ``file`` (``index`` of its chunks, or the whole file) by streaming
-    its bytes through a buffer small enough to stay in the cache while it is hashed."""
-    start, end, _ = span
-    sha = hashlib.sha256()
-    buffer = memoryview(bytearray(min(TUNING.cached_piece, end - start)))
-    try:
-        for offset in range(start, end, TUNING.cached_piece):
-            piece = buffer[: min(TUNING.cached_piece, end - offset)]
-            read_into(file.fd, piece, offset, source=file.source, size=file.entry.size)
-            sha.update(piece)
-    except OSError as exc:
-        raise unreadable(file.source, exc) from exc
-    if file.entry.chunks is None:
-        check_digest(file.source, file.entry, sha.hexdigest())
-    else:
-        check_chunk_digest(file.source, file.entry, index, span, sha.hexdigest())
 
 
 def audit_files(dir_fd: int, entries: Iterable[FileEntry], *, folder: Path) -> None:
