@@ -38,11 +38,14 @@ def dataset() -> list[dict[str, torch.Tensor]]:
 
 def make_trainer(
     out: str, losses: str, *, block_at: int | None = None, base: type[transformers.Trainer] = Trainer,
-    steps: int = STEPS,
+    steps: int = STEPS, args: dict[str, object] | None = None, **trainer_options: object,
 ) -> transformers.Trainer:  # fmt: skip
+    """The test run's Trainer; ``args`` override TrainingArguments, ``trainer_options`` go to the Trainer."""
     class Recording(base):  # type: ignore[misc, valid-type]
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training:  # an evaluation (which asks for the outputs too)
+                return loss
             step = self.state.global_step + 1
             with open(losses, "a") as record:
                 record.write(f"{step} {float(loss.detach())!r}\n")
@@ -52,12 +55,13 @@ def make_trainer(
 
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(tiny_config())
-    args = transformers.TrainingArguments(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=4, save_strategy="steps",
-        save_steps=SAVE_STEPS, save_total_limit=2, logging_steps=1000, report_to="none", use_cpu=True,
-        seed=0, learning_rate=1e-2, warmup_steps=2, disable_tqdm=True, dataloader_num_workers=0,
-    )  # fmt: skip
-    return Recording(model=model, args=args, train_dataset=dataset())
+    training_args = transformers.TrainingArguments(**{
+        "output_dir": out, "max_steps": steps, "per_device_train_batch_size": 4, "save_strategy": "steps",
+        "save_steps": SAVE_STEPS, "save_total_limit": 2, "logging_steps": 1000, "report_to": "none", "use_cpu": True,
+        "seed": 0, "learning_rate": 1e-2, "warmup_steps": 2, "disable_tqdm": True, "dataloader_num_workers": 0,
+        **(args or {}),
+    })  # type: ignore[arg-type]  # fmt: skip
+    return Recording(model=model, args=training_args, train_dataset=dataset(), **trainer_options)
 
 
 def trap_unpickling() -> None:

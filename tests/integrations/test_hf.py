@@ -4,6 +4,7 @@ newest checkpoint, export to from_pretrained, conversion of stock Trainer folder
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -185,6 +186,60 @@ def test_convert_refuses_files_that_need_unpickling(tmp_path: Path) -> None:
         import_hf_checkpoint(folder, tmp_path / "out")
     assert "optimizer.pt" in str(info.value) and "weights_only=True" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted((p.name for p in out.glob("checkpoint-*")), key=lambda name: int(name.split("-")[1]))
+
+
+def test_best_checkpoint_is_the_one_just_saved_when_it_is_the_best(tmp_path: Path) -> None:
+    """As with the stock Trainer: the save that sets a new best metric is recorded as the best
+    checkpoint at once (in trainer_state.json too), kept by rotation and loaded at the end."""
+    scores = iter([0.5, 0.3, 0.9])  # evaluations at steps 4, 8, 12: the last is the best
+    trainer = hf_train.make_trainer(
+        str(tmp_path / "out"), str(tmp_path / "losses.txt"),
+        args={"eval_strategy": "steps", "eval_steps": 4, "load_best_model_at_end": True, "save_total_limit": 1,
+              "metric_for_best_model": "score", "greater_is_better": True},
+        eval_dataset=hf_train.dataset()[:8], compute_metrics=lambda _: {"score": next(scores)},
+    )  # fmt: skip
+    trainer.train()
+    best = tmp_path / "out" / "checkpoint-12"
+    assert trainer.state.best_model_checkpoint == str(best)
+    assert _checkpoints(tmp_path / "out") == ["checkpoint-12"]
+    saved = safeckpt.load_checkpoint(best, restore_rng=False)
+    assert json.loads((best / "trainer_state.json").read_text())["best_model_checkpoint"] == str(best)
+    assert all(torch.equal(saved.model_state[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_rotation_keeps_the_new_save_beside_an_earlier_runs_later_steps(tmp_path: Path) -> None:
+    """save_total_limit keeps the checkpoint just written even when output_dir holds an earlier
+    run's higher-numbered ones (ordered by time written, as the stock Trainer orders them)."""
+    out = tmp_path / "out"
+    hf_train.make_trainer(str(out), str(tmp_path / "a.txt")).train()  # leaves checkpoint-8 and -12
+    earlier = time.time() - 60
+    for name in ("checkpoint-8", "checkpoint-12"):
+        os.utime(out / name, (earlier, earlier))
+    hf_train.make_trainer(str(out), str(tmp_path / "b.txt"), steps=4).train()
+    assert _checkpoints(out) == ["checkpoint-4", "checkpoint-12"]
+
+
+def test_checkpoint_holds_what_from_pretrained_reads(tmp_path: Path) -> None:
+    """Like a stock checkpoint-N: config.json names the architecture and dtype, and the
+    tokenizer and generation config are saved beside it (listed in the manifest, verified)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w63"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w63", pad_token="w0")
+    out = tmp_path / "out"
+    hf_train.make_trainer(str(out), str(tmp_path / "losses.txt"), steps=4, processing_class=tokenizer).train()
+    folder = out / "checkpoint-4"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["dtype"] == "float32"
+    listed = set(json.loads((folder / "manifest.json").read_text())["files"])
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= listed
+    safeckpt.verify_checkpoint(folder)
+    assert transformers.AutoTokenizer.from_pretrained(folder)("w5 w7")["input_ids"] == [5, 7]
+    assert transformers.AutoModelForCausalLM.from_pretrained(folder).generation_config.eos_token_id == 0
 
 
 # The transformers.Trainer internals safeckpt.hf.Trainer overrides or calls: if an upgrade renames

@@ -4,7 +4,8 @@ Every ``checkpoint-N`` folder is then a safeckpt checkpoint, committed atomicall
 complete or not at all), holding:
 
 * ``model.safetensors`` (tied weights once) and ``config.json`` (the model's config, with
-  ``model_type``, so ``from_pretrained`` and ``safeckpt export --to hf`` work on it);
+  ``model_type`` and ``architectures``, so ``from_pretrained`` and ``safeckpt export --to hf``
+  work on it), with the generation config and tokenizer files ``save_pretrained`` writes;
 * the optimizer, LR scheduler, gradient scaler and RNG state as safeckpt trees, never pickled;
 * ``trainer_state.json`` at the top level, where the Trainer reads it. It is listed in
   ``manifest.json`` like every other file, so it is verified with the rest before anything of
@@ -32,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from ..errors import (
     CheckpointNotFoundError,
     CheckpointUsageError,
 )
+from ..format.limits import FILE_NAME_PATTERN
 from ..format.manifest import MANIFEST_NAME
 from ..pipeline.verify import verify_checkpoint
 from ..storage.local import subfolders
@@ -174,7 +177,9 @@ class Trainer(transformers.Trainer):
             and self.state.best_global_step
         ):
             best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if os.path.exists(best):
+            # The stock Trainer checks after writing the weights; here trainer_state.json is
+            # committed with them, so the folder being written counts as existing.
+            if best == output_dir or os.path.exists(best):
                 self.state.best_model_checkpoint = best
         if not self.args.should_save:
             return
@@ -190,11 +195,15 @@ class Trainer(transformers.Trainer):
         self._write(output_dir)
         if self.args.push_to_hub:
             self._push_from_checkpoint(output_dir)
-        self._rotate(run_dir)
+        self._rotate(run_dir, output_dir)
 
     def _write(self, output_dir: str) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
         config = getattr(unwrapped, "config", None)
+        if isinstance(unwrapped, transformers.PreTrainedModel) and isinstance(config, transformers.PretrainedConfig):
+            # What save_pretrained records in config.json (it sets them on the config, too).
+            config.dtype = str(unwrapped.dtype).split(".")[1]
+            config.architectures = [type(unwrapped).__name__]
         full = not self.args.save_only_model
         scaler = getattr(self.accelerator, "scaler", None)
         plan = plan_checkpoint(
@@ -212,28 +221,71 @@ class Trainer(transformers.Trainer):
         # Exactly what TrainerState.save_to_json writes.
         state = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
         plan.documents[TRAINER_STATE_NAME] = state.encode()
+        for name, data in self._pretrained_files(unwrapped).items():
+            if name in plan.documents or name.startswith(tuple(f"{n}." for n in plan.archives)):
+                warnings.warn(f"{output_dir}: not saving {name} (written by save_pretrained): a checkpoint file has that name", stacklevel=3)
+            else:
+                plan.documents[name] = data
         write_checkpoint(plan, path=output_dir, overwrite=True)
 
-    def _rotate(self, run_dir: str) -> None:
-        """Keep the ``save_total_limit`` newest checkpoints and the best one; each removal hides
-        the folder before deleting it, so no half-deleted folder looks like a checkpoint."""
+    def _pretrained_files(self, model: Any) -> dict[str, bytes]:
+        """What the stock Trainer's ``save_model`` writes beside the weights and ``config.json``:
+        the generation config and the tokenizer or processor (``processing_class``, else the data
+        collator's tokenizer), so ``from_pretrained`` of a ``checkpoint-N`` finds them. Kept as
+        listed files of the checkpoint (verified with the rest; FORMAT.md §3)."""
+        parts: list[Any] = []
+        if isinstance(model, transformers.PreTrainedModel) and model.can_generate():
+            parts.append(model.generation_config)
+        processor = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if processor is not None:
+            parts.append(processor)
+        files: dict[str, bytes] = {}
+        if parts:
+            with tempfile.TemporaryDirectory(prefix="safeckpt-hf-") as tmp:
+                for part in parts:
+                    part.save_pretrained(tmp)
+                for path in sorted(Path(tmp).rglob("*")):
+                    name = path.relative_to(tmp).as_posix()
+                    if path.is_file() and FILE_NAME_PATTERN.fullmatch(name) and name != MANIFEST_NAME:
+                        files[name] = path.read_bytes()
+                    elif path.is_file():
+                        warnings.warn(f"not saving {name} (written by save_pretrained): checkpoint files are flat, plainly named", stacklevel=4)
+        return files
+
+    def _rotate(self, run_dir: str, newest: str) -> None:
+        """Keep ``save_total_limit`` checkpoints: the one just written (``newest``), the best one
+        and the most recently written others, as the stock Trainer does (by modification time, or
+        by step where the file system's times are all within a second), so an ``output_dir``
+        holding an earlier run's higher-numbered folders never costs the new save. Each removal
+        hides the folder before deleting it, so no half-deleted folder looks like a checkpoint."""
         limit = self.args.save_total_limit
         if not limit or limit <= 0:
             return
-        found = sorted(
-            (int(m.group(1)), os.path.join(run_dir, name))
-            for name in os.listdir(run_dir)
-            if (m := _STEP.fullmatch(name)) and os.path.isdir(os.path.join(run_dir, name))
-        )
+        found: dict[str, tuple[float, int]] = {}
+        for name in os.listdir(run_dir):
+            path = os.path.join(run_dir, name)
+            if (m := _STEP.fullmatch(name)) and os.path.isdir(path):
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    found[path] = (os.path.getmtime(path), int(m.group(1)))
+        if not found:
+            return
+        times = [when for when, _ in found.values()]
+        by_time = max(times) - min(times) >= 1.0
+        order = sorted(found, key=lambda path: found[path] if by_time else found[path][1])
         best = self.state.best_model_checkpoint
-        keep = {path for _, path in found[-limit:]} | ({os.path.join(run_dir, Path(best).name)} if best else set())
-        for _, path in found:
-            if path not in keep:
-                logger.info("Deleting older checkpoint %s due to save_total_limit", path)
-                if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-                    remove_checkpoint(path)
-                else:
-                    shutil.rmtree(path, ignore_errors=True)
+        protected = {newest} | ({os.path.join(run_dir, Path(best).name)} if best else set())
+        excess = len(order) - max(limit, len(protected & set(order)))
+        for path in order:
+            if excess <= 0:
+                break
+            if path in protected:
+                continue
+            logger.info("Deleting older checkpoint %s due to save_total_limit", path)
+            if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+                remove_checkpoint(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            excess -= 1
 
     # -- resuming ------------------------------------------------------------------------------
 
