@@ -25,6 +25,16 @@ def test_empty_root_says_there_is_no_checkpoint(tmp_path: Path) -> None:
         safeckpt.load_checkpoint(tmp_path)
 
 
+def test_a_torch_save_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A stock Lightning ``last.ckpt`` or a ``.pt`` passed where a checkpoint is expected: the
+    error says what the file is and how to convert it, not that it does not exist."""
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "last.ckpt")
+    with pytest.raises(safeckpt.CheckpointNotFoundError) as info:
+        safeckpt.load_checkpoint(tmp_path / "last.ckpt")
+    message = str(info.value)
+    assert "is a torch.save file" in message and f"safeckpt convert {tmp_path / 'last.ckpt'}" in message
+
+
 def test_folder_without_manifest_was_never_committed(saved: Path) -> None:
     (saved / "manifest.json").unlink()
     with pytest.raises(safeckpt.CheckpointNotFoundError, match="never committed"):

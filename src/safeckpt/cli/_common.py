@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Protocol
 
 __all__ = [
@@ -24,7 +23,6 @@ __all__ = [
     "add_json",
     "add_quiet",
     "add_storage_options",
-    "describe_file",
     "emit_json",
     "finite",
     "human_size",
@@ -162,39 +160,6 @@ def iso_time(timestamp: float) -> str:
 def finite(value: float) -> float | None:
     """``value`` for JSON: infinity and NaN become None (JSON has no such numbers)."""
     return value if math.isfinite(value) else None
-
-
-_ZIP_MAGIC = b"PK\x03\x04"
-
-
-def describe_file(path: Path) -> str | None:
-    """What a regular file that is not a checkpoint looks like, with what to do; None when
-    ``path`` is not a regular file or is a ``manifest.json`` (those are for the readers)."""
-    if path.name == "manifest.json" or not path.is_file():
-        return None
-    try:
-        with open(path, "rb") as file:
-            head = file.read(16)
-    except OSError as exc:
-        return f"{path}: cannot be read ({exc.strerror})"
-    convert = f"convert it with: safeckpt convert {path} CHECKPOINT_ROOT"
-    if head.startswith(_ZIP_MAGIC):
-        return (
-            f"{path}: is a torch.save file (a zip archive holding a pickle), not a safeckpt "
-            f"checkpoint; {convert}"
-        )
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return f"{path}: is a pickle file (perhaps a legacy torch.save file), not a safeckpt checkpoint; {convert}"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return (
-            f"{path}: looks like a safetensors file, not a safeckpt checkpoint; a checkpoint is "
-            f"the folder holding manifest.json{_parent_hint(path)}"
-        )
-    return f"{path}: is a file, not a safeckpt checkpoint (a folder holding manifest.json, or a root of step-* folders)"
-
-
-def _parent_hint(path: Path) -> str:
-    return f" (try {path.parent})" if (path.parent / "manifest.json").is_file() else ""
 
 
 def stderr_note(message: str, *, quiet: bool = False) -> None:

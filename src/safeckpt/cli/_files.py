@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointCorruptedError, CheckpointNotFoundError
+from ..errors import CheckpointCorruptedError
 from ..format.documents import load_json
 from ..format.layout import OBJECTS_PREFIX
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
@@ -85,13 +85,7 @@ def locate(path: str | os.PathLike[str], *, storage_options: Options = None) -> 
     ``storage_options``, else from the environment as s3fs reads them): an ``ObjectPath`` comes
     back. A local file that is not a checkpoint (a ``.pt`` file, say) is named for what it is.
     """
-    from ._common import describe_file
-
-    location = as_location(path)
-    description = describe_file(location) if isinstance(location, Path) else None
-    if description is not None:
-        raise CheckpointNotFoundError(description)
-    return locate_checkpoint(location, storage_options=storage_options)
+    return locate_checkpoint(as_location(path), storage_options=storage_options)
 
 
 def storage_at(root: str | os.PathLike[str], *, storage_options: Options = None) -> tuple[Location, CheckpointStorage]:

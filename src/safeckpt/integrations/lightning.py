@@ -11,7 +11,10 @@ How Lightning's checkpoint dict is stored:
   datamodule state, what ``on_save_checkpoint`` added) -> ``extra``, keyed as in the dict;
 * the RNG state (Python, NumPy, torch CPU and CUDA), which Lightning itself does not save, is
   captured when the checkpoint is saved and restored when it is loaded, so ``trainer.fit(...,
-  ckpt_path="last")`` continues with the same random draws.
+  ckpt_path="last")`` continues with the same random draws when the checkpoint was written on an
+  epoch's last batch (``every_n_train_steps``). Written elsewhere (at validation or epoch end,
+  mid-epoch), it does not: a restarting Lightning creates dataloader iterators, which draw their
+  seeds from the global RNG, at other points than the uninterrupted run (see the README).
 
 A value that cannot be stored without pickle raises :class:`~safeckpt.errors.UnsupportedValueError`
 naming its key in the checkpoint dict. Every save goes to exactly the path Lightning chose, with

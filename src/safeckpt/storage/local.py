@@ -28,7 +28,48 @@ from .posix_stream import VerifiedFiles, audit_files
 if TYPE_CHECKING:  # the transaction (flock, renameat2) is imported by the calls that write
     from .posix_commit import PosixPendingWrite
 
-__all__ = ["LocalFolder", "LocalStaging", "LocalStorage", "list_checkpoints", "scan_steps", "subfolders"]
+__all__ = [
+    "LocalFolder",
+    "LocalStaging",
+    "LocalStorage",
+    "describe_file",
+    "list_checkpoints",
+    "scan_steps",
+    "subfolders",
+]
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def describe_file(path: Path) -> str | None:
+    """What a regular file that is not a checkpoint looks like, with what to do; None when
+    ``path`` is not a regular file or is a ``manifest.json`` (those are for the readers)."""
+    if path.name == MANIFEST_NAME or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror})"
+    convert = f"convert it with: safeckpt convert {path} CHECKPOINT_ROOT"
+    if head.startswith(_ZIP_MAGIC):
+        return (
+            f"{path}: is a torch.save file (a zip archive holding a pickle), not a safeckpt "
+            f"checkpoint; {convert}"
+        )
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return f"{path}: is a pickle file (perhaps a legacy torch.save file), not a safeckpt checkpoint; {convert}"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return (
+            f"{path}: looks like a safetensors file, not a safeckpt checkpoint; a checkpoint is "
+            f"the folder holding {MANIFEST_NAME}{_parent_hint(path)}"
+        )
+    return f"{path}: is a file, not a safeckpt checkpoint (a folder holding {MANIFEST_NAME}, or a root of step-* folders)"
+
+
+def _parent_hint(path: Path) -> str:
+    return f" (try {path.parent})" if (path.parent / MANIFEST_NAME).is_file() else ""
 
 
 def subfolders(root: str | os.PathLike[str]) -> list[str]:
@@ -94,7 +135,7 @@ class LocalStorage:
             raise CheckpointNotFoundError(
                 f"{path}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* folders)"
             )
-        raise CheckpointNotFoundError(f"{path}: checkpoint does not exist; check the path")
+        raise CheckpointNotFoundError(describe_file(path) or f"{path}: checkpoint does not exist; check the path")
 
     def list_checkpoints(self) -> list[tuple[int, Location]]:
         """Committed ``step-N`` folders, oldest first."""
