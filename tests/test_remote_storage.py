@@ -26,7 +26,7 @@ from safeckpt.format.manifest import build
 from safeckpt.storage import objectio
 from safeckpt.storage.base import ObjectPath
 from safeckpt.storage.locate import as_location, storage_for
-from safeckpt.storage.objectstore import ObjectStorage
+from safeckpt.storage.objectstore import ObjectPendingWrite, ObjectStorage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -186,6 +186,66 @@ def test_two_writers_of_one_step_exactly_one_commits(server: S3Server, bucket: s
     manifest = json.loads(fs.cat_file(f"{place}/manifest.json"))
     assert [n for n in fs.ls(place, detail=False) if "/objects-" in n] == [f"{place}/{manifest['objects']}"]
     assert fs.cat_file(f"{place}/{manifest['objects']}/config.json") == b'{"writer": "b"}'
+
+
+def test_a_manager_saving_beside_another_writers_upload_stays_create_only(
+    server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer's objects of the same step, not yet committed, are not a damaged
+    checkpoint to replace: when that writer commits first, the manager's save is refused
+    instead of silently replacing it."""
+    opts = options(server.url)
+    root = f"s3://{bucket}/run"
+    storage = storage_for(as_location(root), opts)
+    real = ObjectPendingWrite.commit
+    with storage.begin(100) as other:
+        entries = other.write_files([("config.json", [b'{"writer": "other"}'], 19)])
+
+        def other_commits_first(self: ObjectPendingWrite, manifest: object, *, overwrite: bool = False) -> object:
+            if self is not other:
+                real(other, build(100, entries))
+            return real(self, manifest, overwrite=overwrite)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(ObjectPendingWrite, "commit", other_commits_first)
+        with pytest.raises(CheckpointExistsError):
+            safeckpt.CheckpointManager(root, storage_options=opts).save(100, model=_model(20))
+    fs = fsspec.filesystem("s3", **opts)
+    manifest = json.loads(fs.cat_file(f"{bucket}/run/step-00000100/manifest.json"))
+    assert fs.cat_file(f"{bucket}/run/step-00000100/{manifest['objects']}/config.json") == b'{"writer": "other"}'
+
+
+def test_a_missing_bucket_is_an_error_not_an_empty_run(server: S3Server, bucket: str) -> None:
+    """A typo in the bucket name must not look like a run with no checkpoint yet (which would
+    restart training from step 0)."""
+    opts = options(server.url)
+    manager = safeckpt.CheckpointManager(f"s3://{bucket}-typo/run", storage_options=opts)
+    for call in (manager.steps, lambda: manager.restore(model=_model(21))):
+        with pytest.raises(safeckpt.CheckpointNotFoundError, match=rf"s3://{bucket}-typo: bucket does not exist"):
+            call()
+    with pytest.raises(safeckpt.CheckpointNotFoundError, match="bucket does not exist"):
+        safeckpt.load_checkpoint(f"s3://{bucket}-typo/run", storage_options=opts)
+    assert safeckpt.CheckpointManager(f"s3://{bucket}/new-run", storage_options=opts).steps() == []  # empty: fine
+
+
+def test_an_unreachable_endpoint_or_denied_access_is_a_clear_checkpoint_error(
+    server: S3Server, bucket: str, fast_retries: None
+) -> None:
+    """No traceback from botocore: a CheckpointError naming the location and what to check."""
+    root = f"s3://{bucket}/run"
+    down = FaultProxy(server.port, Faults())
+    opts = options(down.url, attempts=1)
+    down.close()  # nothing listens there any more
+    manager = safeckpt.CheckpointManager(root, storage_options=opts)
+    with pytest.raises(safeckpt.CheckpointError, match=rf"{root}: cannot reach the object store: check endpoint_url"):
+        manager.steps()
+    denied = FaultProxy(server.port, Faults(count=10**6, status=403, code="AccessDenied", methods=("GET", "HEAD"), path_part="/"))
+    try:
+        opts = options(denied.url, attempts=1)
+        with pytest.raises(safeckpt.CheckpointError, match=r"access denied: check the credentials") as info:
+            safeckpt.load_checkpoint(root, storage_options=opts)
+        assert not isinstance(info.value, CheckpointCorruptedError)  # a manager must not fall back over it
+    finally:
+        denied.close()
 
 
 def test_a_corrupted_object_is_refused_before_parsing(server: S3Server, bucket: str) -> None:

@@ -31,7 +31,7 @@ from .fallback import UNREADABLE, by_metric, first_good, metric_of, newest_first
 from .format.layout import step_dirname
 from .pipeline.verify import verify_checkpoint
 from .retention import attach_metrics, best_steps, check_best_policy, check_policy, steps_to_keep
-from .storage.base import Location
+from .storage.base import Location, ObjectPath
 from .storage.locate import as_location, storage_for
 from .torch.loader import Checkpoint, load_checkpoint
 from .torch.plan import SaveOptions
@@ -221,6 +221,10 @@ class CheckpointManager:
     def _replace_if_damaged(self, step: int) -> bool:
         path = self.path(step)
         if not self._storage.exists(path):
+            return False
+        if isinstance(path, ObjectPath) and not self._storage.committed(path):
+            # Another save's objects, in flight or interrupted (a later save deletes stale ones):
+            # the create-only commit decides between two writers of one step.
             return False
         try:
             self._verify(path)

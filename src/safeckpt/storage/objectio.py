@@ -8,7 +8,9 @@ arrives (or the whole-file digest in order). Transient failures (5xx, throttling
 resets: whatever fsspec surfaces as a non-"not found" ``OSError`` after its client's own
 retries) are retried with exponential backoff, a bounded number of times
 (:data:`REMOTE`); what persists becomes a :class:`~safeckpt.errors.CheckpointWriteError` or
-:class:`~safeckpt.errors.CheckpointCorruptedError` naming the object.
+:class:`~safeckpt.errors.CheckpointCorruptedError` naming the object, and a store that cannot be
+used at all (no endpoint, no credentials, access denied) a plain
+:class:`~safeckpt.errors.CheckpointError` saying what to check (:func:`store_error`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,17 @@ from .hashing import (
     wrong_size,
 )
 
-__all__ = ["REMOTE", "RemoteTuning", "audit_object", "checked_size", "download_object", "fetch_range", "retrying", "upload_object"]
+__all__ = [
+    "REMOTE",
+    "RemoteTuning",
+    "audit_object",
+    "checked_size",
+    "download_object",
+    "fetch_range",
+    "retrying",
+    "store_error",
+    "upload_object",
+]
 
 logger = logging.getLogger("safeckpt")
 T = TypeVar("T")
@@ -146,10 +158,38 @@ def _size_of(fs: Any, url: str) -> int:
     return int(info.get("size") or 0)
 
 
-def _unreadable(url: str, exc: BaseException) -> CheckpointCorruptedError:
+def _unreadable(url: str, exc: BaseException) -> CheckpointError:
+    if _setup_problem(exc) is not None:
+        return store_error(url, exc)
     return CheckpointCorruptedError(
         f"{url}: could not be read ({_describe(exc)}) after retries; check the connection, or {LOAD_EARLIER}"
     )
+
+
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionClosedError")
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+
+
+def _setup_problem(exc: BaseException) -> str | None:
+    """What to fix when ``exc`` says the store cannot be used at all (None for other failures)."""
+    name = type(exc).__name__
+    if isinstance(exc, PermissionError) or "AccessDenied" in str(exc) or name == "InvalidAccessKeyId":
+        return "access denied: check the credentials and the bucket's permissions"
+    if name in _NO_CREDENTIALS:
+        return "no credentials: pass key= and secret= in storage_options, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if name in _UNREACHABLE or isinstance(exc, (ConnectionError, TimeoutError)):
+        return "cannot reach the object store: check endpoint_url and the network"
+    if isinstance(exc, (TypeError, ValueError)):
+        return "the storage options are not valid for this file system: check their names and values"
+    return None
+
+
+def store_error(what: str, exc: BaseException, *, error: type[CheckpointError] = CheckpointError) -> CheckpointError:
+    """An object-store request that failed (after retries), as a safeckpt error naming ``what``
+    and what to fix. Not damage (``CheckpointCorruptedError``): no older checkpoint would load
+    either, so a manager must not fall back over it."""
+    fix = _setup_problem(exc) or "check the connection, the credentials and the storage options, then try again"
+    return error(f"{what}: {fix} ({_describe(exc)})")
 
 
 def checked_size(fs: Any, url: str, entry: FileEntry) -> None:

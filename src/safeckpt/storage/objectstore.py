@@ -23,14 +23,13 @@ import datetime
 import logging
 import secrets
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import (
     NEVER_COMMITTED,
-    CheckpointCorruptedError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -47,6 +46,7 @@ from .objectio import (
     download_object,
     fetch_range,
     retrying,
+    store_error,
     upload_object,
 )
 from .parallel import in_parallel
@@ -54,6 +54,7 @@ from .parallel import in_parallel
 __all__ = ["ObjectFolder", "ObjectPendingWrite", "ObjectStaging", "ObjectStorage"]
 
 logger = logging.getLogger("safeckpt")
+T = TypeVar("T")
 
 
 
@@ -77,10 +78,21 @@ def _object(location: Location) -> ObjectPath:
     return location
 
 
+def _ask(action: Callable[[], T], *, what: str, error: type[CheckpointError] = CheckpointError) -> T:
+    """``retrying(action)``; a failure other than "not found" becomes a safeckpt error naming
+    ``what`` and what to fix (an unreachable endpoint, missing credentials, access denied)."""
+    try:
+        return retrying(action, what=what)
+    except (FileNotFoundError, CheckpointError):
+        raise
+    except Exception as exc:
+        raise store_error(what, exc, error=error) from exc
+
+
 def _children(fs: Any, location: ObjectPath) -> list[str]:
     """Names one level below ``location`` ([] when there is nothing)."""
     try:
-        names = retrying(lambda: fs.ls(str(location), detail=False), what=str(location))
+        names = _ask(lambda: fs.ls(str(location), detail=False), what=str(location))
     except FileNotFoundError:
         return []
     return sorted({str(n).rstrip("/").rsplit("/", 1)[-1] for n in names})
@@ -109,14 +121,33 @@ class ObjectStorage:
 
     def committed(self, location: Location) -> bool:
         url = str(_object(location) / MANIFEST_NAME)
-        return bool(retrying(lambda: self.fs.exists(url), what=url))
+        return bool(_ask(lambda: self.fs.exists(url), what=url))
 
     def exists(self, location: Location) -> bool:
         return bool(_children(self.fs, _object(location)))
 
     def scan_steps(self) -> list[tuple[int, Location, bool]]:
-        found = [(parse_step(name), self.root / name) for name in _children(self.fs, self.root)]
+        names = _children(self.fs, self.root)
+        if not names:
+            self._check_bucket()
+        found = [(parse_step(name), self.root / name) for name in names]
         return sorted((step, path, self.committed(path)) for step, path in found if step is not None)
+
+    def _check_bucket(self) -> None:
+        """Refuse a root whose bucket does not exist, which would otherwise look like a root
+        with no checkpoint yet (a typo would restart training from step 0)."""
+        call, split = getattr(self.fs, "call_s3", None), getattr(self.fs, "split_path", None)
+        if not callable(call) or not callable(split):  # s3fs only: it tells "no such bucket" apart
+            return
+        bucket = split(self.root.path)[0]
+        try:
+            retrying(lambda: call("head_bucket", Bucket=bucket), what=f"{self.root.protocol}://{bucket}")
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{self.root.protocol}://{bucket}: bucket does not exist; check its name and the endpoint, or create it"
+            ) from None
+        except Exception:  # e.g. no permission to ask about the bucket itself: let the first save tell
+            return
 
     def list_checkpoints(self) -> list[tuple[int, Location]]:
         return [(step, path) for step, path, committed in self.scan_steps() if committed]
@@ -127,7 +158,7 @@ class ObjectStorage:
             return place.parent
         if self.committed(place):
             return place
-        committed = ObjectStorage(place, fs=self.fs).list_checkpoints()
+        committed = ObjectStorage(place, fs=self.fs).list_checkpoints()  # checks the bucket
         if committed:
             return committed[-1][1]
         if parse_step(place.name) is not None and _children(self.fs, place):
@@ -139,10 +170,10 @@ class ObjectStorage:
         place = _object(location)
         manifest = str(place / MANIFEST_NAME)
         try:
-            retrying(lambda: self.fs.rm_file(manifest), what=manifest)
+            _ask(lambda: self.fs.rm_file(manifest), what=manifest, error=CheckpointWriteError)
         except FileNotFoundError:
             pass
-        retrying(lambda: self.fs.rm(str(place), recursive=True), what=str(place))
+        _ask(lambda: self.fs.rm(str(place), recursive=True), what=str(place), error=CheckpointWriteError)
 
     def uploads(self, *, started_before: datetime.datetime | None = None) -> list[tuple[ObjectPath, datetime.datetime | None]]:
         """Every ``objects-*`` prefix no manifest names, with the start time its name records: a
@@ -171,7 +202,7 @@ class ObjectStorage:
         """Delete ``objects-*`` prefixes older than ``REMOTE.stale_after_s`` that no manifest names."""
         now = now or datetime.datetime.now(datetime.timezone.utc)
         for place, _ in self.uploads(started_before=now - datetime.timedelta(seconds=REMOTE.stale_after_s)):
-            retrying(lambda: self.fs.rm(str(place), recursive=True), what=str(place))
+            _ask(lambda: self.fs.rm(str(place), recursive=True), what=str(place), error=CheckpointWriteError)
 
 
 class ObjectPendingWrite:
@@ -272,8 +303,10 @@ class ObjectFolder:
             raw = retrying(lambda: self.fs.cat_file(url, start=0, end=limits.MAX_MANIFEST_BYTES + 1), what=url)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{url}: {NEVER_COMMITTED}") from None
+        except CheckpointError:
+            raise
         except Exception as exc:
-            raise CheckpointCorruptedError(f"{url}: could not be read ({exc}); check the connection") from exc
+            raise store_error(url, exc) from exc
         manifest = Manifest.from_json_bytes(bytes(raw), source=url)
         self._objects = self.location / manifest.objects if manifest.objects else self.location
         return manifest
