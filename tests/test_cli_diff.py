@@ -1,5 +1,5 @@
 """``safeckpt diff``: what it reports for each part, the tolerance gate and its exit codes, and
-that equal parts and tensors cost nothing."""
+that equal parts are only stream-verified and equal tensors cost nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import safeckpt
+from ckpt_tools import flip_bits
 from cli_tools import cli, cli_process
 from conftest import TinyLM, train_steps
 from safeckpt.cli import _files
@@ -33,7 +34,7 @@ def pair(tmp_path: Path, model: TinyLM, optimizer: torch.optim.Optimizer) -> tup
     return a, b
 
 
-def test_identical_parts_are_not_read(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_identical_parts_are_not_parsed(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[str] = []
     real = _files.read_verified
     monkeypatch.setattr(_files, "read_verified", lambda folder, entries, **kw: (read.extend(e.name for e in entries), real(folder, entries, **kw))[1])
@@ -111,7 +112,18 @@ def test_optimizer_scheduler_extra_and_metadata(tmp_path: Path, model: TinyLM, c
     assert parts["extra"]["values"] == [{"path": "['data']['epoch']", "change": "changed", "a": 1, "b": 2}]  # type: ignore[index]
     assert report["metadata"] == [{"path": "['run']", "change": "changed", "a": "x", "b": "y"}]
     only_model = cli(capsys, "diff", "--json", "--part", "model", a, b).json("diff")
-    assert set(only_model["parts"]) == {"config", "vocab", "model"}  # type: ignore[arg-type]
+    assert set(only_model["parts"]) == {"model"}  # type: ignore[arg-type]
+
+
+def test_part_restricts_the_gate(tmp_path: Path, model: TinyLM, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _save(tmp_path / "a", model, None, 1, rng=False, config={"lr": 1e-2})
+    b = _save(tmp_path / "b", model, None, 2, rng=False, config={"lr": 2e-2})
+    only_model = cli(capsys, "diff", a, b, "--part", "model")
+    assert only_model.code == 0 and "config" not in only_model.out and "model: identical" in only_model.out
+    with_config = cli(capsys, "diff", "--json", a, b, "--part", "model", "--part", "config")
+    assert with_config.code == 1
+    assert list(with_config.json("diff")["parts"]) == ["config", "model"]  # type: ignore[arg-type]
+    assert cli(capsys, "diff", a, b).code == 1  # without --part, config gates
 
 
 def test_metadata_and_step_never_gate(tmp_path: Path, model: TinyLM, capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,6 +151,19 @@ def test_damaged_file_is_an_error_not_a_difference(pair: tuple[Path, Path], caps
     (b / "model.safetensors").write_bytes(bytes(data))
     result = cli(capsys, "diff", a, b)
     assert result.code == 1 and "model.safetensors" in result.err and "SHA-256" in result.err
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "optimizer.safetensors"])
+def test_damaged_copy_is_an_error_not_identical(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str], name: str) -> None:
+    a, _ = pair
+    copy = a.parent / "copy"
+    shutil.copytree(a, copy)  # same manifest, so the same SHA-256 values: only the bytes can tell
+    flip_bits(copy / name, -3)
+    for args in ((a, copy), (copy, a), (copy, copy)):
+        result = cli(capsys, "diff", *args)
+        assert result.code == 1 and "identical" not in result.out, result.out
+        assert f"{copy / name}: SHA-256 is" in result.err
+    assert cli(capsys, "diff", a, copy, "--part", "model" if name != "model.safetensors" else "rng").code == 0
 
 
 def test_identical_checkpoints_compare_without_torch(pair: tuple[Path, Path]) -> None:

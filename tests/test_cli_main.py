@@ -50,6 +50,29 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]
     assert result.code == 2 and "usage:" in result.err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ls", "{root}", "--storage-option", "a=b"],
+        ["verify", "{ckpt}", "--storage-option", "a=b"],
+        ["prune", "{root}", "--keep-last", "1", "--storage-option", "a=b"],
+        ["diff", "{ckpt}", "{ckpt}", "--storage-option", "a=b"],
+        ["export", "{ckpt}", "s3://bucket/model.pt"],
+    ],
+)
+def test_arguments_that_cannot_go_together_exit_2(saved: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    result = cli(capsys, *(a.format(root=saved.parent, ckpt=saved) for a in argv))
+    assert result.code == 2 and f"safeckpt {argv[0]}: error:" in result.err and "Traceback" not in result.err
+    assert sorted(p.name for p in saved.parent.iterdir() if not p.name.startswith(".")) == [saved.name]  # nothing done
+
+
+def test_help_says_which_commands_take_urls() -> None:
+    top = " ".join(build_parser().format_help().split())  # (argparse wraps lines)
+    assert "but consolidate" not in top and "convert and consolidate also write into one" in top
+    consolidate = " ".join(_subparsers(build_parser())["consolidate"].format_help().split())
+    assert "or a URL" in consolidate and "(a folder or a URL)" in consolidate
+
+
 def test_usage_error_exit_2_in_a_process() -> None:
     result = cli_process("verify")
     assert result.code == 2 and "usage:" in result.err

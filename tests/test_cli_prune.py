@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import safeckpt
-from ckpt_tools import leftovers
+from ckpt_tools import flip_bits, leftovers
 from cli_tools import cli, cli_process
 from conftest import TinyLM
 from safeckpt.retention import check_policy, steps_to_keep, steps_to_remove
@@ -101,3 +101,41 @@ def test_manager_still_protects_the_step_it_just_saved(tmp_path: Path, model: Ti
         manager.save(step, model=model, rng=False)
     assert manager.steps() == [5, 10, 20]  # the newest two, and 5: it was just saved
     assert torch.equal(safeckpt.load_checkpoint(manager.path(5), restore_rng=False).model_state["hidden.weight"], model.hidden.weight)
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_prune_never_deletes_the_newest_checkpoint_that_verifies(
+    tmp_path: Path, model: TinyLM, capsys: pytest.CaptureFixture[str], keep_last: int
+) -> None:
+    _run(tmp_path, model, [10, 20, 30, 40])
+    for step in (30, 40):  # bit rot in the two newest: 20 is the run's last good checkpoint
+        flip_bits(tmp_path / f"step-000000{step}" / "model.safetensors", -1)
+    result = cli(capsys, "prune", tmp_path, "--keep-last", keep_last, "--json")
+    assert result.code == 1  # a checkpoint failed verification
+    report = result.json("prune")
+    assert report["verified"] == 20 and [f["step"] for f in report["failed"]] == [40, 30]  # type: ignore[union-attr]
+    assert "SHA-256" in report["failed"][0]["error"]  # type: ignore[index]
+    assert 20 in _steps(tmp_path) and 10 not in _steps(tmp_path)
+    assert safeckpt.load_checkpoint(tmp_path / "step-00000020", restore_rng=False).step == 20
+    text = cli(capsys, "prune", tmp_path, "--keep-last", keep_last)
+    assert text.code == 1 and "FAILED step 40" in text.out and "kept step 20" in text.out and "model.safetensors" in text.err
+
+
+def test_prune_removes_nothing_when_no_checkpoint_verifies(tmp_path: Path, model: TinyLM, capsys: pytest.CaptureFixture[str]) -> None:
+    _run(tmp_path, model, [1, 2, 3])
+    for step in (1, 2, 3):
+        flip_bits(tmp_path / f"step-0000000{step}" / "model.safetensors", -1)
+    result = cli(capsys, "prune", tmp_path, "--keep-last", "1")
+    assert result.code == 1 and _steps(tmp_path) == [1, 2, 3]
+    assert "none of the 3 committed checkpoint(s) verifies, so nothing was removed" in result.err
+
+
+def test_prune_verifies_only_until_one_verifies(tmp_path: Path, model: TinyLM, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeckpt.cli import _files
+
+    _run(tmp_path, model, [1, 2, 3])
+    audited: list[str] = []
+    real = _files.audit
+    monkeypatch.setattr(_files, "audit", lambda folder, manifest, **kw: (audited.append(folder.name), real(folder, manifest, **kw))[1])
+    result = cli(capsys, "prune", tmp_path, "--keep-last", "1", "--json")
+    assert result.code == 0 and result.json("prune")["failed"] == [] and audited == ["step-00000003"]

@@ -288,7 +288,7 @@ def test_storage_option_misuse(tmp_path: Path, capsys: pytest.CaptureFixture[str
     bad = cli(capsys, "ls", tmp_path, "--storage-option", "anon")
     assert bad.code == 2 and "expected KEY=VALUE" in bad.err
     local = cli(capsys, "prune", tmp_path, "--keep-last", "1", "--storage-option", "anon=true")
-    assert local.code == 1 and "storage_options= applies to fsspec URLs" in local.err
+    assert local.code == 2 and "storage_options= applies to fsspec URLs" in local.err  # bad usage
 
 
 # -- convert and consolidate ---------------------------------------------------------------------

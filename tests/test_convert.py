@@ -4,6 +4,7 @@ functions."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -211,6 +212,39 @@ def test_export_targets_are_one_line_each(saved: Path, tmp_path: Path, capsys: p
     with pytest.raises(ValueError, match="unknown target 'nope'"):
         export_checkpoint(saved, tmp_path / "y", to="nope")
     assert cli(capsys, "export", saved, tmp_path / "y", "--to", "nope").code == 2
+
+
+@pytest.mark.parametrize("to", ["torch", "safetensors"])
+def test_export_into_a_missing_folder_says_to_create_it(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], to: str) -> None:
+    out = tmp_path / "nodir" / "model.out"
+    result = cli(capsys, "export", saved, out, "--to", to)
+    assert result.code == 1 and "Traceback" not in result.err
+    assert f"could not write {out}: its folder {out.parent} does not exist; create it first" in result.err
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(safeckpt.CheckpointWriteError, match="is not a folder"):
+        export_checkpoint(saved, tmp_path / "file" / "model.out", to=to)
+
+
+def test_export_to_a_url_is_refused_before_reading(saved: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeckpt.cli import _trees
+
+    monkeypatch.setattr(_trees, "load", lambda *a, **k: pytest.fail("read the checkpoint before refusing OUT"))
+    result = cli(capsys, "export", saved, "s3://bkt/exported.pt")
+    assert result.code == 2 and "s3://bkt/exported.pt: export writes local files only" in result.err
+    assert "pass a local path as OUT" in result.err
+    with pytest.raises(safeckpt.CheckpointUsageError, match="local path"):
+        export_checkpoint(saved, "memory://x/model.pt")
+
+
+def test_export_hf_takes_the_model_type(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    without = cli(capsys, "export", saved, tmp_path / "hf", "--to", "hf")
+    assert without.code == 1 and "--model-type" in without.err  # the message names an option that exists
+    result = cli(capsys, "export", saved, tmp_path / "hf", "--to", "hf", "--model-type", "gpt2")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"
+    assert set(load_file(tmp_path / "hf" / "model.safetensors")) <= set(safeckpt.load_checkpoint(saved, restore_rng=False).model_state)
+    wrong = cli(capsys, "export", saved, tmp_path / "x.pt", "--model-type", "gpt2")
+    assert wrong.code == 2 and "--to hf only" in wrong.err and not (tmp_path / "x.pt").exists()
 
 
 def test_export_and_convert_in_a_process(saved: Path, tmp_path: Path) -> None:

@@ -38,6 +38,18 @@ def test_never_replaces_an_existing_folder_unless_overwrite(tmp_path: Path, mode
     assert safeckpt.load_checkpoint(target, restore_rng=False).step == 2 and leftovers(tmp_path) == []
 
 
+def test_the_exists_error_names_the_step_only_when_the_folder_is_that_steps(tmp_path: Path, model: TinyLM) -> None:
+    target = tmp_path / "final"
+    safeckpt.save_checkpoint(model, None, None, None, 3, path=target, rng=False)
+    with pytest.raises(safeckpt.CheckpointExistsError) as info:
+        safeckpt.save_checkpoint(model, None, None, None, 4, path=target, rng=False)
+    assert "a checkpoint already exists there (this save is step 4)" in str(info.value)
+    assert "for step 4" not in str(info.value)  # the folder holds step 3
+    safeckpt.save_checkpoint(model, None, None, None, 5, directory=tmp_path / "run", rng=False)
+    with pytest.raises(safeckpt.CheckpointExistsError, match="a checkpoint for step 5 already exists;"):
+        safeckpt.save_checkpoint(model, None, None, None, 5, directory=tmp_path / "run", rng=False)
+
+
 def test_an_existing_non_checkpoint_folder_is_never_replaced(tmp_path: Path, model: TinyLM) -> None:
     target = tmp_path / "final"
     target.mkdir()

@@ -9,6 +9,8 @@ the end build the parts every module repeats (a quoted value, a damaged file's m
 
 from __future__ import annotations
 
+from .format.layout import step_dirname
+
 __all__ = [
     "LOAD_EARLIER",
     "NEVER_COMMITTED",
@@ -84,10 +86,15 @@ def checkpoint_exists(
     folder: object, step: int, *, why: str = "", fix: str = "save under another step or path"
 ) -> CheckpointExistsError:
     """The one message for "this checkpoint is already there": which folder and step, what else
-    is known (``why``, e.g. " and verifies") and the fix besides ``overwrite=True``."""
-    return CheckpointExistsError(
-        f"{folder}: a checkpoint for step {step} already exists{why}; pass overwrite=True to replace it, or {fix}"
-    )
+    is known (``why``, e.g. " and verifies") and the fix besides ``overwrite=True``.
+
+    ``step`` is the step being saved. It names the existing checkpoint only when ``folder`` is
+    that step's ``step-NNNNNNNN`` folder; a folder chosen with ``path=`` may hold any step."""
+    if getattr(folder, "name", None) == step_dirname(step):
+        what = f"a checkpoint for step {step} already exists{why}"
+    else:
+        what = f"a checkpoint already exists there{why} (this save is step {step})"
+    return CheckpointExistsError(f"{folder}: {what}; pass overwrite=True to replace it, or {fix}")
 
 
 def short(value: object) -> str:

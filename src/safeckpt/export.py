@@ -24,12 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import CheckpointUsageError
+from .storage.base import ObjectPath
+from .storage.locate import as_location
 from .storage.posix_write import file_exists, write_new_file
 
 if TYPE_CHECKING:
     from .torch.loader import Checkpoint
 
-__all__ = ["EXPORT_TARGETS", "export_checkpoint"]
+__all__ = ["EXPORT_TARGETS", "export_checkpoint", "local_target"]
 
 EXPORT_TARGETS: dict[str, str] = {
     "torch": "safeckpt.export:write_torch_file",
@@ -45,12 +48,18 @@ def export_checkpoint(
     *,
     to: str = "torch",
     overwrite: bool = False,
+    model_type: str | None = None,
 ) -> Path:
     """Write ``checkpoint`` (a path, verified on loading, or a loaded ``Checkpoint``) as ``to``.
+
+    ``model_type`` (e.g. ``"gpt2"``) is for ``to="hf"`` only, when the checkpoint's config does
+    not record it (see :func:`safeckpt.integrations.hf_export.export_hf`).
 
     Raises:
         ValueError: ``to`` is not one of :data:`EXPORT_TARGETS`.
         CheckpointExistsError: ``target`` exists and ``overwrite`` is False.
+        CheckpointUsageError: ``target`` is a URL (exports are written locally).
+        CheckpointWriteError: ``target`` could not be written (e.g. its folder does not exist).
 
     Example:
         >>> export_checkpoint("checkpoints", "model.safetensors", to="safetensors")  # doctest: +SKIP
@@ -58,7 +67,9 @@ def export_checkpoint(
     """
     if to not in EXPORT_TARGETS:
         raise ValueError(f"export: unknown target {to!r}; choose one of {', '.join(sorted(EXPORT_TARGETS))}")
-    target = Path(target)
+    if model_type is not None and to != "hf":
+        raise CheckpointUsageError(f"export: model_type= applies to to='hf' only, not to {to!r}; drop it")
+    target = local_target(target)
     if not overwrite and os.path.lexists(target):  # checked again when publishing
         raise file_exists(target)
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -67,13 +78,34 @@ def export_checkpoint(
         checkpoint = load_checkpoint(checkpoint, restore_rng=False)
     module, _, name = EXPORT_TARGETS[to].partition(":")
     writer: Callable[..., Path] = getattr(importlib.import_module(module), name)
-    return writer(checkpoint, target, overwrite=overwrite)
+    options = {} if model_type is None else {"model_type": model_type}
+    return writer(checkpoint, target, overwrite=overwrite, **options)
+
+
+def local_target(target: str | os.PathLike[str]) -> Path:
+    """``target`` as a local path; an fsspec URL (``s3://bucket/model.pt``) is refused with
+    :class:`~safeckpt.errors.CheckpointUsageError`: exports are written locally, then uploaded."""
+    if isinstance(as_location(target), ObjectPath):
+        raise CheckpointUsageError(
+            f"{os.fspath(target)}: export writes local files only, and this is a URL; pass a local path "
+            "as OUT and upload the result afterwards (e.g. aws s3 cp model.pt s3://bucket/model.pt)"
+        )
+    return Path(target)
+
+
+def _torch_save(doc: dict[str, object], path: Path) -> None:
+    """``torch.save``, whose write failures (a full disk) are RuntimeErrors, as OSErrors, so that
+    :func:`write_new_file` reports them with the file's name."""
+    import torch
+
+    try:
+        torch.save(doc, path)
+    except RuntimeError as exc:
+        raise OSError(0, f"torch.save failed: {exc}") from exc
 
 
 def write_torch_file(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -> Path:
     """The ``torch`` target (see the module docstring)."""
-    import torch
-
     from .convert import EXPORT_MARKER
 
     doc: dict[str, object] = {EXPORT_MARKER: 1, "model": checkpoint.model_state, "step": checkpoint.step}
@@ -89,7 +121,7 @@ def write_torch_file(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -
         doc["extra"] = checkpoint.extra
     if checkpoint.metadata:
         doc["metadata"] = checkpoint.metadata
-    return write_new_file(target, lambda path: torch.save(doc, path), overwrite=overwrite)
+    return write_new_file(target, lambda path: _torch_save(doc, path), overwrite=overwrite)
 
 
 def write_safetensors_file(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -> Path:

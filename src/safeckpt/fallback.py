@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .errors import (
     CheckpointCorruptedError,
@@ -25,7 +25,7 @@ from .format.manifest import MANIFEST_NAME
 from .retention import metric_value, rank_by_metric
 from .storage.base import CheckpointStorage, Location
 
-__all__ = ["UNREADABLE", "Candidate", "by_metric", "first_good", "metric_of", "newest_first"]
+__all__ = ["UNREADABLE", "Candidate", "by_metric", "first_good", "metric_of", "newest_first", "try_in_order"]
 
 logger = logging.getLogger("safeckpt")
 
@@ -62,6 +62,27 @@ def by_metric(storage: CheckpointStorage, metric: str, mode: str) -> list[Candid
     return [(step, *candidates[step]) for step in rank_by_metric(values, mode=mode)]
 
 
+def try_in_order(
+    attempt: Callable[[Location], object], candidates: Sequence[Candidate]
+) -> tuple[Candidate | None, list[Candidate]]:
+    """Try ``attempt(path)`` on each candidate in order until one raises none of
+    :data:`UNREADABLE`; returns that candidate (None when none is good) and the ones that failed
+    before it, each with why. Shared by :func:`first_good` and ``safeckpt prune`` (which must
+    never delete the newest checkpoint that verifies)."""
+    failures: list[Candidate] = []
+    for step, path, known_bad in candidates:
+        if known_bad is not None:
+            failures.append((step, path, known_bad))
+            continue
+        try:
+            attempt(path)
+        except UNREADABLE as exc:
+            failures.append((step, path, str(exc)))
+            continue
+        return (step, path, None), failures
+    return None, failures
+
+
 def first_good(root: Location, attempt: Callable[[Location], object], candidates: list[Candidate]) -> Location | None:
     """Try ``attempt(path)`` on each candidate in order; the first that raises none of
     :data:`UNREADABLE`, or None when there are no candidates.
@@ -70,19 +91,12 @@ def first_good(root: Location, attempt: Callable[[Location], object], candidates
     of the manager method that called this). Raises :class:`CheckpointCorruptedError` listing
     every failure when none is good.
     """
-    failures: list[tuple[Location, str]] = []
-    for _, path, known_bad in candidates:
-        if known_bad is not None:
-            failures.append((path, known_bad))
-            continue
-        try:
-            attempt(path)
-        except UNREADABLE as exc:
-            failures.append((path, str(exc)))
-            continue
+    good, failed = try_in_order(attempt, candidates)
+    failures = [(path, why or "") for _, path, why in failed]
+    if good is not None:
         if failures:
-            _announce_fallback(failures, path)
-        return path
+            _announce_fallback(failures, good[1])
+        return good[1]
     if failures:
         listing = "; ".join(f"{path.name}: {why}" for path, why in failures)
         raise CheckpointCorruptedError(

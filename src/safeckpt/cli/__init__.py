@@ -1,7 +1,8 @@
 """The ``safeckpt`` command line: one module per command, torch-free where possible.
 
 ``verify``, ``inspect``, ``ls`` and ``prune`` never import torch; ``diff``, ``export`` and
-``convert`` import it when they run. Every path but ``consolidate``'s may be an fsspec URL, with
+``convert`` import it when they run. Every checkpoint path may be an fsspec URL, and ``convert``
+and ``consolidate`` also write into one (``export`` writes local files only), with
 ``--storage-option KEY=VALUE`` for the file system (:mod:`._common`). Every read command takes ``--json``; long work shows a
 progress bar when stderr is a terminal (tqdm, optional). Exit status: 0 on success, 1 when a
 checkpoint fails verification or cannot be read or written or ``diff`` finds differences beyond
@@ -16,9 +17,9 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointUsageError
 from . import consolidate, convert, diff, export, inspect, ls, prune, verify
-from ._common import EXIT_CODES_HELP, EXIT_FAILED
+from ._common import EXIT_CODES_HELP, EXIT_FAILED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
 
@@ -32,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="safeckpt",
         description="Verify, inspect, compare, prune, convert and export safeckpt checkpoints.\n\n"
-        "Paths may be fsspec URLs (s3://bucket/run, gs://..., memory://...; all commands but "
-        "consolidate). Credentials and endpoint come from the environment as s3fs reads them "
+        "Checkpoint paths may be fsspec URLs (s3://bucket/run, gs://..., memory://...), and convert "
+        "and consolidate also write into one (export's OUT is a local path). Credentials and endpoint come from the environment as s3fs reads them "
         "(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...) or from --storage-option KEY=VALUE (repeatable; "
         "VALUE is JSON when it parses, else a string: anon=true, endpoint_url=http://host:9000).",
         epilog=EXIT_CODES_HELP,
@@ -75,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             os.close(devnull)
         return _EXIT_SIGPIPE
+    except CheckpointUsageError as exc:  # arguments that cannot go together: bad usage, as argparse's
+        print(f"safeckpt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CheckpointError as exc:
         print(f"safeckpt: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

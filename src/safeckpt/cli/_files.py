@@ -13,7 +13,7 @@ import concurrent.futures
 import functools
 import mmap
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -145,11 +145,18 @@ def _report(done: Callable[[int], object], size: int, future: concurrent.futures
 
 
 def audit(
-    folder: Location, manifest: Manifest, *, done: Callable[[int], object] = lambda size: None, storage_options: Options = None
+    folder: Location,
+    manifest: Manifest,
+    *,
+    names: Collection[str] | None = None,
+    done: Callable[[int], object] = lambda size: None,
+    storage_options: Options = None,
 ) -> None:
     """Check every file's size and every digest the manifest records (as ``verify_checkpoint``),
-    streaming through small buffers; ``done(size)`` is called as each file passes."""
-    _each_file(folder, list(manifest.files), lambda opened, entry: opened.audit([entry]), done, storage_options)
+    streaming through small buffers; ``done(size)`` is called as each file passes. ``names``
+    limits it to those files (None: all)."""
+    entries = [entry for entry in manifest.files if names is None or entry.name in names]
+    _each_file(folder, entries, lambda opened, entry: opened.audit([entry]), done, storage_options)
 
 
 def read_verified(

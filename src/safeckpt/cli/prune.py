@@ -2,17 +2,32 @@
 the rules :class:`~safeckpt.CheckpointManager` applies (:mod:`safeckpt.retention`), each through
 the storage's safe removal: a local folder is uncommitted by a rename before any file goes; in an
 object store (``s3://bucket/run``) the manifest is deleted before the data objects. Torch-free.
+
+Before anything is deleted the checkpoints are stream-verified newest first until one verifies,
+and that one is kept whatever the rules say (as ``CheckpointManager`` keeps the one it has just
+saved): a damaged newest checkpoint never costs the run its last good one. Those that failed are
+reported, and the exit status is 1; when none verifies, nothing is deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from ..errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from ..fallback import try_in_order
 from ..retention import steps_to_remove
 from . import _files
-from ._common import EXIT_OK, add_command, add_json, add_storage_options, emit_json, storage_options
+from ._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_command,
+    add_json,
+    add_storage_options,
+    emit_json,
+    storage_options,
+)
 
 __all__ = ["prune", "register", "run"]
 
@@ -36,9 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=HELP,
         description=f"{HELP[0].upper()}{HELP[1:]}: keeps the N newest committed checkpoints plus "
         "every step that is a multiple of M, and deletes the other committed ones. Uncommitted "
-        "folders are left alone. Each checkpoint is uncommitted before its files are deleted (renamed "
-        "out of sight; in an object store, its manifest.json deleted first), so an interrupted prune "
-        "never leaves a half-deleted checkpoint that looks committed.",
+        "folders are left alone. The checkpoints are first verified (every file's SHA-256, streamed) "
+        "newest first until one verifies; that one is kept even when the rules would delete it, and "
+        "those that failed are listed (exit status 1). When none verifies, nothing is deleted. Each "
+        "checkpoint is uncommitted before its files are deleted (renamed out of sight; in an object "
+        "store, its manifest.json deleted first), so an interrupted prune never leaves a "
+        "half-deleted checkpoint that looks committed.",
     )
     p.add_argument("root", metavar="ROOT", help="folder holding step-* checkpoint folders, or a URL (s3://bucket/run)")
     p.add_argument("--keep-last", type=_positive, required=True, metavar="N", help="keep the N newest committed checkpoints")
@@ -59,7 +77,16 @@ def prune(
     if isinstance(folder, _files.ObjectPath) and not storage.exists(folder):
         raise CheckpointNotFoundError(f"{folder}: nothing is stored under this URL; check the bucket and path")
     committed = dict(storage.list_checkpoints())
-    remove = steps_to_remove(committed, keep_last=keep_last, keep_every=keep_every)
+    newest_first = [(step, committed[step], None) for step in sorted(committed, reverse=True)]
+    good, failed = try_in_order(lambda path: _verify(path, storage_options), newest_first)
+    if good is None and failed:
+        listing = "; ".join(f"{path.name}: {why}" for _, path, why in failed)
+        raise CheckpointCorruptedError(
+            f"{folder}: none of the {len(failed)} committed checkpoint(s) verifies, so nothing was removed "
+            f"({listing}); restore a good copy, or remove them by hand"
+        )
+    protect = () if good is None else (good[0],)  # the newest that verifies: the run's resume point
+    remove = steps_to_remove(committed, keep_last=keep_last, keep_every=keep_every, protect=protect)
     removed: list[int] = []
     for step in remove:
         if not dry_run:
@@ -81,7 +108,14 @@ def prune(
         "keep_every": keep_every,
         "kept": sorted(set(committed) - set(remove)),
         "removed": removed,
+        "verified": None if good is None else good[0],
+        "failed": [{"step": step, "path": str(path), "error": why} for step, path, why in failed],
     }
+
+
+def _verify(path: _files.Location, storage_options: _files.Options) -> None:
+    """Stream-verify one checkpoint (as ``safeckpt verify``); raises what a damaged one raises."""
+    _files.audit(path, _files.read_manifest(path, storage_options=storage_options), storage_options=storage_options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,13 +123,21 @@ def run(args: argparse.Namespace) -> int:
         args.root, keep_last=args.keep_last, keep_every=args.keep_every, dry_run=args.dry_run,
         storage_options=storage_options(args),
     )  # fmt: skip
+    failed = report["failed"]
+    assert isinstance(failed, list)
+    status = EXIT_FAILED if failed else EXIT_OK
     if args.json:
         emit_json(report)
-        return EXIT_OK
+        return status
+    for failure in failed:
+        print(f"safeckpt: error: {failure['error']}", file=sys.stderr)
+        print(f"FAILED step {failure['step']}: does not verify")
+    if failed:
+        print(f"kept step {report['verified']}: the newest checkpoint that verifies (training resumes from it)")
     verb = "would remove" if args.dry_run else "removed"
     removed = report["removed"]
     assert isinstance(removed, list)
     for step in removed:
         print(f"{verb} step {step}")
     print(f"kept {len(report['kept'])} checkpoint(s): {report['kept']}; {verb} {len(removed)}")  # type: ignore[arg-type]
-    return EXIT_OK
+    return status

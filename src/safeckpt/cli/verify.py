@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointUsageError
 from . import _files
 from ._common import (
     EXIT_FAILED,
@@ -54,6 +54,8 @@ def verify_one(path: str, *, quiet: bool, storage_options: _files.Options = None
         total = sum(entry.size for entry in manifest.files)
         with progress(total, f"verify {folder.name}", quiet=quiet) as bar:
             _files.audit(folder, manifest, done=bar.update, storage_options=storage_options)
+    except CheckpointUsageError:  # bad arguments, not a bad checkpoint: exit 2 (cli.main)
+        raise
     except CheckpointError as exc:
         report["error"] = str(exc)
         return report

@@ -73,6 +73,7 @@ def export_hf(
     return out
 
 
-def write_hf_folder(checkpoint: Checkpoint, target: Path, *, overwrite: bool) -> Path:
-    """:func:`export_hf` with the signature of an ``EXPORT_TARGETS`` writer (``--to hf``)."""
-    return export_hf(checkpoint, target, overwrite=overwrite)
+def write_hf_folder(checkpoint: Checkpoint, target: Path, *, overwrite: bool, model_type: str | None = None) -> Path:
+    """:func:`export_hf` with the signature of an ``EXPORT_TARGETS`` writer (``--to hf``,
+    ``--model-type``)."""
+    return export_hf(checkpoint, target, model_type=model_type, overwrite=overwrite)

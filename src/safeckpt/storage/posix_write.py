@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import uuid
@@ -122,6 +123,14 @@ def write_new_file(target: Path, parts: Iterable[bytes | memoryview] | Callable[
     """Write ``target`` all at once: into a temporary file beside it (from ``parts``, or by
     calling ``parts(path)``), fsync, then rename into place (never replacing an existing file
     unless ``overwrite``). A failure leaves no partial file behind."""
+    folder = target.parent
+    if not folder.is_dir():  # said plainly: torch.save's own error here is a bare RuntimeError
+        missing = not os.path.lexists(folder)
+        raise CheckpointWriteError(
+            errno.ENOENT if missing else errno.ENOTDIR,
+            f"could not write {target}: its folder {folder} {'does not exist' if missing else 'is not a folder'}; "
+            f"create it first (mkdir -p {folder}) or choose another path; nothing was written",
+        )
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         if callable(parts):
