@@ -50,15 +50,6 @@ class _Returned:
         pass
 
 
-def _sharded_api(model: object) -> Any:
-    """``safeckpt.distributed.api`` when ``model`` is saved through DCP, else None."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    from .distributed import api
-
-    return api if api.handles_save(model) else None
-
-
 class CheckpointManager:
     """Save checkpoints of a training run into one folder and resume from the newest good one.
 
@@ -205,12 +196,12 @@ class CheckpointManager:
         self.wait()
         if not overwrite:
             overwrite = self._replace_if_damaged(step)
-        sharded = _sharded_api(model)  # FSDP2/DTensor/DDP in a job: every rank saves, the coordinator prunes
-        retain = sharded is None or sharded.is_coordinator(model)
+        # FSDP2/DTensor/DDP in a job: every rank saves, the coordinator prunes while the others
+        # wait for it, so every rank's steps() agree once save() (or, async, wait()) returns.
         options = SaveOptions(
             directory=self.directory, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng, overwrite=overwrite,
             async_=self.async_save, storage_options=self.storage_options,
-            on_commit=(lambda _: self._apply_retention(step)) if retain else None,
+            on_commit=lambda _: self._apply_retention(step),
         )  # fmt: skip
         result = save(model, optimizer, config, vocab, step, options)
         if isinstance(result, PendingSave):

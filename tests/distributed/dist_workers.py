@@ -1,4 +1,5 @@
-"""One rank of a multi-process scenario (started by ``dist_harness``): ``main``, ``sigkill``, ``remote``.
+"""One rank of a multi-process scenario (started by ``dist_harness``): ``main``, ``sigkill``, ``remote``,
+``agreement``.
 
 Usage: ``python dist_workers.py SCENARIO RANK WORLD INIT_FILE TMP``. Every check records
 ``"ok"`` or the failure in ``TMP/out/rank-RANK.json``; the tests assert on those records.
@@ -566,16 +567,140 @@ def remote(rank: int, world: int, tmp: Path) -> None:
             assert sorted(p.name for p in (tmp / "exports").iterdir() if not p.name.startswith(".safeckpt")) == ["final"]
 
 
+def agreement(rank: int, world: int, tmp: Path) -> None:
+    """Every rank agrees (2 ranks, FSDP2 unless said): what a load restores or refuses, what a
+    save commits, and what the manager pruned, whatever differs between the ranks."""
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")  # type: ignore[arg-type]
+    root = tmp / "agree"
+    model, opt, sched = build(mesh)
+    train(model, opt, sched, range(2))
+    path = safeckpt.save_checkpoint(model, opt, None, None, 2, directory=root, extra={"data": Position(rank)})
+    reference = full_state(model, opt)
+
+    with check("optimizer_state_restored_when_grads_exist"):
+        fresh, fopt, _ = build(mesh, seed=3)
+        fresh(torch.randn(2, 5)).sum().backward()  # a sanity step before resuming: grads, no state
+        safeckpt.load_checkpoint(path, model=fresh, optimizer=fopt, restore_rng=False)
+        equal_states(full_state(fresh, fopt), reference)
+        assert all(p.grad is not None for p in fresh.parameters()), "the caller's gradients were dropped"
+
+    with check("missing_extra_refused_on_every_rank_before_restoring"):
+        fresh, fopt, _ = build(mesh, seed=3)
+        before = local_params(fresh)
+        wanted = {"data": Position(-1), **({"sampler": Position(-1)} if rank == 1 else {})}
+        expect(
+            safeckpt.CheckpointMismatchError,
+            lambda: safeckpt.load_checkpoint(path, model=fresh, optimizer=fopt, extra=wanted),
+            "rank 1", "no extra state 'sampler'",
+        )
+        assert all(torch.equal(a, b) for a, b in zip(before, local_params(fresh), strict=True))
+
+    with check("unlike_optimizer_refused_before_restoring"):
+        for options, fragment in (
+            ({"amsgrad": True}, "max_exp_avg_sq"),
+            ({"split": True}, "parameter group"),
+        ):
+            fresh, _, _ = build(mesh, seed=3)
+            params = list(fresh.parameters())
+            groups = [{"params": params[:2]}, {"params": params[2:]}] if options.pop("split", False) else params
+            fopt = torch.optim.AdamW(groups, lr=1e-2, **options)  # type: ignore[arg-type]
+            before = local_params(fresh)
+            expect(safeckpt.CheckpointMismatchError, lambda: safeckpt.load_checkpoint(path, model=fresh, optimizer=fopt, restore_rng=False), fragment)
+            assert all(torch.equal(a, b) for a, b in zip(before, local_params(fresh), strict=True))
+            assert all(g.get("amsgrad") == options.get("amsgrad", False) for g in fopt.param_groups)
+
+    with check("strict_false_loads_what_matches"):
+
+        class Wider(torch.nn.Sequential):
+            pass
+
+        torch.manual_seed(4)
+        wider = Wider(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.Linear(3, 3))
+        for layer in wider:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(wider, mesh=mesh)
+        expect(safeckpt.CheckpointMismatchError, lambda: safeckpt.load_checkpoint(path, model=wider, restore_rng=False), "strict=False")
+        ckpt = safeckpt.load_checkpoint(path, model=wider, strict=False, restore_rng=False)
+        assert ckpt.missing_keys == ["3.weight", "3.bias"] and ckpt.unexpected_keys == [], ckpt.missing_keys
+        got = get_model_state_dict(wider, options=StateDictOptions(full_state_dict=True))
+        assert all(torch.equal(got[k], reference[f"model.{k}"]) for k in ("0.weight", "2.bias"))
+        half, _, _ = build(None, seed=4)
+        half = half.to(torch.bfloat16)
+        for layer in half:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(half, mesh=mesh)
+        safeckpt.load_checkpoint(path, model=half, strict=False, restore_rng=False)
+        got = get_model_state_dict(half, options=StateDictOptions(full_state_dict=True))
+        assert torch.equal(got["0.weight"], reference["model.0.weight"].to(torch.bfloat16))
+        if rank == 0:
+            sd.consolidate(path, tmp / "single")
+        dist.barrier()
+        ckpt = safeckpt.load_checkpoint(tmp / "single", model=wider, strict=False, restore_rng=False)
+        assert ckpt.missing_keys == ["3.weight", "3.bias"], ckpt.missing_keys
+
+    with check("one_rank_bad_extra_raises_on_every_rank"):
+        bad = {"data": {"seen": {1, 2} if rank == 1 else [1, 2]}}
+        expect(
+            safeckpt.UnsupportedValueError,
+            lambda: safeckpt.save_checkpoint(model, opt, None, None, 3, directory=root, extra=bad),
+            "rank 1", "extra['data']['seen']",
+        )
+
+    with check("different_arguments_refused_on_every_rank"):
+        expect(
+            safeckpt.CheckpointUsageError,
+            lambda: safeckpt.save_checkpoint(model, opt, None, None, 4 + rank, directory=root),
+            "rank 1 passed step=5", "step=4",
+        )
+        config = {"lr": 1} if rank == 1 else None
+        expect(
+            safeckpt.CheckpointUsageError,
+            lambda: safeckpt.save_checkpoint(model, opt, config, None, 4, directory=root),
+            "rank 1 passed config=",
+        )
+        dist.barrier()
+        assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-00000002"]
+
+    with check("manager_pruned_on_every_rank_when_save_returns"):
+        import time
+
+        manager = safeckpt.CheckpointManager(tmp / "kept", keep_last=2)
+        if rank == 0:  # a slow file system: the coordinator prunes after the others returned
+            prune = manager._apply_retention
+            manager._apply_retention = lambda step: (time.sleep(1.0), prune(step))  # type: ignore[method-assign]
+        for step in (1, 2, 3):
+            manager.save(step, model=model, optimizer=opt)
+            assert manager.steps() == [max(1, step - 1), step][-min(step, 2):], manager.steps()
+
+    with check("ddp_saves_the_buffers_of_rank_0"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        for step in range(2):  # each rank's own data: running statistics drift apart
+            ddp(torch.randn(5, 4, generator=torch.Generator().manual_seed(step)) + 3 * rank).sum().backward()
+        mine = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("1.running")}
+        saved = safeckpt.save_checkpoint(ddp, None, None, None, 1, directory=tmp / "ddp-bn", rng=False)
+        stats = [None] * world
+        dist.all_gather_object(stats, mine)
+        assert not torch.equal(stats[0]["1.running_mean"], stats[1]["1.running_mean"])  # type: ignore[index]
+        ckpt = safeckpt.load_checkpoint(saved, restore_rng=False)  # this process alone: full tensors
+        for key, value in stats[0].items():  # type: ignore[union-attr]
+            assert torch.equal(ckpt.model_state[key], value), key
+    dist.barrier()
+
+
 def entry() -> None:
     scenario, rank, world, init, tmp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
     try:
-        {"main": main, "sigkill": sigkill, "remote": remote}[scenario](rank, world, tmp)
+        {"main": main, "sigkill": sigkill, "remote": remote, "agreement": agreement}[scenario](rank, world, tmp)
         record("finished", "ok")
     finally:
-        if scenario == "main":
+        if scenario in ("main", "agreement"):
             dist.destroy_process_group()
 
 

@@ -9,14 +9,16 @@ restored, so either every rank restores or every rank raises the same error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -28,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import (
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointUsageError,
     MissingRNGStateWarning,
     UnsupportedValueError,
 )
@@ -109,34 +112,94 @@ def save_checkpoint(
     and optimizer as DCP's state dicts, each named tree encoded (:func:`~.layout.encode_tree`)
     once (``scheduler``) or per rank (:data:`~.layout.PER_RANK` trees), the documents and the
     metadata written by the coordinator."""
-    final = core_saver().checkpoint_target(options.directory, options.path, step)  # directory/step-N, or path
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedValueError(f"model: a sharded save needs the nn.Module itself, got {type(model).__qualname__}")
     group = process_group_of(model)
     rank, _ = group_rank(group)
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise UnsupportedValueError(
-            f"optimizer: a sharded save needs the torch.optim.Optimizer itself, got {type(optimizer).__qualname__}"
-        )
-    trees = standard_trees(None, options)  # DCP shards the optimizer's state itself
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    own = {name: encode_tree(tree, name) for name, tree in trees.items() if name in PER_RANK}
-    state.update((name, encode_tree(tree, name)) for name, tree in trees.items() if name not in PER_RANK)
-    if own:
-        state[rank_key(rank)] = own
-    documents, metadata = plan_documents(config, vocab, options.metadata)
-    writer = WriterOptions(
-        step=step, name=final.name, overwrite=options.overwrite, documents=documents, metadata=metadata,
-        storage_options=options.storage_options,
+    # The coordinator commits with its own step, folder and documents: a rank that chose
+    # otherwise would be told of a checkpoint that does not exist, or lose its config.
+    final = dcp_calls.agree(group, lambda: core_saver().checkpoint_target(options.directory, options.path, step))
+    _same_on_every_rank(
+        group, "save_checkpoint", step=step, folder=str(final), overwrite=options.overwrite,
+        config="given" if config is not None else None, vocab="given" if vocab is not None else None,
     )  # fmt: skip
+
+    def prepare() -> tuple[dict[str, Any], WriterOptions]:
+        # A value one rank cannot encode must fail on every rank, before DCP's collectives.
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise UnsupportedValueError(
+                f"optimizer: a sharded save needs the torch.optim.Optimizer itself, got {type(optimizer).__qualname__}"
+            )
+        trees = standard_trees(None, options)  # DCP shards the optimizer's state itself
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        own = {name: encode_tree(tree, name) for name, tree in trees.items() if name in PER_RANK}
+        state.update((name, encode_tree(tree, name)) for name, tree in trees.items() if name not in PER_RANK)
+        if own:
+            state[rank_key(rank)] = own
+        documents, metadata = plan_documents(config, vocab, options.metadata)
+        writer = WriterOptions(
+            step=step, name=final.name, overwrite=options.overwrite, documents=documents, metadata=metadata,
+            storage_options=options.storage_options,
+        )  # fmt: skip
+        return state, writer
+
+    state, writer = dcp_calls.agree(group, prepare)
     if options.async_:
-        return dcp_calls.async_save(state, final.parent, process_group=group, on_commit=options.on_commit, **writer)
+        on_commit = _committed_everywhere(options.on_commit, dcp_calls.checkpoint_group(group))
+        return dcp_calls.async_save(state, final.parent, process_group=group, on_commit=on_commit, **writer)
     done = dcp_calls.save(state, final.parent, process_group=group, **writer)
-    if options.on_commit is not None:
-        options.on_commit(done)
+    commit = _committed_everywhere(options.on_commit, group)
+    if commit is not None:
+        commit(done)
     return done
+
+
+def _same_on_every_rank(group: dist.ProcessGroup | None, caller: str, **choices: object) -> None:
+    """Raise :class:`CheckpointUsageError` on every rank if any rank's ``choices`` differ from
+    the coordinator's (only the coordinator's are used)."""
+    gathered: list[dict[str, object]] = [{}] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, choices, group=group)
+    coordinator = gathered[0]
+    for rank, mine in enumerate(gathered):
+        keys = [key for key in choices if mine[key] != coordinator[key]]
+        if keys:
+            theirs = ", ".join(f"{key}={mine[key]!r}" for key in keys)
+            ours = ", ".join(f"{key}={coordinator[key]!r}" for key in keys)
+            raise CheckpointUsageError(
+                f"{caller}: rank {rank} passed {theirs}, the coordinator (rank 0) {ours}; every rank must "
+                "pass the same step, directory or path, overwrite, and config/vocab (or None on every "
+                "rank), since the coordinator alone commits the checkpoint"
+            )
+
+
+def _committed_everywhere(
+    on_commit: Callable[[StorageLocation], object] | None, group: dist.ProcessGroup | None
+) -> Callable[[StorageLocation], object] | None:
+    """``on_commit`` (a manager's pruning) run by the coordinator alone, every rank of ``group``
+    waiting for it and raising its error: what it removes is gone on every rank when the save
+    returns."""
+    if on_commit is None:
+        return None
+
+    def run(folder: StorageLocation) -> None:
+        def coordinator_only() -> None:
+            if group_rank(group)[0] != 0:
+                return
+            try:
+                on_commit(folder)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise dcp_calls.DistributedCheckpointError(
+                    f"{folder} was committed, but what runs after the commit failed on the coordinator: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+
+        dcp_calls.agree(group, coordinator_only)
+
+    return run
 
 
 def _locate(
@@ -161,29 +224,99 @@ def _locate(
     return as_location(str(found[0]))
 
 
-def _check_model(model_state: Mapping[str, Any], sharding: Sharding, *, strict: bool, source: str) -> None:
-    """Keys, shapes and dtypes of the model against the checkpoint, before anything is copied."""
+def _check_model(
+    model_state: Mapping[str, Any], sharding: Sharding, *, strict: bool, source: str
+) -> tuple[list[str], list[str]]:
+    """Keys, shapes and dtypes of the model against the checkpoint, before anything is copied;
+    returns (missing, unexpected) keys, which only ``strict`` refuses (as it does dtypes)."""
     saved = {
         path[1]: sharding.tensors.get(fqn)
         for fqn, path in sharding.paths.items()
         if path[0] == "model" and len(path) == 2
     }
-    problems = []
-    for key, value in model_state.items():
+    tensors = {key: value for key, value in model_state.items() if isinstance(value, torch.Tensor)}
+    missing = [key for key in tensors if key not in saved]
+    unexpected = sorted(str(key) for key in set(saved) - set(model_state))
+    shapes, dtypes = [], []
+    for key, value in tensors.items():
         md = saved.get(key)
-        if not isinstance(value, torch.Tensor):
-            continue
         if md is None:
-            problems.append(f"{key!r} is missing from the checkpoint")
-        elif md.shape != tuple(value.shape) or TORCH_DTYPES[md.dtype] != value.dtype:
-            problems.append(
-                f"{key!r} is {TORCH_DTYPES[md.dtype]} {md.shape} in the checkpoint, "
-                f"{value.dtype} {tuple(value.shape)} in the model"
-            )
+            continue
+        found = f"{key!r} is {TORCH_DTYPES[md.dtype]} {md.shape} in the checkpoint, {value.dtype} {tuple(value.shape)} in the model"
+        if md.shape != tuple(value.shape):
+            shapes.append(found)
+        elif TORCH_DTYPES[md.dtype] != value.dtype:
+            dtypes.append(found)
+    problems = list(shapes)
     if strict:
-        problems += [f"unexpected key {key!r} in the checkpoint" for key in sorted(set(saved) - set(model_state))]
+        problems += [f"{key!r} is missing from the checkpoint" for key in missing] + dtypes
+        problems += [f"unexpected key {key!r} in the checkpoint" for key in unexpected]
+    elif saved and tensors and len(missing) == len(tensors):
+        problems.append(f"no tensor of the checkpoint matches the model ({len(saved)} saved); nothing would be loaded")
     if problems:
-        raise CheckpointMismatchError(f"{source}: the model does not fit: {'; '.join(problems[:10])}")
+        fix = "" if shapes or not strict else (
+            "; or pass strict=False to load the tensors that match (dtypes are then cast; "
+            "Checkpoint.missing_keys / unexpected_keys list the rest)"
+        )
+        raise CheckpointMismatchError(
+            f"{source}: the model does not fit: {'; '.join(problems[:10])}. Build the model with the "
+            f"configuration it was saved with{fix}"
+        )
+    return missing, unexpected
+
+
+def _check_optimizer(
+    live: Mapping[str, Any], saved_groups: object, sharding: Sharding, *, source: str
+) -> dict[str, Any]:
+    """The live optimizer (``get_optimizer_state_dict``) against the checkpoint's parameter
+    groups and per-parameter state keys, as :func:`safeckpt.torch.fit.check_optimizer` does for
+    single-process checkpoints; returns the template DCP loads into: the live state of the
+    parameters the checkpoint has state for (those without stay without, as after
+    ``Optimizer.load_state_dict``)."""
+
+    def fail(what: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"{source}: optimizer state does not fit the optimizer: {what}. Create the optimizer "
+            "over the same parameters, in the same groups, with the same options, as when saving"
+        )
+
+    groups = saved_groups if isinstance(saved_groups, list) else []
+    if len(groups) != len(live["param_groups"]):
+        raise fail(f"the checkpoint has {len(groups)} parameter group(s), the optimizer {len(live['param_groups'])}")
+    for index, (group, mine) in enumerate(zip(groups, live["param_groups"], strict=True)):
+        theirs = group.get("params") if isinstance(group, dict) else None
+        if theirs != mine["params"]:
+            raise fail(f"group {index} holds {theirs} in the checkpoint, {mine['params']} here")
+    saved_keys: dict[str, set[str]] = {}
+    for path in sharding.paths.values():
+        if len(path) == 4 and path[0] == "optimizer" and path[1] == "state":
+            saved_keys.setdefault(str(path[2]), set()).add(str(path[3]))
+    state = {}
+    for name, keys in saved_keys.items():
+        have = set(live["state"].get(name, {}))
+        if keys != have:
+            raise fail(
+                f"the state of {name!r} holds {sorted(keys)} in the checkpoint, {sorted(have)} in this "
+                "optimizer (an option such as amsgrad or momentum differs)"
+            )
+        state[name] = live["state"][name]
+    return {"state": state, "param_groups": live["param_groups"]}
+
+
+@contextlib.contextmanager
+def _grads_set_aside(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Every parameter's ``.grad`` set to None meanwhile: ``get_optimizer_state_dict`` creates a
+    fresh optimizer's state (which DCP loads into) by a zero-gradient step, but silently skips it
+    when any parameter has a gradient, leaving no state to load the checkpoint's into."""
+    params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
 
 
 def _documents(folder: StorageLocation, reader: Reader) -> dict[str, object]:
@@ -203,6 +336,21 @@ def _placed(tree: Any, device: str | torch.device) -> Any:
         placed = [_placed(value, device) for value in tree]
         return tuple(placed) if isinstance(tree, tuple) else placed
     return tree
+
+
+def _model_template(live: Mapping[str, Any], sharding: Sharding, missing: list[str]) -> dict[str, Any]:
+    """What DCP loads the model into: its own tensors (so in place), less the ``missing`` keys,
+    and a copy in the checkpoint's dtype where that differs (``strict=False`` casts on restore)."""
+    saved = {path[1]: sharding.tensors.get(fqn) for fqn, path in sharding.paths.items() if path[0] == "model" and len(path) == 2}
+    out: dict[str, Any] = {}
+    for key, value in live.items():
+        md = saved.get(key)
+        if key in missing:
+            continue
+        if isinstance(value, torch.Tensor) and md is not None and TORCH_DTYPES[md.dtype] != value.dtype:
+            value = value.to(TORCH_DTYPES[md.dtype])
+        out[key] = value
+    return out
 
 
 _MISSING_RNG = (
@@ -254,10 +402,11 @@ def load_checkpoint(
     own = rank_key(rank)
     mapped = sharding.world_size == world
 
-    def check() -> None:
+    def check() -> tuple[list[str], list[str]] | None:
         source = str(folder)
+        fit = None
         if model is not None:
-            _check_model(get_model_state_dict(model), sharding, strict=strict, source=source)
+            fit = _check_model(get_model_state_dict(model), sharding, strict=strict, source=source)
         if optimizer is not None and not has_prefix(sharding, "optimizer"):
             raise CheckpointMismatchError(f"{source}: has no optimizer state; load without optimizer=")
         if scheduler is not None and not has_prefix(sharding, "scheduler"):
@@ -274,17 +423,20 @@ def load_checkpoint(
             raise CheckpointMismatchError(f"{source}: per-rank RNG state cannot be restored: {ranks}; {_MISSING_RNG}")
         if restore_rng is not False and not has_prefix(sharding, own, "rng"):
             raise CheckpointMismatchError(f"{source}: has no RNG state (saved with rng=False); {_MISSING_RNG}")
+        return fit
 
-    dcp_calls.agree(group, check, together=together)
-    prefixes = ["scheduler"] + ([own] if mapped else [])
+    found = dcp_calls.agree(group, check, together=together)
+    missing, unexpected = found if found is not None else ([], [])
+    # First the small trees (and the optimizer's parameter groups), checked on every rank
+    # together; the model's and optimizer's own tensors are loaded in place afterwards.
+    prefixes: list[str | tuple[str, ...]] = ["scheduler", *([own] if mapped else [])]
     if model is None:
-        prefixes += ["model", "optimizer"]
+        prefixes.extend(("model", "optimizer"))
+    elif optimizer is not None:
+        prefixes.append(("optimizer", "param_groups"))
     state: dict[str, Any] = template(sharding, prefixes)
-    if model is not None:
-        state["model"] = get_model_state_dict(model)
-        if optimizer is not None:
-            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp_calls.load(state, folder, process_group=group, reader=reader, single_process=not together)
+    if state:
+        dcp_calls.load(state, folder, process_group=group, reader=reader, single_process=not together)
     documents = dcp_calls.agree(group, lambda: _documents(folder, reader), together=together)
 
     source = str(folder)
@@ -296,9 +448,32 @@ def load_checkpoint(
             ("extra", state.get(own, {}).get("extra")),
         )
     }
+    extra_state = trees["extra"] if isinstance(trees["extra"], dict) else {}
+
+    def check_loaded() -> dict[str, Any]:
+        for name in extra or {}:
+            if name not in extra_state:
+                raise CheckpointMismatchError(
+                    f"{source}: has no extra state {name!r} for {own} (saved: {sorted(map(str, extra_state))}); "
+                    "load without it"
+                )
+        if model is None:
+            return {}
+        live = _model_template(get_model_state_dict(model), sharding, missing)
+        if optimizer is None:
+            return {"model": live}
+        with _grads_set_aside(optimizer):
+            optim = get_optimizer_state_dict(model, optimizer)
+        return {"model": live, "optimizer": _check_optimizer(optim, state["optimizer"]["param_groups"], sharding, source=source)}
+
+    targets = dcp_calls.agree(group, check_loaded, together=together)
+    if targets:
+        dcp_calls.load(targets, folder, process_group=group, reader=reader, single_process=not together)
+        state.update(targets)
     if not together:  # a process loading alone: the returned state goes to map_location
         for name in ("scheduler", "extra"):
             trees[name] = _placed(trees[name], map_location)
+        extra_state = trees["extra"] if isinstance(trees["extra"], dict) else {}
     if restore_rng is False and trees["rng"] is None and (optimizer is not None or scheduler is not None):
         warnings.warn(
             f"{folder}: no RNG state restored on rank {rank}; training resumes with this process's "
@@ -307,16 +482,13 @@ def load_checkpoint(
             stacklevel=3,
         )
     if model is not None:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
     loader = core_loader()
     if scheduler is not None:
         loader._restore_in_place(scheduler, trees["scheduler"], f"{folder}: scheduler")
-    extra_state = trees["extra"] if isinstance(trees["extra"], dict) else {}
     for name, target in (extra or {}).items():
-        if name not in extra_state:
-            raise CheckpointMismatchError(f"{folder}: has no extra state {name!r} (saved: {sorted(map(str, extra_state))})")
         loader._restore_in_place(target, extra_state[name], f"{folder}: extra[{name!r}]")
     if restore_rng is not False:
         generators = restore_rng if isinstance(restore_rng, Mapping) else None
@@ -333,6 +505,8 @@ def load_checkpoint(
         manifest=manifest,
         scheduler_state=trees["scheduler"],
         rng_state=trees["rng"],
+        missing_keys=missing,
+        unexpected_keys=unexpected,
     )
 
 

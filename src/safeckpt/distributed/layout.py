@@ -72,13 +72,14 @@ def has_prefix(sharding: Sharding, *prefix: str | int) -> bool:
     return any(tuple(path[: len(prefix)]) == prefix for path in sharding.paths.values())
 
 
-def template(sharding: Sharding, prefixes: Iterable[str]) -> dict[str, Any]:
-    """A state dict with the checkpoint's own structure under the top-level keys ``prefixes``:
-    an empty full-size tensor per tensor entry, None per value. DCP loads into it in place."""
-    wanted = set(prefixes)
+def template(sharding: Sharding, prefixes: Iterable[str | tuple[str, ...]]) -> dict[str, Any]:
+    """A state dict with the checkpoint's own structure under ``prefixes`` (top-level keys, or
+    paths of keys such as ``("optimizer", "param_groups")``): an empty full-size tensor per
+    tensor entry, None per value. DCP loads into it in place."""
+    wanted = [(prefix,) if isinstance(prefix, str) else tuple(prefix) for prefix in prefixes]
     state: dict[str, Any] = {}
     for fqn, path in sharding.paths.items():
-        if path[0] not in wanted:
+        if not any(tuple(path[: len(prefix)]) == prefix for prefix in wanted):
             continue
         entry = sharding.tensors.get(fqn)
         set_element(state, path, None if entry is None else torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype]))

@@ -54,14 +54,17 @@ class SavePlanner(DefaultSavePlanner):
     """``DefaultSavePlanner`` whose non-tensor values are encoded documents, not ``torch.save``.
 
     Every value is encoded while the local plan is made, so a value the format cannot hold fails
-    on its rank before any rank writes a byte.
+    on its rank before any rank writes a byte. An item every rank holds (a DDP model, FSDP2's
+    unsharded buffers) is written by the lowest rank: DDP treats rank 0's buffers (BatchNorm's
+    running statistics, which drift apart on each rank's data) as the true ones, so a mix of
+    ranks' copies would be a state no rank had.
 
     Example:
         >>> dcp.save(state, storage_writer=Writer("ckpts", step=100), planner=SavePlanner())  # doctest: +SKIP
     """
 
     def __init__(self) -> None:
-        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
+        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, dedup_save_to_lowest_rank=True)
         self._documents: dict[str, dict[str, object]] = {}
 
     def create_local_plan(self) -> SavePlan:

@@ -90,12 +90,22 @@ def load_single_into_sharded(
         ckpt = loader.load_checkpoint(folder, None, None, verify=verify, restore_rng=False, storage_options=storage_options)
         live = _full_shapes(get_model_state_dict(model))
         saved = _full_shapes(ckpt.model_state)
-        problems = [f"{k!r} is missing from the checkpoint" for k in live if k not in saved]
-        problems += [f"{k!r}: checkpoint {saved[k]}, model {live[k]}" for k in live if k in saved and saved[k] != live[k]]
+        missing = [k for k in live if k not in saved]
+        unexpected = [k for k in saved if k not in live]
+        found = [(k, saved[k], live[k]) for k in live if k in saved and saved[k] != live[k]]
+        problems = [f"{k!r}: checkpoint {s}, model {m}" for k, s, m in found if s[0] != m[0]]
         if strict:
-            problems += [f"unexpected key {k!r} in the checkpoint" for k in saved if k not in live]
+            problems += [f"{k!r} is missing from the checkpoint" for k in missing]
+            problems += [f"{k!r}: checkpoint {s}, model {m}" for k, s, m in found if s[0] == m[0]]
+            problems += [f"unexpected key {k!r} in the checkpoint" for k in unexpected]
+        elif saved and live and len(missing) == len(live):
+            problems.append(f"no tensor of the checkpoint matches the model ({len(saved)} saved); nothing would be loaded")
         if problems:
-            raise CheckpointMismatchError(f"{source}: the model does not fit: {'; '.join(problems[:10])}")
+            fix = "" if not strict or any(s[0] != m[0] for _, s, m in found) else (
+                "; or pass strict=False to load the tensors that match (dtypes are then cast; "
+                "Checkpoint.missing_keys / unexpected_keys list the rest)"
+            )
+            raise CheckpointMismatchError(f"{source}: the model does not fit: {'; '.join(problems[:10])}{fix}")
         named = None
         if optimizer is not None:
             if ckpt.optimizer_state is None:
@@ -108,11 +118,18 @@ def load_single_into_sharded(
         for name in extra or {}:
             if name not in ckpt.extra:
                 raise CheckpointMismatchError(f"{source}: has no extra state {name!r} (saved: {sorted(map(str, ckpt.extra))})")
-        return ckpt, named
+        return ckpt, named, missing, unexpected
 
-    ckpt, named = agree(group, read_and_check)
+    ckpt, named, ckpt.missing_keys, ckpt.unexpected_keys = agree(group, read_and_check)
     options = StateDictOptions(full_state_dict=True, strict=strict)
-    set_model_state_dict(model, ckpt.model_state, options=options)
+    # strict=False: only the keys the model has, each in the model's dtype (torch would cast).
+    live = {k: v.dtype if isinstance(v, torch.Tensor) else None for k, v in get_model_state_dict(model).items()}
+    state = {
+        k: v.to(live[k]) if isinstance(v, torch.Tensor) and live[k] is not None else v
+        for k, v in ckpt.model_state.items()
+        if k in live
+    }
+    set_model_state_dict(model, state, options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, named, options=options)
     if scheduler is not None:

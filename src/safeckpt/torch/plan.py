@@ -52,7 +52,8 @@ class SaveOptions:
     ``CheckpointManager.save``, the integrations and the sharded (DCP) backend pass along instead
     of repeating the keyword list. Each field means what the argument of the same name means
     there; ``on_commit(path)`` runs right after the commit (on the background thread with
-    ``async_``), and an error it raises is the save's error."""
+    ``async_``), and an error it raises is the save's error. In a sharded save every rank passes
+    it and only the coordinator runs it, the other ranks waiting until it has."""
 
     directory: str | os.PathLike[str] | Location | None = None
     path: str | os.PathLike[str] | Location | None = None
