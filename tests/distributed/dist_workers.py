@@ -674,6 +674,62 @@ def agreement(rank: int, world: int, tmp: Path) -> None:
             manager.save(step, model=model, optimizer=opt)
             assert manager.steps() == [max(1, step - 1), step][-min(step, 2):], manager.steps()
 
+    with check("per_rank_state_of_one_rank_only_loads"):
+        mine = {"data": Position(7)} if rank == 0 else None  # only rank 0 has a data position
+        saved = safeckpt.save_checkpoint(model, None, None, None, 1, directory=tmp / "one-extra", rng=False, extra=mine)
+        fresh, _, _ = build(mesh, seed=3)
+        position = Position(-1)
+        safeckpt.load_checkpoint(saved, model=fresh, restore_rng=False, extra={"data": position} if rank == 0 else None)
+        assert all(torch.equal(a, b) for a, b in zip(local_params(model), local_params(fresh), strict=True))
+        assert position.offset == (7 if rank == 0 else -1)
+
+    with check("parameter_without_optimizer_state_stays_without"):
+        unused, uopt, _ = build(mesh, seed=5)
+        unused[0](torch.randn(3, 5)).sum().backward()  # the last layer takes no part: no state
+        uopt.step()
+        uopt.zero_grad()
+        saved = safeckpt.save_checkpoint(unused, uopt, None, None, 1, directory=tmp / "unused", rng=False)
+        fresh, fopt, _ = build(mesh, seed=3)
+        safeckpt.load_checkpoint(saved, model=fresh, optimizer=fopt, restore_rng=False)
+        equal_states(full_state(fresh, fopt), full_state(unused, uopt))
+        assert len(fopt.state) == len(uopt.state) == 2, (len(fopt.state), len(uopt.state))
+
+    with check("any_error_of_one_rank_raises_on_every_rank"):
+
+        class Unstarted(Position):
+            def state_dict(self) -> dict[str, object]:
+                if rank == 1:
+                    raise RuntimeError("iterator not started on this rank")
+                return super().state_dict()
+
+        err = expect(
+            safeckpt.CheckpointError,
+            lambda: safeckpt.save_checkpoint(model, opt, None, None, 3, directory=root, extra={"data": Unstarted(0)}),
+            "rank 1", "RuntimeError: iterator not started",
+        )
+        assert isinstance(err.__cause__, RuntimeError) == (rank == 1), repr(err.__cause__)
+
+    with check("every_file_verified_once_per_load"):
+        from safeckpt.format.manifest import FileEntry
+        from safeckpt.storage.local import LocalFolder
+
+        opened: list[str] = []
+        original = LocalFolder.open_verified
+
+        def counted(self: LocalFolder, entries: list[FileEntry], *, verify: bool = True) -> object:
+            opened.extend(entry.name for entry in entries)
+            return original(self, entries, verify=verify)
+
+        LocalFolder.open_verified = counted  # type: ignore[assignment,method-assign]
+        try:
+            fresh, fopt, _ = build(mesh, seed=3)
+            safeckpt.load_checkpoint(path, model=fresh, optimizer=fopt, extra={"data": Position(-1)})
+        finally:
+            LocalFolder.open_verified = original  # type: ignore[method-assign]
+        assert sorted(opened) == sorted(set(opened)), sorted(opened)
+        assert f"shard-{rank:05d}.safetensors" in opened, opened
+        equal_states(full_state(fresh, fopt), reference)
+
     with check("ddp_saves_the_buffers_of_rank_0"):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))

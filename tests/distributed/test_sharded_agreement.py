@@ -3,7 +3,9 @@ a load restores the optimizer even when gradients exist, and refuses what does n
 missing ``extra`` entry on one rank, an unlike optimizer) on every rank before touching the
 model; ``strict=False`` loads what matches; a save one rank cannot encode, or that the ranks
 call with different arguments, raises on every rank; the manager's pruning is visible to every
-rank when ``save`` returns; DDP saves rank 0's buffers."""
+rank when ``save`` returns; DDP saves rank 0's buffers; per-rank state saved by some ranks
+only loads; a parameter without optimizer state stays without; any error of one rank (not only
+safeckpt's) raises on every rank; a load verifies each file once."""
 
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
         "strict_false_loads_what_matches",
         "different_arguments_refused_on_every_rank",
         "manager_pruned_on_every_rank_when_save_returns",
+        "per_rank_state_of_one_rank_only_loads",
+        "parameter_without_optimizer_state_stays_without",
+        "any_error_of_one_rank_raises_on_every_rank",
+        "every_file_verified_once_per_load",
         "finished",
     ],
 )

@@ -394,8 +394,32 @@ def load_checkpoint(
             folder, model, optimizer, group=group, scheduler=scheduler, extra=extra, strict=strict,
             verify=verify, restore_rng=restore_rng, storage_options=storage_options,
         )  # fmt: skip
-    rank, world = group_rank(group) if together else (0, 1)
     reader = Reader(folder, verify=verify, storage_options=storage_options)
+    try:
+        return _load_sharded(
+            folder, reader, model, optimizer, group=group, together=together, scheduler=scheduler, extra=extra,
+            map_location=map_location, strict=strict, restore_rng=restore_rng,
+        )  # fmt: skip
+    finally:
+        reader.close()
+
+
+def _load_sharded(
+    folder: StorageLocation,
+    reader: Reader,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    group: dist.ProcessGroup | None,
+    together: bool,
+    scheduler: object | None,
+    extra: Mapping[str, object] | None,
+    map_location: str | torch.device,
+    strict: bool,
+    restore_rng: bool | Mapping[str, object],
+) -> Any:
+    """:func:`load_checkpoint` of the sharded checkpoint ``folder``, read through ``reader``."""
+    rank, world = group_rank(group) if together else (0, 1)
     dcp_calls.agree(group, reader.read_metadata, together=together)
     sharding, manifest = reader.sharding, reader.manifest
     assert sharding is not None and manifest is not None
@@ -428,14 +452,17 @@ def load_checkpoint(
     found = dcp_calls.agree(group, check, together=together)
     missing, unexpected = found if found is not None else ([], [])
     # First the small trees (and the optimizer's parameter groups), checked on every rank
-    # together; the model's and optimizer's own tensors are loaded in place afterwards.
+    # together; the model's and optimizer's own tensors are loaded in place afterwards, from
+    # the files the first pass verified without hashing them again (keep_open). Every rank
+    # takes part in both passes, even one with nothing of its own to read in the first.
     prefixes: list[str | tuple[str, ...]] = ["scheduler", *([own] if mapped else [])]
     if model is None:
         prefixes.extend(("model", "optimizer"))
     elif optimizer is not None:
         prefixes.append(("optimizer", "param_groups"))
     state: dict[str, Any] = template(sharding, prefixes)
-    if state:
+    reader.keep_open = model is not None
+    if state or together:
         dcp_calls.load(state, folder, process_group=group, reader=reader, single_process=not together)
     documents = dcp_calls.agree(group, lambda: _documents(folder, reader), together=together)
 
@@ -467,6 +494,7 @@ def load_checkpoint(
         return {"model": live, "optimizer": _check_optimizer(optim, state["optimizer"]["param_groups"], sharding, source=source)}
 
     targets = dcp_calls.agree(group, check_loaded, together=together)
+    reader.keep_open = False
     if targets:
         dcp_calls.load(targets, folder, process_group=group, reader=reader, single_process=not together)
         state.update(targets)
@@ -482,9 +510,16 @@ def load_checkpoint(
             stacklevel=3,
         )
     if model is not None:
-        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
-        if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        try:
+            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
+            if optimizer is not None:  # checked above; a parameter without saved state stays without
+                set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointMismatchError(
+                f"{folder}: torch could not restore the loaded state into the model or optimizer on rank "
+                f"{rank} ({type(exc).__name__}: {exc}); they may be partly restored, so rebuild them "
+                "before loading again"
+            ) from exc
     loader = core_loader()
     if scheduler is not None:
         loader._restore_in_place(scheduler, trees["scheduler"], f"{folder}: scheduler")

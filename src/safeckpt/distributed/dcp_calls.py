@@ -104,21 +104,29 @@ def _no_dist(process_group: dist.ProcessGroup | None) -> bool:
 
 
 def agree(group: dist.ProcessGroup | None, run: Callable[[], T], *, together: bool = True) -> T:
-    """``run()`` on every rank; if it raised a safeckpt error on any rank, raise on every rank.
+    """``run()`` on every rank; if it raised on any rank, raise on every rank (the same error,
+    naming the rank: a safeckpt error as it is, any other wrapped in
+    :class:`DistributedCheckpointError`), since a rank left out would wait in the next collective.
     With ``together=False`` this process runs it alone."""
     result: T | None = None
     error: CheckpointError | None = None
+    cause: BaseException | None = None
+    jointly = together and dist.is_available() and dist.is_initialized()
     try:
         result = run()
     except CheckpointError as exc:
-        error = exc
-    if together and dist.is_available() and dist.is_initialized():
+        error = cause = exc
+    except Exception as exc:
+        if not jointly:
+            raise
+        error, cause = DistributedCheckpointError(f"{type(exc).__name__}: {exc}"), exc
+    if jointly:
         errors: list[CheckpointError | None] = [None] * dist.get_world_size(group)
         dist.all_gather_object(errors, error, group=group)
         failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
         if failed:  # every rank raises the same error, naming the rank that hit it
             rank, first = failed[0]
-            raise _renamed(first, f"rank {rank}") from None
+            raise _renamed(first, f"rank {rank}") from (cause if rank == dist.get_rank(group) else None)
     if error is not None:
         raise error
     return result  # type: ignore[return-value]
@@ -184,7 +192,8 @@ def load(
     except CheckpointException as exc:
         raise translate(exc, loading=True) from None
     finally:
-        reader.close()
+        if not reader.keep_open:  # else whoever set it closes the reader
+            reader.close()
 
 
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}

@@ -20,6 +20,11 @@ The order of DCP's calls, and what each does here:
    only the box's own bytes when it is sparse in the file), decodes values with the tree
    decoder, then closes the files, refusing any that was modified since it was verified.
 
+With ``keep_open`` set, a completed ``read_data`` keeps its verified files for the next load
+through the same ``Reader``, which reads them without hashing them again (a load in two passes,
+as :func:`safeckpt.distributed.api.load_checkpoint` does, hashes each file once); the load after
+``keep_open`` is cleared closes them all, checked.
+
 A resharded load (different world size, uneven shards) therefore verifies every file it reads
 from, completely, even if it needs only part of it; no rank holds a whole shard file in memory.
 """
@@ -134,7 +139,9 @@ class Reader(StorageReader):
         self.metadata: Metadata | None = None
         self._where: dict[MetadataIndex, Location] = {}
         self.rank = 0
-        self._files: VerifiedRanges | None = None
+        self.keep_open = False
+        self._kept = False
+        self._files: _OpenFiles | None = None
         self._headers: dict[str, dict[str, TensorInfo]] = {}
         self._values: dict[str, dict[str, object]] = {}
 
@@ -152,7 +159,7 @@ class Reader(StorageReader):
         because it failed between DCP's planning and its reads (another rank's error); a load
         that completes closes them itself, checked."""
         files, self._files = self._files, None
-        self._headers, self._values = {}, {}
+        self._headers, self._values, self._kept = {}, {}, False
         if files is not None:
             with contextlib.suppress(CheckpointCorruptedError):
                 files.close()
@@ -205,7 +212,9 @@ class Reader(StorageReader):
                 "DCP's own load planners (the default one, _load_state_dict_from_keys) hand "
                 "non-tensor values to torch.load, which runs pickle"
             )
-        self.close()
+        if not self._kept:  # files of a load that failed after this step, unread
+            self.close()
+        self._kept = False
         if not plan.items:
             return plan
         assert self.folder is not None and self.manifest is not None and self.sharding is not None
@@ -217,9 +226,16 @@ class Reader(StorageReader):
             if entry is None:  # parse_sharding checked this; a changed manifest object would land here
                 raise CheckpointCorruptedError(f"{self.folder / name}: not listed in manifest.json")
             needed[name] = entry
-        self._files = files = self.open_files(list(needed.values()))
+        if self._files is None:
+            self._files = _OpenFiles()
+        files = self._files
         try:
+            new = [entry for name, entry in needed.items() if name not in files]
+            if new:
+                files.add(self.open_files(new), [entry.name for entry in new])
             for name, entry in needed.items():
+                if name in self._headers or name in self._values:
+                    continue
                 source = str(self.folder / name)
                 if name.endswith(".safetensors"):
                     self._headers[name] = {info.name: info for info in _read_header(files, entry, source)}
@@ -287,14 +303,47 @@ class Reader(StorageReader):
                     )
                 read_box(files, location.file, info, item.storage_offsets, target, source=source, staging=staging)
                 planner.commit_tensor(item, target)
-            if files is not None:
+            if self.keep_open:
+                self._kept = True
+            elif files is not None:
                 self._files = None
                 files.close()  # refuses a file modified since it was verified
         finally:
-            self.close()
+            if not self._kept:
+                self.close()
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+
+class _OpenFiles:
+    """The verified files of one or more loads' plans, as one :class:`VerifiedRanges`."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, VerifiedRanges] = {}
+        self._opened: list[VerifiedRanges] = []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def add(self, files: VerifiedRanges, names: Sequence[str]) -> None:
+        self._opened.append(files)
+        self._by_name.update(dict.fromkeys(names, files))
+
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        self._by_name[name].read_into(name, offset, view)
+
+    def close(self) -> None:
+        """Close every file; the first refusal (a file modified since verified) is raised."""
+        opened, self._opened, self._by_name = self._opened, [], {}
+        error: CheckpointCorruptedError | None = None
+        for files in opened:
+            try:
+                files.close()
+            except CheckpointCorruptedError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 def _read(files: VerifiedRanges, name: str, offset: int, size: int) -> bytearray:

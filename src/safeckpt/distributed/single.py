@@ -131,7 +131,8 @@ def load_single_into_sharded(
     }
     set_model_state_dict(model, state, options=options)
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, named, options=options)
+        # checked by _by_name; a parameter without saved state stays without, as in one process
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True, strict=False))
     if scheduler is not None:
         loader._restore_in_place(scheduler, ckpt.scheduler_state, f"{folder}: scheduler")
     for name, target in (extra or {}).items():
