@@ -227,6 +227,25 @@ def test_a_missing_bucket_is_an_error_not_an_empty_run(server: S3Server, bucket:
     assert safeckpt.CheckpointManager(f"s3://{bucket}/new-run", storage_options=opts).steps() == []  # empty: fine
 
 
+def test_a_torch_save_object_is_named_for_what_it_is(server: S3Server, bucket: str, tmp_path: Path) -> None:
+    """A .pt uploaded beside the checkpoints is named as a torch.save file, with how to convert it
+    (not "no checkpoint here"), by the library and the command line alike."""
+    opts = options(server.url)
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    S3FileSystem(**opts).put_file(str(tmp_path / "model.pt"), f"{bucket}/run/model.pt")
+    with pytest.raises(safeckpt.CheckpointNotFoundError) as caught:
+        safeckpt.load_checkpoint(f"s3://{bucket}/run/model.pt", storage_options=opts)
+    message = str(caught.value)
+    assert f"s3://{bucket}/run/model.pt: is a torch.save file" in message, message
+    assert f"safeckpt convert LOCAL_FILE s3://{bucket}/run" in message, message
+    with pytest.raises(safeckpt.CheckpointNotFoundError, match="no checkpoint here"):
+        safeckpt.load_checkpoint(f"s3://{bucket}/run/absent.pt", storage_options=opts)
+    env = {**os.environ, "AWS_ENDPOINT_URL": server.url, "AWS_DEFAULT_REGION": "us-east-1"}
+    verify = [sys.executable, "-m", "safeckpt.cli", "verify", f"s3://{bucket}/run/model.pt"]
+    shown = subprocess.run(verify, capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode != 0 and "is a torch.save file" in shown.stdout + shown.stderr, (shown.stdout, shown.stderr)
+
+
 def test_an_unreachable_endpoint_or_denied_access_is_a_clear_checkpoint_error(
     server: S3Server, bucket: str, fast_retries: None
 ) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "LocalStaging",
     "LocalStorage",
     "describe_file",
+    "describe_head",
     "list_checkpoints",
     "scan_steps",
     "subfolders",
@@ -52,7 +53,12 @@ def describe_file(path: Path) -> str | None:
             head = file.read(16)
     except OSError as exc:
         return f"{path}: cannot be read ({exc.strerror})"
-    convert = f"convert it with: safeckpt convert {path} CHECKPOINT_ROOT"
+    return describe_head(str(path), head, convert=f"convert it with: safeckpt convert {path} CHECKPOINT_ROOT", hint=_parent_hint(path))
+
+
+def describe_head(path: str, head: bytes, *, convert: str, hint: str = "") -> str:
+    """What the file ``path``, starting with the bytes ``head``, is instead of a checkpoint:
+    ``convert`` says how to convert a torch.save file, ``hint`` where its checkpoint may be."""
     if head.startswith(_ZIP_MAGIC):
         return (
             f"{path}: is a torch.save file (a zip archive holding a pickle), not a safeckpt "
@@ -63,7 +69,7 @@ def describe_file(path: Path) -> str | None:
     if len(head) >= 9 and head[8:9] == b"{":
         return (
             f"{path}: looks like a safetensors file, not a safeckpt checkpoint; a checkpoint is "
-            f"the folder holding {MANIFEST_NAME}{_parent_hint(path)}"
+            f"the folder holding {MANIFEST_NAME}{hint}"
         )
     return f"{path}: is a file, not a safeckpt checkpoint (a folder holding {MANIFEST_NAME}, or a root of step-* folders)"
 

@@ -39,6 +39,7 @@ from ..format import limits
 from ..format.layout import OBJECTS_PREFIX, objects_name, objects_started, parse_step, step_dirname
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .base import FileSource, Location, ObjectPath, VerifiedBuffers, staging_parts
+from .local import describe_head
 from .objectio import (
     REMOTE,
     audit_object,
@@ -163,7 +164,21 @@ class ObjectStorage:
             return committed[-1][1]
         if parse_step(place.name) is not None and _children(self.fs, place):
             raise CheckpointNotFoundError(f"{place / MANIFEST_NAME}: {NEVER_COMMITTED}")
-        raise CheckpointNotFoundError(f"{place}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* prefixes)")
+        raise CheckpointNotFoundError(
+            self._describe_object(place) or f"{place}: no checkpoint here (no {MANIFEST_NAME} and no committed step-* prefixes)"
+        )
+
+    def _describe_object(self, place: ObjectPath) -> str | None:
+        """What an object that is not a checkpoint is (a torch.save file, ...); None if none is there."""
+        url = str(place)
+        try:
+            head = _ask(lambda: self.fs.cat_file(url, start=0, end=16) if self.fs.isfile(url) else None, what=url)
+        except (FileNotFoundError, CheckpointError):
+            return None
+        if head is None:
+            return None
+        convert = f"download it and convert it with: safeckpt convert LOCAL_FILE {place.parent}"
+        return describe_head(url, head, convert=convert)
 
     def remove(self, location: Location) -> None:
         """Delete the manifest first (the checkpoint is then uncommitted), then its objects."""
