@@ -195,7 +195,7 @@ class CheckpointManager:
         metadata = attach_metrics(metadata, metrics, keep_best=self.keep_best, metric=self.metric)
         self.wait()
         if not overwrite:
-            overwrite = self._replace_if_damaged(step)
+            overwrite = self._replace_if_damaged(step, model)
         # FSDP2/DTensor/DDP in a job: every rank saves, the coordinator prunes while the others
         # wait for it, so every rank's steps() agree once save() (or, async, wait()) returns.
         options = SaveOptions(
@@ -209,7 +209,7 @@ class CheckpointManager:
             return result.path
         return result
 
-    def _replace_if_damaged(self, step: int) -> bool:
+    def _replace_if_damaged(self, step: int, model: object) -> bool:
         path = self.path(step)
         if not self._storage.exists(path):
             return False
@@ -222,6 +222,10 @@ class CheckpointManager:
         except UNREADABLE as exc:
             logger.warning("replacing damaged checkpoint %s: %s", path, exc)
             return True
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from .distributed.api import warn_if_unsharded  # another rank may have saved this step
+
+            warn_if_unsharded(model, stacklevel=3)
         raise checkpoint_exists(
             path, step, why=" and verifies", fix="restore() before training so the loop starts after it"
         )

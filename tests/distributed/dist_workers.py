@@ -730,6 +730,21 @@ def agreement(rank: int, world: int, tmp: Path) -> None:
         assert f"shard-{rank:05d}.safetensors" in opened, opened
         equal_states(full_state(fresh, fopt), reference)
 
+    with check("a_model_neither_ddp_nor_sharded_saved_on_another_rank_warns"):
+        plain = torch.nn.Linear(3, 2)  # ddp.module, say: a single-process save of this rank alone
+        shared = safeckpt.CheckpointManager(tmp / "plain-shared")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            safeckpt.save_checkpoint(plain, None, None, None, 1, directory=tmp / f"plain-{rank}", rng=False)
+            if rank == 0:
+                shared.save(1, model=plain, rng=False)
+            dist.barrier()
+            if rank == 1:  # the race the warning is about: rank 0 saved this step already
+                expect(safeckpt.CheckpointExistsError, lambda: shared.save(1, model=plain, rng=False), "already exists")
+        ours = [w for w in caught if "neither DDP nor sharded" in str(w.message)]
+        assert len(ours) == (2 if rank == 1 else 0), [str(w.message) for w in caught]
+        assert all("rank 1 of 2" in str(w.message) and w.filename == __file__ for w in ours), ours
+
     with check("ddp_saves_the_buffers_of_rank_0"):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))

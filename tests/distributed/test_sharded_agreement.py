@@ -5,7 +5,8 @@ model; ``strict=False`` loads what matches; a save one rank cannot encode, or th
 call with different arguments, raises on every rank; the manager's pruning is visible to every
 rank when ``save`` returns; DDP saves rank 0's buffers; per-rank state saved by some ranks
 only loads; a parameter without optimizer state stays without; any error of one rank (not only
-safeckpt's) raises on every rank; a load verifies each file once."""
+safeckpt's) raises on every rank; a load verifies each file once; a model neither DDP nor sharded
+saved on a rank other than 0 warns that the ranks may race for one folder."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
         "parameter_without_optimizer_state_stays_without",
         "any_error_of_one_rank_raises_on_every_rank",
         "every_file_verified_once_per_load",
+        "a_model_neither_ddp_nor_sharded_saved_on_another_rank_warns",
         "finished",
     ],
 )

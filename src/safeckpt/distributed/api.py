@@ -54,7 +54,15 @@ from .reader import Reader, is_sharded
 from .sharding import Sharding
 from .writer import WriterOptions
 
-__all__ = ["handles_load", "handles_save", "is_coordinator", "load_checkpoint", "process_group_of", "save_checkpoint"]
+__all__ = [
+    "handles_load",
+    "handles_save",
+    "is_coordinator",
+    "load_checkpoint",
+    "process_group_of",
+    "save_checkpoint",
+    "warn_if_unsharded",
+]
 
 T = TypeVar("T")
 
@@ -74,6 +82,25 @@ def _is_sharded_model(model: object) -> bool:
 def handles_save(model: object) -> bool:
     """Whether ``save_checkpoint(model, ...)`` must go through DCP (sharded or DDP model in a job)."""
     return _initialised() and _is_sharded_model(model)
+
+
+def warn_if_unsharded(model: object, *, stacklevel: int) -> None:
+    """Warn on every rank but 0 of a job that saves a model neither sharded nor DDP (``ddp.module``,
+    a plain ``nn.Module``, a state dict): that is a single-process save, and if every rank makes
+    it they all write the same folder, so all but one raise ``CheckpointExistsError`` (or, with
+    ``overwrite=True``, replace each other's). Rank 0 alone saving is the usual pattern: silent."""
+    if not _initialised() or dist.get_world_size() < 2 or dist.get_rank() == 0 or _is_sharded_model(model):
+        return
+    warnings.warn(
+        f"rank {dist.get_rank()} of {dist.get_world_size()} is saving a {type(model).__qualname__} that is "
+        "neither DDP nor sharded (FSDP2/DTensor): that is a single-process checkpoint of this rank alone. If "
+        "every rank saves it to the same folder they race for it and all but one fail with "
+        "CheckpointExistsError. Save on one rank (if torch.distributed.get_rank() == 0), or pass the "
+        "DDP or fully_shard model itself so the ranks save together; ignore this if each rank has a "
+        "folder of its own",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def handles_load(

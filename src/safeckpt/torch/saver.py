@@ -191,6 +191,7 @@ def save(
 
         if sharded.handles_save(model):
             return sharded.save_checkpoint(model, optimizer, config, vocab, step, options)
+        sharded.warn_if_unsharded(model, stacklevel=3)  # the caller of save_checkpoint / manager.save
     plan = plan_checkpoint(
         model, optimizer, config, vocab, step,
         scheduler=options.scheduler, extra=options.extra, metadata=options.metadata, rng=options.rng,
