@@ -59,6 +59,41 @@ def test_an_existing_non_checkpoint_folder_is_never_replaced(tmp_path: Path, mod
     assert (target / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
 
 
+def test_overwrite_never_replaces_a_folder_of_other_files(tmp_path: Path, model: TinyLM) -> None:
+    """path= can name any folder: overwrite=True must not delete a project that happens to be there."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(safeckpt.CheckpointExistsError, match="even with overwrite=True") as info:
+            safeckpt.save_checkpoint(model, None, None, None, 1, path=project, rng=False, overwrite=overwrite)
+        assert str(project) in str(info.value) and "Save under another path" in str(info.value)
+    assert (project / "src" / "train.py").read_text() == "mine" and leftovers(tmp_path) == []
+    (tmp_path / "empty").mkdir()  # what overwrite=True replaces: an empty folder, a (damaged) checkpoint, a link
+    safeckpt.save_checkpoint(model, None, None, None, 2, path=tmp_path / "empty", rng=False, overwrite=True)
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"damaged")
+    safeckpt.save_checkpoint(model, None, None, None, 3, path=tmp_path / "empty", rng=False, overwrite=True)
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    safeckpt.save_checkpoint(model, None, None, None, 4, path=tmp_path / "link", rng=False, overwrite=True)
+    assert not (tmp_path / "link").is_symlink() and safeckpt.load_checkpoint(tmp_path / "link", restore_rng=False).step == 4
+    assert safeckpt.load_checkpoint(tmp_path / "empty", restore_rng=False).step == 3  # the link alone was replaced
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["step-00000005", "model.pt"])
+def test_a_file_in_the_way_is_named_as_a_file_and_overwrite_leaves_nothing_behind(
+    tmp_path: Path, model: TinyLM, name: str
+) -> None:
+    """As torch.save replaces a file: a stray file where the checkpoint goes (a step's name in a
+    root, or path=) is named as a file, and overwrite=True replaces it without a hidden leftover."""
+    (tmp_path / name).write_text("junk")
+    where = {"directory": tmp_path} if name.startswith("step-") else {"path": tmp_path / name}
+    with pytest.raises(safeckpt.CheckpointExistsError, match="a file, not a checkpoint, is in the way"):
+        safeckpt.save_checkpoint(model, None, None, None, 5, rng=False, **where)  # type: ignore[arg-type]
+    safeckpt.save_checkpoint(model, None, None, None, 5, rng=False, overwrite=True, **where)  # type: ignore[arg-type]
+    assert safeckpt.load_checkpoint(tmp_path / name, restore_rng=False).step == 5 and leftovers(tmp_path) == []
+
+
 def test_async_save_to_a_path(tmp_path: Path, model: TinyLM) -> None:
     pending = safeckpt.save_checkpoint(model, None, None, None, 3, path=tmp_path / "a", rng=False, async_=True)
     assert pending.wait() == tmp_path / "a" and safeckpt.load_checkpoint(tmp_path / "a", restore_rng=False).step == 3

@@ -153,7 +153,9 @@ def test_export_hf_from_a_saved_transformers_config(tmp_path: Path) -> None:
         assert torch.equal(logits, model(tokens).logits)
 
 
-def test_stock_trainer_folder_converts_and_resumes_exactly(uninterrupted: dict[int, str], tmp_path: Path) -> None:
+def test_stock_trainer_folder_converts_and_resumes_exactly(
+    uninterrupted: dict[int, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     class StopAt4(transformers.TrainerCallback):
         def on_step_end(self, args: object, state: transformers.TrainerState, control: object, **kw: object) -> None:
             if state.global_step == 4:
@@ -166,6 +168,12 @@ def test_stock_trainer_folder_converts_and_resumes_exactly(uninterrupted: dict[i
     with pytest.warns(UserWarning, match="training_args.bin: skipped"):  # `safeckpt convert FOLDER ROOT`
         assert main(["convert", str(tmp_path / "stock" / "checkpoint-4"), str(tmp_path / "safe")]) == 0
     converted = tmp_path / "safe" / "checkpoint-4"
+    capsys.readouterr()
+    # Into its own folder: refused before reading, the stock folder kept.
+    assert main(["convert", str(tmp_path / "stock" / "checkpoint-4"), str(tmp_path / "stock"), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "is a folder of other files, not a checkpoint" in err and "even with --overwrite" in err, err
+    assert (tmp_path / "stock" / "checkpoint-4" / "optimizer.pt").is_file()
     ckpt = safeckpt.load_checkpoint(converted, restore_rng=False)
     assert ckpt.step == 4 and ckpt.rng_state is not None and ckpt.config["model_type"] == "gpt2"
     trainer = hf_train.make_trainer(str(tmp_path / "safe"), str(tmp_path / "resumed.txt"))

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Protocol
 
+from ..errors import CheckpointExistsError
+
 __all__ = [
     "EXIT_CODES_HELP",
     "EXIT_FAILED",
@@ -23,6 +25,7 @@ __all__ = [
     "add_json",
     "add_quiet",
     "add_storage_options",
+    "as_flags",
     "emit_json",
     "finite",
     "human_size",
@@ -55,6 +58,12 @@ class Progress(Protocol):
 class _NoProgress:
     def update(self, n: float = 1) -> object:
         return None
+
+
+def as_flags(exc: CheckpointExistsError) -> CheckpointExistsError:
+    """The library's "already exists" error as a command says it: ``overwrite=True`` is ``--overwrite``
+    (and where even that does not replace what is there, the message says so)."""
+    return CheckpointExistsError(str(exc).replace("overwrite=True", "--overwrite"))
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, description: str) -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import CheckpointExistsError
-from ._common import EXIT_OK, add_command, add_storage_options, storage_options
+from ._common import EXIT_OK, add_command, add_storage_options, as_flags, storage_options
 
 __all__ = ["register", "run"]
 
@@ -39,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = consolidate(args.source, args.directory, overwrite=args.overwrite, storage_options=storage_options(args))
     except CheckpointExistsError as exc:
-        raise CheckpointExistsError(
-            f"{str(exc).split(': ', 1)[0]}: a checkpoint for this step already exists; pass --overwrite to replace it"
-        ) from None
+        raise as_flags(exc) from None
     print(f"wrote {path} (consolidated from {args.source})")
     return EXIT_OK

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import CheckpointExistsError, CheckpointUsageError
 from ..storage.base import ObjectPath
 from ..storage.locate import as_location
-from ._common import EXIT_OK, add_command, add_storage_options, storage_options
+from ._common import EXIT_OK, add_command, add_storage_options, as_flags, storage_options
 
 __all__ = ["register", "run"]
 
@@ -67,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
             storage_options=storage_options(args),
         )  # fmt: skip
     except CheckpointExistsError as exc:
-        raise CheckpointExistsError(
-            f"{str(exc).split(': ', 1)[0]}: a checkpoint for this step already exists; pass --overwrite "
-            "to replace it, or --step to save under another step"
-        ) from None
+        raise as_flags(exc) from None
     print(f"wrote {result.path} (step {result.step}; read {args.source} with torch.load(weights_only=True))")
     for key, where in result.placed.items():
         print(f"  {key} -> {where}")
@@ -98,7 +95,7 @@ def _run_trainer_folder(args: argparse.Namespace) -> int:
     target = Path(args.directory) / Path(args.source).resolve().name
     try:
         path = import_hf_checkpoint(args.source, target, overwrite=args.overwrite)
-    except CheckpointExistsError:
-        raise CheckpointExistsError(f"{target}: already exists; pass --overwrite to replace it") from None
+    except CheckpointExistsError as exc:
+        raise as_flags(exc) from None
     print(f"wrote {path} (read {args.source} with torch.load(weights_only=True))")
     return EXIT_OK

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedValueError
 from ..format.manifest import MANIFEST_NAME
+from ..storage.local import refuse_to_replace
 from ..torch.plan import plan_trees
 from ..torch.saver import write_checkpoint
 
@@ -111,7 +112,8 @@ def import_hf_checkpoint(
     Example:
         >>> import_hf_checkpoint("out/checkpoint-500", "safe/checkpoint-500")  # doctest: +SKIP
     """
-    folder = Path(source)
+    folder, target = Path(source), Path(target)
+    refuse_to_replace(target)  # before reading: converting into its own folder would delete it
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: is not a folder; pass a transformers checkpoint-N folder")
     if (folder / MANIFEST_NAME).is_file():
@@ -146,7 +148,6 @@ def import_hf_checkpoint(
         metadata={"converted_from": f"transformers checkpoint {folder.name}"},
     )  # fmt: skip
     plan.documents.update(documents)
-    target = Path(target)
     written = write_checkpoint(plan, path=target, overwrite=overwrite)
     assert isinstance(written, Path)  # a local path in, a local path out
     return written

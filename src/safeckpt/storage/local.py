@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from ..errors import NEVER_COMMITTED, CheckpointNotFoundError
+from ..errors import NEVER_COMMITTED, CheckpointExistsError, CheckpointNotFoundError
 from ..format import limits
 from ..format.layout import TMP_PREFIX, TRASH_PREFIX, parse_step
 from ..format.manifest import MANIFEST_NAME, FileEntry, Manifest
@@ -35,12 +35,31 @@ __all__ = [
     "describe_file",
     "describe_head",
     "list_checkpoints",
+    "refuse_to_replace",
     "scan_steps",
     "subfolders",
 ]
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
+
+
+def refuse_to_replace(target: Location) -> None:
+    """Raise :class:`CheckpointExistsError` if the folder a caller named (``save_checkpoint(path=)``,
+    ``safeckpt convert``) holds other files and no manifest: ``overwrite=True`` replaces a
+    checkpoint (damaged or not), an empty folder, a file or a link, never a folder of someone's
+    other files. In an object store an overwrite deletes only its own ``objects-*`` prefixes."""
+    if not isinstance(target, Path) or target.is_symlink() or not target.is_dir():
+        return
+    try:
+        if (target / MANIFEST_NAME).exists() or not any(target.iterdir()):
+            return
+    except OSError:
+        return  # the save reports what is wrong with it
+    raise CheckpointExistsError(
+        f"{target}: is a folder of other files, not a checkpoint (no {MANIFEST_NAME}); a save never "
+        "replaces it, even with overwrite=True. Save under another path, or move it away"
+    )
 
 
 def describe_file(path: Path) -> str | None:

@@ -17,7 +17,7 @@ Saving step ``S`` into root folder ``R``:
    ``renameat2(RENAME_EXCHANGE)``; where the kernel or file system lacks it, the old folder is
    first renamed to ``R/TRASH_PREFIX...``, which step 1 of the next save puts back if the writer
    dies before the new folder is in place. fsync ``R``. Release the lock; delete what was
-   replaced.
+   replaced (a file or link, too: the link itself, never what it points to).
 5. Only now may older checkpoints be pruned: :func:`remove_checkpoint` renames a folder to a
    hidden name and fsyncs ``R`` before deleting its files, so a half-deleted folder is never
    mistaken for a checkpoint.
@@ -132,10 +132,11 @@ def _clean_leftovers(root: Path) -> None:
         return
     for entry in entries:
         with contextlib.suppress(OSError):
-            if not entry.is_dir(follow_symlinks=False):
-                continue
             if entry.name.startswith(TMP_PREFIX):
-                _remove_if_unlocked(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    _remove_if_unlocked(entry.path)
+                else:  # a file or link an overwrite swapped out, its writer dead before removing it
+                    os.unlink(entry.path)
             elif entry.name.startswith(TRASH_PREFIX):
                 original = trashed_original(entry.name)  # None: a folder being deleted
                 moved_aside = original is not None and (
@@ -149,9 +150,13 @@ def _clean_leftovers(root: Path) -> None:
 
 
 def _remove_tree(path: str | Path) -> None:
-    """Best-effort delete: ``shutil.rmtree(ignore_errors=True)`` still raises if ``close`` fails."""
+    """Best-effort delete of a folder, or of a file or link that an overwrite replaced
+    (``shutil.rmtree(ignore_errors=True)`` leaves those, and still raises if ``close`` fails)."""
     with contextlib.suppress(OSError):
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
 
 
 def _remove_if_unlocked(path: str) -> None:
@@ -290,7 +295,12 @@ class PosixPendingWrite:
         return trash
 
     def _exists_error(self) -> CheckpointExistsError:
-        return checkpoint_exists(self.final, self.step)
+        if os.path.isdir(self.final):
+            return checkpoint_exists(self.final, self.step)
+        return CheckpointExistsError(
+            f"{self.final}: a file, not a checkpoint, is in the way; remove it, or pass overwrite=True to "
+            "replace it"
+        )
 
 
 def write_into(dir_fd: int, folder: Path, files: Sequence[tuple[str, Iterable[Buffer], int]]) -> list[FileEntry]:

@@ -20,6 +20,7 @@ from ..errors import CheckpointUsageError, checkpoint_exists
 from ..format.layout import step_dirname
 from ..format.manifest import build as build_manifest
 from ..storage.base import Location
+from ..storage.local import refuse_to_replace
 from ..storage.locate import as_location, storage_for
 from .background import PendingSave, acquire_slot, keep_snapshot
 from .plan import CheckpointPlan, SaveOptions, plan_checkpoint
@@ -147,7 +148,8 @@ def save_checkpoint(
             ``"checkpoints"``); the checkpoint is committed as ``directory/step-NNNNNNNN``.
         path: the exact folder to commit the checkpoint to instead (e.g. ``"runs/final"``), with
             the same atomic protocol: written into a hidden sibling folder, renamed into place
-            without replacing anything (``overwrite=True`` swaps the old folder out in one step).
+            without replacing anything (``overwrite=True`` swaps the old folder out in one step;
+            a folder of other files, holding no ``manifest.json``, is never replaced).
             Mutually exclusive with ``directory``. :func:`load_checkpoint` opens any folder
             holding a ``manifest.json``.
         scheduler: an LR scheduler, ``GradScaler`` or any object with ``state_dict()``.
@@ -178,6 +180,8 @@ def save_checkpoint(
         directory=directory, path=path, scheduler=scheduler, extra=extra, metadata=metadata, rng=rng,
         overwrite=overwrite, async_=async_, storage_options=storage_options,
     )  # fmt: skip
+    if path is not None:  # any folder the caller names: never one of other files
+        refuse_to_replace(checkpoint_target(directory, path, step))
     return save(model, optimizer, config, vocab, step, options)
 
 
